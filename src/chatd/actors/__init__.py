@@ -1,0 +1,1 @@
+"""Actor runtime: ChatActor, Supervisor, Router and shard leases."""

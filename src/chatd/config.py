@@ -1,0 +1,117 @@
+"""One settings object for the whole process.
+
+Every limit is a named field with its unit in the name. Values come from defaults, then
+``CHATD_*`` environment variables, then command-line flags (the CLI passes those as overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CHATD_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it and the rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where chatd keeps its own files (embedded PostgreSQL data, the dev admin token).
+    home: Path = field(default_factory=lambda: Path(".chatd"))
+    # An external PostgreSQL server; empty means "run the embedded one under `home`".
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # Database access.
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 16
+    db_connect_timeout_s: float = 10.0
+    db_command_timeout_s: float = 30.0
+    db_listen_reconnect_delay_s: float = 1.0
+
+    # Embedded PostgreSQL.
+    embedded_pg_start_timeout_s: float = 60.0
+    embedded_pg_stop_timeout_s: float = 30.0
+
+    # Sharding and leases.
+    shard_count: int = 64
+    lease_ttl_s: float = 15.0
+
+    # HTTP edge.
+    max_body_bytes: int = 1_048_576
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "port",
+            "db_pool_min_size",
+            "db_pool_max_size",
+            "db_connect_timeout_s",
+            "db_command_timeout_s",
+            "db_listen_reconnect_delay_s",
+            "embedded_pg_start_timeout_s",
+            "embedded_pg_stop_timeout_s",
+            "shard_count",
+            "lease_ttl_s",
+            "max_body_bytes",
+            "shutdown_grace_s",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be greater than 0")
+        if self.port > 65535:
+            raise SettingsError("port must be at most 65535")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise SettingsError("db_pool_min_size must not exceed db_pool_max_size")
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return not self.database_url
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Defaults, then ``CHATD_<FIELD>`` variables, then explicit overrides (CLI flags)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    env_name = ENV_PREFIX + name.upper()
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise SettingsError(f"{env_name}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,1 @@
+"""Pure types shared by every subsystem: no I/O here."""

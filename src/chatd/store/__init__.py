@@ -1,0 +1,1 @@
+"""PostgreSQL access: the asyncio bridge, migrations, queries and notifications."""

@@ -1,0 +1,379 @@
+"""The process's PostgreSQL access: an asyncpg pool and a LISTEN connection behind the bridge.
+
+Store code is written as plain asyncpg coroutines taking a connection; ``Database.transaction``
+runs one such coroutine inside one transaction, on the asyncio thread, in a single crossing of
+the bridge. Nothing outside ``chatd.store`` sees asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import trio
+
+from chatd.store.bridge import AsyncioBridge
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+Record = asyncpg.Record
+# Store code takes either a pooled connection or a plain one; both have the Connection API.
+Connection = asyncpg.Connection[Record] | asyncpg.pool.PoolConnectionProxy[Record]
+
+
+class DatabaseUnavailable(RuntimeError):
+    """PostgreSQL cannot be reached; the message names the server and what to check."""
+
+
+class _Connection(asyncpg.Connection[Record]):
+    """No session state is ever set on pooled connections, so skip asyncpg's reset query.
+
+    The default reset (``RESET ALL; UNLISTEN *; ...``) costs a round trip on every release.
+    An open transaction is still rolled back on release by asyncpg itself.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+@dataclass(slots=True)
+class DatabaseStats:
+    """Counters of work sent to PostgreSQL by this process (read by metrics and benchmarks)."""
+
+    transactions: int = 0
+    statements: int = 0
+    notifications_received: int = 0
+    notifications_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    channel: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsLost:
+    """Some notifications may have been missed (listener reconnected or a consumer fell behind).
+
+    NOTIFY is only a hint: a consumer that sees this re-reads whatever it was watching.
+    """
+
+
+ListenEvent = Notification | NotificationsLost
+
+
+class Database:
+    """Use ``async with Database.connect(url) as db:`` from trio."""
+
+    def __init__(
+        self,
+        bridge: AsyncioBridge,
+        pool: asyncpg.Pool[Record],
+        url: str,
+        *,
+        listen_reconnect_delay_s: float = 1.0,
+    ) -> None:
+        self._bridge = bridge
+        self._pool = pool
+        self._url = url
+        self._listen_reconnect_delay_s = listen_reconnect_delay_s
+        self._listener: _Listener | None = None
+        self.stats = DatabaseStats()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 16,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 30.0,
+        listen_reconnect_delay_s: float = 1.0,
+    ) -> AsyncIterator[Database]:
+        bridge = AsyncioBridge(name="chatd-db")
+        bridge.start()
+        try:
+            try:
+                pool: asyncpg.Pool[Record] = await bridge.run(
+                    lambda: asyncpg.create_pool(
+                        url,
+                        min_size=min_size,
+                        max_size=max_size,
+                        timeout=connect_timeout_s,
+                        command_timeout=command_timeout_s,
+                        connection_class=_Connection,
+                    )
+                )
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise DatabaseUnavailable(describe_failure(url, exc)) from exc
+            db = cls(bridge, pool, url, listen_reconnect_delay_s=listen_reconnect_delay_s)
+            try:
+                yield db
+            finally:
+                with trio.CancelScope(shield=True):
+                    await db._close()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(bridge.stop)
+
+    async def _close(self) -> None:
+        listener = self._listener
+        self._listener = None
+
+        async def close_all() -> None:
+            if listener is not None:
+                await listener.close()
+            await asyncio.wait_for(self._pool.close(), timeout=10)
+
+        try:
+            await self._bridge.run(close_all)
+        except TimeoutError:
+            log.warning("database pool did not close within 10 s; terminating its connections")
+            await self._bridge.run(_async(self._pool.terminate))
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` on a pooled connection, outside any explicit transaction."""
+        pool = self._pool
+        self.stats.statements += 1
+
+        async def job() -> T:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+
+        return await self._bridge.run(job)
+
+    async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run ``fn(conn)`` inside one transaction: committed if it returns, rolled back if not."""
+        pool = self._pool
+        self.stats.transactions += 1
+
+        async def job() -> T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await fn(conn)
+
+        return await self._bridge.run(job)
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]:
+        self.stats.statements += 1
+        return await self._bridge.run(lambda: self._pool.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> Record | None:
+        self.stats.statements += 1
+        return await self._bridge.run(lambda: self._pool.fetchrow(query, *args))
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        self.stats.statements += 1
+        return await self._bridge.run(lambda: self._pool.fetchval(query, *args))
+
+    async def execute(self, query: str, *args: Any) -> str:
+        self.stats.statements += 1
+        return await self._bridge.run(lambda: self._pool.execute(query, *args))
+
+    async def ping(self) -> None:
+        """Raise unless the database answers a trivial query."""
+        await self.fetchval("SELECT 1")
+
+    @property
+    def pool_size(self) -> int:
+        return self._pool.get_size()
+
+    @property
+    def pool_idle(self) -> int:
+        return self._pool.get_idle_size()
+
+    # -- notifications ---------------------------------------------------------------------
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self, channel: str, *, buffer: int = 1024
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[ListenEvent]]:
+        """Receive NOTIFY payloads of ``channel`` as trio events while the block runs.
+
+        Delivery is a hint, never a guarantee: when the consumer falls more than ``buffer``
+        behind or the listening connection is lost and re-made, it gets ``NotificationsLost``.
+        """
+        if self._listener is None:
+            self._listener = _Listener(
+                self._bridge, self._url, self.stats, self._listen_reconnect_delay_s
+            )
+        listener = self._listener
+        send, receive = trio.open_memory_channel[ListenEvent](buffer)
+        subscription = _Subscription(channel, send, trio.lowlevel.current_trio_token(), self.stats)
+        await self._bridge.run(lambda: listener.subscribe(subscription))
+        try:
+            async with receive:
+                yield receive
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._bridge.run(lambda: listener.unsubscribe(subscription))
+                send.close()
+
+
+class _Subscription:
+    """One trio consumer of one channel; ``deliver`` runs on the asyncio thread."""
+
+    def __init__(
+        self,
+        channel: str,
+        send: trio.MemorySendChannel[ListenEvent],
+        token: trio.lowlevel.TrioToken,
+        stats: DatabaseStats,
+    ) -> None:
+        self.channel = channel
+        self._send = send
+        self._token = token
+        self._stats = stats
+        self._lost = False
+
+    def deliver(self, event: ListenEvent) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._push, event)
+
+    def _push(self, event: ListenEvent) -> None:  # trio thread
+        try:
+            if self._lost:
+                self._send.send_nowait(NotificationsLost())
+                self._lost = False
+            self._send.send_nowait(event)
+            if isinstance(event, Notification):
+                self._stats.notifications_received += 1
+        except trio.WouldBlock:
+            self._lost = True
+            self._stats.notifications_dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the consumer left
+
+
+class _Listener:
+    """The one LISTEN connection of the process; lives on the asyncio thread.
+
+    It is made on the first subscription and re-made (with every channel listened to again)
+    when it is lost; subscribers are told ``NotificationsLost`` after a reconnect.
+    """
+
+    def __init__(
+        self, bridge: AsyncioBridge, url: str, stats: DatabaseStats, reconnect_delay_s: float
+    ) -> None:
+        self._bridge = bridge
+        self._url = url
+        self._stats = stats
+        self._reconnect_delay_s = reconnect_delay_s
+        self._conn: asyncpg.Connection[Record] | None = None
+        self._subscriptions: dict[str, list[_Subscription]] = {}
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def subscribe(self, sub: _Subscription) -> None:
+        subs = self._subscriptions.setdefault(sub.channel, [])
+        subs.append(sub)
+        if len(subs) == 1:
+            conn = await self._connection()
+            try:
+                await conn.add_listener(sub.channel, self._on_notify)
+            except BaseException:
+                subs.remove(sub)
+                raise
+
+    async def unsubscribe(self, sub: _Subscription) -> None:
+        subs = self._subscriptions.get(sub.channel, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self._subscriptions.pop(sub.channel, None)
+            if self._conn is not None and not self._conn.is_closed():
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await self._conn.remove_listener(sub.channel, self._on_notify)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await asyncio.wait_for(conn.close(), timeout=5)
+
+    async def _connection(self) -> asyncpg.Connection[Record]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._url)
+            self._conn.add_termination_listener(self._on_terminated)
+        return self._conn
+
+    def _on_notify(self, _conn: Connection, _pid: int, channel: str, payload: object) -> None:
+        for sub in self._subscriptions.get(channel, ()):
+            sub.deliver(Notification(channel, str(payload)))
+
+    def _on_terminated(self, _conn: object) -> None:
+        if self._closed or self._reconnecting is not None:
+            return
+        self._conn = None
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self._closed:
+                await asyncio.sleep(self._reconnect_delay_s)
+                try:
+                    conn = await self._connection()
+                    for channel in list(self._subscriptions):
+                        await conn.add_listener(channel, self._on_notify)
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    log.warning(
+                        "LISTEN connection lost; retrying in %.1f s", self._reconnect_delay_s
+                    )
+                    self._conn = None
+                    continue
+                for subs in self._subscriptions.values():
+                    for sub in subs:
+                        sub.deliver(NotificationsLost())
+                return
+        finally:
+            self._reconnecting = None
+
+
+def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        fn()
+
+    return call
+
+
+def describe_failure(url: str, exc: BaseException) -> str:
+    """One line naming the server and what to check, without the password."""
+    where = server_location(url)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        hint = "check the user name and password in CHATD_DATABASE_URL"
+    elif isinstance(exc, asyncpg.InvalidCatalogNameError):
+        hint = "create the database, or fix its name in CHATD_DATABASE_URL"
+    else:
+        hint = "check that the server is running and that CHATD_DATABASE_URL names it"
+    return f"cannot reach PostgreSQL at {where}: {reason}; {hint}"
+
+
+def server_location(url: str) -> str:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    port = query.get("port", [str(parts.port or 5432)])[0]
+    return f"{host}:{port}" if not host.startswith("/") else f"{host} (port {port})"

@@ -1,0 +1,1 @@
+"""Built-in tools and validation of client-declared (dynamic) tools."""

@@ -1,0 +1,1 @@
+"""The HTTP and WebSocket edge (Quart-Trio on Hypercorn)."""

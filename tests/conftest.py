@@ -1,0 +1,98 @@
+"""Shared fixtures: one real PostgreSQL server per test session, one fresh database per test.
+
+The server is chatd's own embedded launcher (fsync off: it is thrown away). Migrations are
+applied once to a template database; each test gets a clone of it, which takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import trio
+
+from chatd.store.database import Database
+from chatd.store.embedded import EmbeddedPostgres
+from chatd.store.migrate import migrate
+
+TEMPLATE_DB = "chatd_test_template"
+
+
+@dataclass(frozen=True)
+class TestServer:
+    """The session's PostgreSQL server."""
+
+    pg: EmbeddedPostgres
+
+    def url_for(self, database: str) -> str:
+        return self.pg.url_for(database)
+
+    def create_database(self, *, template: str = TEMPLATE_DB) -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        asyncio.run(
+            _admin(self.url_for("postgres"), f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        )
+        return self.url_for(name)
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _migrate_url(url: str) -> None:
+    async with Database.connect(url, min_size=1, max_size=1) as db:
+        await migrate(db)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TestServer]:
+    # A short path under /tmp: the unix socket path must fit in 108 bytes, and when the tests
+    # run as root the `postgres` user must be able to reach it.
+    home = Path(tempfile.mkdtemp(prefix="chatd-test-"))
+    home.chmod(0o711)
+    pg = EmbeddedPostgres(home, durable=False, bindir=os.environ.get("CHATD_PG_BIN"))
+    pg.start()
+    try:
+        asyncio.run(
+            _admin(
+                pg.url_for("postgres"),
+                f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"',
+                f'CREATE DATABASE "{TEMPLATE_DB}"',
+            )
+        )
+        trio.run(_migrate_url, pg.url_for(TEMPLATE_DB))
+        yield TestServer(pg)
+    finally:
+        pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def database_url(pg_server: TestServer) -> str:
+    """A fresh, fully migrated database of its own for this test."""
+    return pg_server.create_database()
+
+
+@pytest.fixture
+def empty_database_url(pg_server: TestServer) -> str:
+    """A fresh database with no chatd schema at all (for migration tests)."""
+    return pg_server.create_database(template="template0")
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    async with Database.connect(database_url, min_size=1, max_size=4) as database:
+        yield database

@@ -63,11 +63,8 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 async def migrate(db: Database, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply every migration not yet applied; return the ones applied now."""
     todo = bundled_migrations() if migrations is None else migrations
-    applied: list[Migration] = []
-    for migration in todo:
-        if await db.transaction(functools.partial(_apply_one, migration=migration)):
-            applied.append(migration)
-    return applied
+    # Sequential on purpose: each migration sees the ones before it.
+    return [m for m in todo if await db.transaction(functools.partial(_apply_one, migration=m))]
 
 
 async def _apply_one(conn: Connection, migration: Migration) -> bool:

@@ -26,6 +26,8 @@ class Settings:
     home: Path = field(default_factory=lambda: Path(".chatd"))
     # An external PostgreSQL server; empty means "run the embedded one under `home`".
     database_url: str = ""
+    # Directory of initdb/pg_ctl for the embedded server; empty means "find them".
+    pg_bin: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
 
@@ -50,7 +52,6 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "port",
             "db_pool_min_size",
             "db_pool_max_size",
             "db_connect_timeout_s",
@@ -65,11 +66,13 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be greater than 0")
-        if self.port > 65535:
-            raise SettingsError("port must be at most 65535")
+                raise SettingsError(f"{_label(name)} must be greater than 0")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"{_label('port')} must be between 0 (any free port) and 65535")
         if self.db_pool_min_size > self.db_pool_max_size:
-            raise SettingsError("db_pool_min_size must not exceed db_pool_max_size")
+            raise SettingsError(
+                f"{_label('db_pool_min_size')} must not exceed {_label('db_pool_max_size')}"
+            )
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -93,6 +96,10 @@ class Settings:
                 values[f.name] = _parse(f.name, f.type, raw)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls(**values)
+
+
+def _label(name: str) -> str:
+    return f"{name} ({ENV_PREFIX}{name.upper()})"
 
 
 def _parse(name: str, type_name: Any, raw: str) -> Any:

@@ -1,0 +1,46 @@
+# chatd's two everyday commands: `make run` and `make test`. Both set everything up first:
+# a virtualenv in .venv with chatd and its dev tools, and PostgreSQL's server binaries for the
+# embedded database (installed with apt-get when missing and possible).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHATD_HOME ?= .chatd
+
+.PHONY: help run test lint typecheck pytest postgres bench clean
+
+help:
+	@echo "make run    start chatd on http://127.0.0.1:8080 (embedded PostgreSQL unless CHATD_DATABASE_URL is set)"
+	@echo "make test   lint, type-check and run the whole test suite"
+	@echo "make clean  remove .venv and chatd's local data ($(CHATD_HOME))"
+
+$(BIN)/python:
+	@scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[dev]'
+	@touch $@
+
+postgres:
+	@scripts/ensure-postgres.sh
+
+run: $(STAMP)
+	@if [ -z "$$CHATD_DATABASE_URL" ]; then scripts/ensure-postgres.sh; fi
+	$(BIN)/chatd serve --home "$(CHATD_HOME)" --admin-token-file "$(CHATD_HOME)/admin-token"
+
+test: $(STAMP) postgres lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) postgres
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) "$(CHATD_HOME)"

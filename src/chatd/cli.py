@@ -1,0 +1,189 @@
+"""``chatd``: serve, migrate, and manage API tokens.
+
+Settings come from ``CHATD_*`` environment variables, overridden by flags. A user mistake ends
+in one line on stderr saying what to fix, and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chatd import __version__
+from chatd.config import Settings, SettingsError
+from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
+from chatd.store import users
+from chatd.store.database import DatabaseUnavailable
+from chatd.store.embedded import EmbeddedPostgresError
+from chatd.store.migrate import MigrationError, migrate
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A mistake the user can fix; the message says how."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = Settings.load(overrides=_overrides(args))
+        run: Callable[[Settings, argparse.Namespace], int] = args.run
+        return run(settings, args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except (
+        CliError,
+        SettingsError,
+        DatabaseUnavailable,
+        EmbeddedPostgresError,
+        MigrationError,
+        StartupError,
+    ) as exc:
+        print(f"chatd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        help="PostgreSQL URL (env CHATD_DATABASE_URL); without one, chatd runs its own server",
+    )
+    common.add_argument(
+        "--home", type=Path, help="chatd's own files, embedded database included (CHATD_HOME)"
+    )
+
+    parser = argparse.ArgumentParser(prog="chatd", description="A chat engine for LLM agents.")
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", parents=[common], help="migrate the database and serve the HTTP API"
+    )
+    serve.add_argument("--host", help="address to listen on (CHATD_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (CHATD_PORT, default 8080)")
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="keep a local admin token in this file (made if missing) and print it on start",
+    )
+    serve.set_defaults(run=_cmd_serve)
+
+    migrate_cmd = commands.add_parser(
+        "migrate", parents=[common], help="apply pending database migrations"
+    )
+    migrate_cmd.set_defaults(run=_cmd_migrate)
+
+    token = commands.add_parser("token", help="manage API tokens")
+    token_commands = token.add_subparsers(title="token commands", metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create", parents=[common], help="create an API token (and its user if new)"
+    )
+    create.add_argument("--user", required=True, help="user name (created if it does not exist)")
+    create.add_argument("--admin", action="store_true", help="the user may use admin routes")
+    create.add_argument("--label", default="", help="a note to recognise the token by")
+    create.set_defaults(run=_cmd_token_create)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {"database_url": "database_url", "home": "home", "host": "host", "port": "port"}
+    return {field: getattr(args, arg, None) for arg, field in names.items()}
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    token_file: Path | None = args.admin_token_file
+
+    def on_ready(ready: Ready) -> None:
+        for url in ready.urls:
+            print(f"chatd is serving on {url}", flush=True)
+        if ready.admin_token is not None:
+            print(f"admin API token: {ready.admin_token}  (kept in {token_file})", flush=True)
+
+    async def serve_until_signal(url: str) -> None:
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_shutdown_on_signal, shutdown)
+            await run_server(
+                settings, url, shutdown=shutdown, on_ready=on_ready, admin_token_file=token_file
+            )
+            nursery.cancel_scope.cancel()
+
+    with database_url(settings) as url:
+        trio.run(serve_until_signal, url)
+    return 0
+
+
+async def _shutdown_on_signal(shutdown: trio.Event) -> None:
+    """First SIGINT/SIGTERM: stop gracefully. A second one: stop now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                raise KeyboardInterrupt
+            logging.getLogger("chatd").info(
+                "%s received: shutting down (again to force)", signal.Signals(signum).name
+            )
+            shutdown.set()
+
+
+def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    async def run(url: str) -> None:
+        async with open_database(settings, url) as db:
+            applied = await migrate(db)
+        if applied:
+            for m in applied:
+                print(f"applied {m.version:04d}_{m.name}")
+        else:
+            print("the database is up to date")
+
+    with database_url(settings) as url:
+        trio.run(run, url)
+    return 0
+
+
+def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
+    name: str = args.user
+    if not users.valid_user_name(name):
+        raise CliError(
+            f"--user {name!r} is not a valid user name: use 1-128 letters, digits, '.', '_', "
+            "'@' or '-', starting with a letter or digit"
+        )
+
+    async def run(url: str) -> str:
+        async with open_database(settings, url) as db:
+            await migrate(db)
+            user = await users.get_user_by_name(db, name)
+            if user is None:
+                user = await users.create_user(db, name, is_admin=args.admin)
+            elif args.admin and not user.is_admin:
+                raise CliError(
+                    f"user {name!r} exists without admin rights: drop --admin, or pick a new name"
+                )
+            _token, secret = await users.create_api_token(db, user.id, label=args.label)
+            return secret
+
+    with database_url(settings) as url:
+        secret = trio.run(run, url)
+    print(secret)
+    return 0

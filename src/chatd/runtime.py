@@ -1,0 +1,122 @@
+"""Assemble a running chatd process: database (embedded or external), migrations, web server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from chatd.config import Settings
+from chatd.store import users
+from chatd.store.database import Database
+from chatd.store.embedded import EmbeddedPostgres
+from chatd.store.migrate import migrate
+from chatd.web.app import create_app
+from chatd.web.server import serve
+
+log = logging.getLogger(__name__)
+
+DEV_ADMIN_USER = "admin"
+
+
+class StartupError(RuntimeError):
+    """The process cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """What a started server tells whoever started it."""
+
+    urls: list[str]
+    admin_token: str | None
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The configured database URL, or that of the embedded server, started and stopped here."""
+    if not settings.uses_embedded_database:
+        yield settings.database_url
+        return
+    with EmbeddedPostgres(
+        settings.home,
+        bindir=settings.pg_bin or None,
+        start_timeout_s=settings.embedded_pg_start_timeout_s,
+        stop_timeout_s=settings.embedded_pg_stop_timeout_s,
+    ) as pg:
+        yield pg.url
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings, url: str) -> AsyncIterator[Database]:
+    async with Database.connect(
+        url,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        command_timeout_s=settings.db_command_timeout_s,
+        listen_reconnect_delay_s=settings.db_listen_reconnect_delay_s,
+    ) as db:
+        yield db
+
+
+async def run_server(
+    settings: Settings,
+    url: str,
+    *,
+    shutdown: trio.Event,
+    on_ready: Callable[[Ready], None],
+    admin_token_file: Path | None = None,
+) -> None:
+    """Migrate, then serve HTTP until ``shutdown`` is set."""
+    async with open_database(settings, url) as db:
+        applied = await migrate(db)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(f"{m.version:04d}" for m in applied))
+        token = None
+        if admin_token_file is not None:
+            token = await ensure_admin_token(db, admin_token_file)
+        app = create_app(settings, db)
+        async with trio.open_nursery() as nursery:
+            urls: list[str] = await nursery.start(
+                lambda task_status: serve(
+                    app,
+                    settings,
+                    host=settings.host,
+                    port=settings.port,
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+            )
+            on_ready(Ready(urls=urls, admin_token=token))
+
+
+async def ensure_admin_token(db: Database, path: Path) -> str:
+    """A stable admin token for local use: reuse the one in ``path`` while it still works.
+
+    Only the token's hash is in the database, so the secret is kept in a file only its owner
+    can read; a stale or missing file gets a fresh token.
+    """
+    file = trio.Path(path)
+    if await file.is_file():
+        secret = (await file.read_text()).strip()
+        user = await users.authenticate(db, secret)
+        if user is not None and user.is_admin:
+            return secret
+    user = await users.get_user_by_name(db, DEV_ADMIN_USER)
+    if user is None:
+        user = await users.create_user(db, DEV_ADMIN_USER, is_admin=True)
+    elif not user.is_admin:
+        raise StartupError(
+            f"user {DEV_ADMIN_USER!r} exists without admin rights, so no admin token can be "
+            "made for it: create one with `chatd token create --user NAME --admin`"
+        )
+    _token, secret = await users.create_api_token(db, user.id, label="make run")
+    await file.parent.mkdir(parents=True, exist_ok=True)
+    await file.touch(mode=0o600)
+    await file.chmod(0o600)
+    await file.write_text(secret + "\n")
+    return secret

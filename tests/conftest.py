@@ -27,7 +27,7 @@ TEMPLATE_DB = "chatd_test_template"
 
 
 @dataclass(frozen=True)
-class TestServer:
+class PgServer:
     """The session's PostgreSQL server."""
 
     pg: EmbeddedPostgres
@@ -58,7 +58,7 @@ async def _migrate_url(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[TestServer]:
+def pg_server() -> Iterator[PgServer]:
     # A short path under /tmp: the unix socket path must fit in 108 bytes, and when the tests
     # run as root the `postgres` user must be able to reach it.
     home = Path(tempfile.mkdtemp(prefix="chatd-test-"))
@@ -74,20 +74,20 @@ def pg_server() -> Iterator[TestServer]:
             )
         )
         trio.run(_migrate_url, pg.url_for(TEMPLATE_DB))
-        yield TestServer(pg)
+        yield PgServer(pg)
     finally:
         pg.stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
-def database_url(pg_server: TestServer) -> str:
+def database_url(pg_server: PgServer) -> str:
     """A fresh, fully migrated database of its own for this test."""
     return pg_server.create_database()
 
 
 @pytest.fixture
-def empty_database_url(pg_server: TestServer) -> str:
+def empty_database_url(pg_server: PgServer) -> str:
     """A fresh database with no chatd schema at all (for migration tests)."""
     return pg_server.create_database(template="template0")
 

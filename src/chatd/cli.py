@@ -18,6 +18,7 @@ import trio
 
 from chatd import __version__
 from chatd.config import Settings, SettingsError
+from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
 from chatd.store import users
 from chatd.store.database import DatabaseUnavailable
@@ -164,11 +165,8 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
     name: str = args.user
-    if not users.valid_user_name(name):
-        raise CliError(
-            f"--user {name!r} is not a valid user name: use 1-128 letters, digits, '.', '_', "
-            "'@' or '-', starting with a letter or digit"
-        )
+    if not valid_user_name(name):
+        raise CliError(f"--user {name!r} is not a valid user name: use {USER_NAME_RULE}")
 
     async def run(url: str) -> str:
         async with open_database(settings, url) as db:

@@ -10,7 +10,7 @@ import trio
 
 from chatd.config import Settings
 from chatd.runtime import Ready, run_server
-from tests.conftest import TestServer
+from tests.conftest import PgServer
 
 
 async def _drop_database(admin_url: str, url: str) -> None:
@@ -22,7 +22,7 @@ async def _drop_database(admin_url: str, url: str) -> None:
         await conn.close()
 
 
-async def test_healthz_follows_the_database(pg_server: TestServer, database_url: str) -> None:
+async def test_healthz_follows_the_database(pg_server: PgServer, database_url: str) -> None:
     settings = Settings(database_url=database_url, port=0)
     shutdown = trio.Event()
     started = trio.Event()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import re
@@ -53,10 +54,21 @@ class PgBinaries:
 
 
 def find_binaries(explicit: str | None = None) -> PgBinaries:
-    """Find initdb and pg_ctl: CHATD_PG_BIN, then Debian's newest, then PATH."""
+    """Find initdb and pg_ctl: in ``explicit`` (CHATD_PG_BIN) only, or Debian's newest, or PATH."""
     candidates: list[Path] = []
     if explicit:
         candidates.append(Path(explicit))
+    else:
+        candidates.extend(_discovered_bindirs())
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file():
+            return PgBinaries(bindir, _major_version(bindir))
+    where = f" in {explicit}" if explicit else ""
+    raise EmbeddedPostgresError(f"PostgreSQL server binaries not found{where}: {_INSTALL_HINT}")
+
+
+def _discovered_bindirs() -> list[Path]:
+    candidates: list[Path] = []
     debian_root = Path("/usr/lib/postgresql")
     if debian_root.is_dir():
         versions = sorted(
@@ -68,11 +80,7 @@ def find_binaries(explicit: str | None = None) -> PgBinaries:
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(Path(on_path).resolve().parent)
-    for bindir in candidates:
-        if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file():
-            return PgBinaries(bindir, _major_version(bindir))
-    where = f" in {explicit}" if explicit else ""
-    raise EmbeddedPostgresError(f"PostgreSQL server binaries not found{where}: {_INSTALL_HINT}")
+    return candidates
 
 
 def _major_version(bindir: Path) -> int:
@@ -112,7 +120,7 @@ class EmbeddedPostgres:
         self._stop_timeout_s = stop_timeout_s
         self._max_connections = max_connections
         self._binaries: PgBinaries | None = None
-        self._started_here = False
+        self._lock: _HomeLock | None = None
         self._port: int | None = None
         self._run_as: pwd.struct_passwd | None = None
 
@@ -146,31 +154,54 @@ class EmbeddedPostgres:
         return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{self._port}/{database}"
 
     def start(self) -> str:
-        """Make sure the server runs and the ``chatd`` database exists; return its DSN."""
+        """Make sure the server runs and the ``chatd`` database exists; return its DSN.
+
+        Several chatd processes may share one home: the last one to stop stops the server. A
+        server left running by a crashed chatd is adopted like one started here.
+        """
         self._binaries = find_binaries(self._bindir)
         self._run_as = _server_user()
         self._prepare_home()
-        if not (self.data_dir / "PG_VERSION").is_file():
-            self._initdb()
-        else:
-            self._check_data_dir()
-        if self._server_running():
-            self._port = self._read_port()
-        else:
-            self._start_server()
-            self._started_here = True
-        asyncio.run(self._ensure_database())
+        self._lock = _HomeLock(self.home)
+        self._lock.begin_setup()
+        try:
+            if not (self.data_dir / "PG_VERSION").is_file():
+                self._initdb()
+            else:
+                self._check_data_dir()
+            if self._server_running():
+                self._port = self._read_port()
+            else:
+                self._start_server()
+            asyncio.run(self._ensure_database())
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+        self._lock.end_setup()
         return self.url
 
     def stop(self) -> None:
-        """Stop the server if this object started it (fast shutdown: sessions are cut)."""
-        if not self._started_here:
+        """Stop the server if no other chatd process uses it (fast shutdown: sessions are cut)."""
+        lock, self._lock = self._lock, None
+        if lock is None:
             return
-        self._started_here = False
-        self._pg_ctl(
-            ["stop", "-D", str(self.data_dir), "-m", "fast", "-t", str(int(self._stop_timeout_s))],
-            check=False,
-        )
+        try:
+            if lock.last_user_begins_teardown():
+                self._pg_ctl(
+                    [
+                        "stop",
+                        "-D",
+                        str(self.data_dir),
+                        "-m",
+                        "fast",
+                        "-t",
+                        str(int(self._stop_timeout_s)),
+                    ],
+                    check=False,
+                )
+        finally:
+            lock.release()
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -352,6 +383,38 @@ class EmbeddedPostgres:
                 f"{what} failed in {self.home}: {detail[-1] if detail else result.returncode}"
             )
         return result
+
+
+class _HomeLock:
+    """Who uses the server in CHATD_HOME, with two flocks (dropped by the kernel on a crash).
+
+    ``users``: held shared by every process using the server. ``setup``: held exclusively
+    while one process starts or stops the server, so that never happens twice at once.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self._setup = os.open(home / "setup.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._users = os.open(home / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def begin_setup(self) -> None:
+        fcntl.flock(self._setup, fcntl.LOCK_EX)
+        fcntl.flock(self._users, fcntl.LOCK_SH)
+
+    def end_setup(self) -> None:
+        fcntl.flock(self._setup, fcntl.LOCK_UN)
+
+    def last_user_begins_teardown(self) -> bool:
+        """Take the setup lock; true when no other process uses the server."""
+        fcntl.flock(self._setup, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        os.close(self._users)
+        os.close(self._setup)  # closing drops the locks
 
 
 def _server_user() -> pwd.struct_passwd | None:

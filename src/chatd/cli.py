@@ -125,7 +125,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     async def serve_until_signal(url: str) -> None:
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_shutdown_on_signal, shutdown)
+            nursery.start_soon(_shutdown_on_signal, shutdown, nursery.cancel_scope)
             await run_server(
                 settings, url, shutdown=shutdown, on_ready=on_ready, admin_token_file=token_file
             )
@@ -136,15 +136,17 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _shutdown_on_signal(shutdown: trio.Event) -> None:
-    """First SIGINT/SIGTERM: stop gracefully. A second one: stop now."""
+async def _shutdown_on_signal(shutdown: trio.Event, everything: trio.CancelScope) -> None:
+    """First SIGINT/SIGTERM: stop gracefully. A second one: cancel everything now."""
+    log = logging.getLogger("chatd")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
+            name = signal.Signals(signum).name
             if shutdown.is_set():
-                raise KeyboardInterrupt
-            logging.getLogger("chatd").info(
-                "%s received: shutting down (again to force)", signal.Signals(signum).name
-            )
+                log.warning("%s received again: stopping now", name)
+                everything.cancel()
+                return
+            log.info("%s received: shutting down (again to force)", name)
             shutdown.set()
 
 

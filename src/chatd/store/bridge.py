@@ -103,7 +103,10 @@ class AsyncioBridge:
             try:
                 loop.call_soon_threadsafe(call.cancel, self._cancel_grace_s)
             except RuntimeError:
-                # The loop is gone, and with it the task: nothing left to wait for.
+                # The loop is gone, and with it the task: nothing left to wait for. A wake-up the
+                # loop queued for this call before closing must now be ignored (a second
+                # reschedule of this task would be a TrioInternalError).
+                call.aborted = True
                 return trio.lowlevel.Abort.SUCCEEDED
             return trio.lowlevel.Abort.FAILED
 
@@ -114,7 +117,7 @@ class AsyncioBridge:
 class _Call(Generic[T]):
     """One coroutine crossing the bridge; the asyncio side runs on the loop thread only."""
 
-    __slots__ = ("_done", "_fn", "_task", "_token", "_trio_task", "raise_cancel")
+    __slots__ = ("_done", "_fn", "_task", "_token", "_trio_task", "aborted", "raise_cancel")
 
     def __init__(
         self,
@@ -128,16 +131,27 @@ class _Call(Generic[T]):
         self._task: asyncio.Future[T] | None = None
         self._done = False
         self.raise_cancel: Callable[[], Any] | None = None
+        self.aborted = False
 
     # -- asyncio thread --------------------------------------------------------------------
 
     def start(self) -> None:
         try:
-            self._task = asyncio.ensure_future(self._fn())
+            self._task = asyncio.ensure_future(self._guarded(self._fn()))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
             self._finish(outcome.Error(exc))
             return
         self._task.add_done_callback(self._on_task_done)
+
+    async def _guarded(self, awaitable: Awaitable[T]) -> T:
+        # An asyncio task re-raises KeyboardInterrupt and SystemExit out of the loop, which would
+        # kill the bridge thread; hand them to the caller instead, like any other exception.
+        try:
+            return await awaitable
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._finish(outcome.Error(exc))
+            # The caller has its outcome; end the task quietly (``_on_task_done`` is a no-op now).
+            raise asyncio.CancelledError from None
 
     def cancel(self, grace_s: float) -> None:
         if self._task is None or self._task.done():
@@ -171,6 +185,8 @@ class _Call(Generic[T]):
     # -- trio thread -----------------------------------------------------------------------
 
     def _wake(self, result: outcome.Outcome[T] | None) -> None:
+        if self.aborted:
+            return
         if result is None:
             if self.raise_cancel is not None:
                 result = outcome.capture(self.raise_cancel)

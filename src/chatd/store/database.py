@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -26,14 +26,20 @@ log = logging.getLogger(__name__)
 
 Record = asyncpg.Record
 # Store code takes either a pooled connection or a plain one; both have the Connection API.
-Connection = asyncpg.Connection[Record] | asyncpg.pool.PoolConnectionProxy[Record]
+# asyncpg's classes are generic only in its stubs: subscripting them at runtime is a TypeError.
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[Record] | asyncpg.pool.PoolConnectionProxy[Record]
+    _BaseConnection: TypeAlias = asyncpg.Connection[Record]
+else:
+    Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+    _BaseConnection = asyncpg.Connection
 
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached; the message names the server and what to check."""
 
 
-class _Connection(asyncpg.Connection[Record]):
+class _Connection(_BaseConnection):
     """No session state is ever set on pooled connections, so skip asyncpg's reset query.
 
     The default reset (``RESET ALL; UNLISTEN *; ...``) costs a round trip on every release.
@@ -278,27 +284,34 @@ class _Listener:
         self._subscriptions: dict[str, list[_Subscription]] = {}
         self._reconnecting: asyncio.Task[None] | None = None
         self._closed = False
+        # One operation at a time on the connection (asyncpg refuses concurrent ones), and only
+        # one connection made when several channels are subscribed to at once.
+        self._lock = asyncio.Lock()
 
     async def subscribe(self, sub: _Subscription) -> None:
-        subs = self._subscriptions.setdefault(sub.channel, [])
-        subs.append(sub)
-        if len(subs) == 1:
-            conn = await self._connection()
-            try:
-                await conn.add_listener(sub.channel, self._on_notify)
-            except BaseException:
-                subs.remove(sub)
-                raise
+        async with self._lock:
+            subs = self._subscriptions.setdefault(sub.channel, [])
+            subs.append(sub)
+            if len(subs) == 1:
+                try:
+                    conn = await self._connection()
+                    await conn.add_listener(sub.channel, self._on_notify)
+                except BaseException:
+                    subs.remove(sub)
+                    raise
 
     async def unsubscribe(self, sub: _Subscription) -> None:
-        subs = self._subscriptions.get(sub.channel, [])
-        if sub in subs:
-            subs.remove(sub)
-        if not subs:
-            self._subscriptions.pop(sub.channel, None)
-            if self._conn is not None and not self._conn.is_closed():
-                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                    await self._conn.remove_listener(sub.channel, self._on_notify)
+        async with self._lock:
+            subs = self._subscriptions.get(sub.channel, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subscriptions.pop(sub.channel, None)
+                if self._conn is not None and not self._conn.is_closed():
+                    with contextlib.suppress(
+                        asyncpg.PostgresError, asyncpg.InterfaceError, OSError
+                    ):
+                        await self._conn.remove_listener(sub.channel, self._on_notify)
 
     async def close(self) -> None:
         self._closed = True
@@ -332,9 +345,10 @@ class _Listener:
             while not self._closed:
                 await asyncio.sleep(self._reconnect_delay_s)
                 try:
-                    conn = await self._connection()
-                    for channel in list(self._subscriptions):
-                        await conn.add_listener(channel, self._on_notify)
+                    async with self._lock:
+                        conn = await self._connection()
+                        for channel in list(self._subscriptions):
+                            await conn.add_listener(channel, self._on_notify)
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     log.warning(
                         "LISTEN connection lost; retrying in %.1f s", self._reconnect_delay_s

@@ -17,6 +17,20 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION chatd_forbid_decrease() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    col text;
+BEGIN
+    FOREACH col IN ARRAY TG_ARGV LOOP
+        IF (to_jsonb(NEW) ->> col)::numeric < (to_jsonb(OLD) ->> col)::numeric THEN
+            RAISE EXCEPTION '%.% cannot decrease', TG_TABLE_NAME, col
+                USING ERRCODE = 'integrity_constraint_violation';
+        END IF;
+    END LOOP;
+    RETURN NEW;
+END
+$$;
+
 CREATE FUNCTION chatd_touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.updated_at := now();
@@ -143,6 +157,11 @@ CREATE INDEX chats_runnable ON chats (shard)
     WHERE status IN ('running', 'interrupting', 'requires_action');
 CREATE TRIGGER chats_immutable BEFORE UPDATE ON chats
     FOR EACH ROW EXECUTE FUNCTION chatd_forbid_change('id', 'owner_id', 'shard', 'created_at');
+-- Versions and seqs only move forward: clients and relays drop stale parts by them.
+CREATE TRIGGER chats_monotonic BEFORE UPDATE ON chats
+    FOR EACH ROW EXECUTE FUNCTION
+    chatd_forbid_decrease('history_version', 'generation_attempt', 'last_message_seq');
+CREATE INDEX chats_model_config ON chats (model_config_id) WHERE model_config_id IS NOT NULL;
 CREATE TRIGGER chats_touch BEFORE UPDATE ON chats
     FOR EACH ROW EXECUTE FUNCTION chatd_touch_updated_at();
 
@@ -191,6 +210,7 @@ CREATE TABLE inbox_notifications (
 );
 CREATE INDEX inbox_by_user ON inbox_notifications (user_id, created_at DESC, id);
 CREATE INDEX inbox_unread ON inbox_notifications (user_id) WHERE read_at IS NULL;
+CREATE INDEX inbox_by_chat ON inbox_notifications (chat_id) WHERE chat_id IS NOT NULL;
 CREATE TRIGGER inbox_immutable BEFORE UPDATE ON inbox_notifications
     FOR EACH ROW EXECUTE FUNCTION chatd_forbid_change('id', 'user_id', 'chat_id', 'kind', 'created_at');
 

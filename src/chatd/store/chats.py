@@ -1,0 +1,440 @@
+"""Chats, their messages and their queue of pending user messages.
+
+Reads are open to any caller. Writes have one entry point, ``commit``: the chat's actor turns a
+state transition into a list of ``ChatWrite`` descriptions and commits them in one transaction,
+fenced by its shard lease, so a transition is all-or-nothing and a deposed worker writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, assert_never
+from uuid import UUID
+
+import asyncpg
+
+from chatd.domain.chat_status import ChatStatus
+from chatd.store.database import Connection, Database
+from chatd.store.errors import Conflict, NotFound
+from chatd.store.leases import Fence, check_fence
+from chatd.store.records import (
+    UNSET,
+    Chat,
+    ChatMessage,
+    MessageRole,
+    PageCursor,
+    QueuedMessage,
+    Unset,
+    change,
+    chat_from_row,
+    chat_message_from_row,
+    encode_json,
+    queued_message_from_row,
+)
+
+# -- write descriptions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateChat:
+    """A new chat in ``waiting``; it must be the first write of its commit."""
+
+    id: UUID
+    owner_id: UUID
+    shard: int
+    title: str = ""
+    system_prompt: str = ""
+    model_config_id: UUID | None = None
+    dynamic_tools: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateChat:
+    """Change the execution-state fields that are given; ``UNSET`` ones keep their value."""
+
+    status: ChatStatus | Unset = UNSET
+    history_version: int | Unset = UNSET
+    generation_attempt: int | Unset = UNSET
+    retry_count: int | Unset = UNSET
+    retry_at: datetime | Unset | None = UNSET
+    last_error: Mapping[str, Any] | Unset | None = UNSET
+    action_deadline: datetime | Unset | None = UNSET
+    title: str | Unset = UNSET
+    archived: bool | Unset = UNSET
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppendMessage:
+    """Add a message at ``seq``, which must be above every seq the chat ever used."""
+
+    id: UUID
+    seq: int
+    role: MessageRole
+    content: Sequence[Mapping[str, Any]]
+    usage: Mapping[str, Any] | None = None
+    history_version: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SoftDeleteMessagesAfter:
+    """Hide every live message with a seq above ``seq`` (history truncation on edit)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Enqueue:
+    id: UUID
+    position: int
+    content: Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dequeue:
+    id: UUID
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MoveQueued:
+    id: UUID
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClearQueue:
+    pass
+
+
+ChatWrite = (
+    CreateChat
+    | UpdateChat
+    | AppendMessage
+    | SoftDeleteMessagesAfter
+    | Enqueue
+    | Dequeue
+    | MoveQueued
+    | ClearQueue
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What a commit left behind: the chat as stored, the messages it appended (in order),
+    and the whole queue when the commit touched it (``None`` when it did not)."""
+
+    chat: Chat
+    appended: tuple[ChatMessage, ...]
+    queue: tuple[QueuedMessage, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPage:
+    chats: list[Chat]
+    next_cursor: PageCursor | None
+
+
+# -- writes --------------------------------------------------------------------------------
+
+
+async def commit(
+    db: Database, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
+) -> Committed:
+    """Apply ``writes`` to one chat in one transaction, after checking the fence.
+
+    ``chat_id`` is ``None`` only when the first write is the ``CreateChat``. Raises ``Fenced``
+    when the lease moved on, ``NotFound`` for a missing chat, queued message, owner or model
+    config, ``Conflict`` when an id, seq or queue position is taken, and ``ValueError`` for a
+    malformed commit (the chat is on another shard, ``CreateChat`` out of place).
+    """
+    try:
+        return await db.transaction(
+            partial(apply_writes, fence=fence, chat_id=chat_id, writes=writes)
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"chat write collides: {exc}", constraint=exc.constraint_name) from exc
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise _missing_reference(exc, writes) from exc
+
+
+def _missing_reference(
+    exc: asyncpg.ForeignKeyViolationError, writes: Sequence[ChatWrite]
+) -> NotFound:
+    # Only a new chat refers to rows the commit does not hold: its owner and model config.
+    create = next((w for w in writes if isinstance(w, CreateChat)), None)
+    if create is not None and exc.constraint_name == "chats_owner_id_fkey":
+        return NotFound("user", create.owner_id)
+    if create is not None and exc.constraint_name == "chats_model_config_id_fkey":
+        return NotFound("model config", create.model_config_id)
+    return NotFound("row", exc.detail)
+
+
+async def apply_writes(
+    conn: Connection, *, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
+) -> Committed:
+    """The asyncio side of ``commit``: run it inside a transaction."""
+    await check_fence(conn, fence)
+    chat_id, rest = await _open_chat(conn, fence, chat_id, writes)
+    appended: list[ChatMessage] = []
+    for write in rest:
+        message = await _apply(conn, chat_id, write)
+        if message is not None:
+            appended.append(message)
+    row = await conn.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
+    assert row is not None
+    queue_changed = any(isinstance(w, Enqueue | Dequeue | MoveQueued | ClearQueue) for w in rest)
+    queue = tuple(await _list_queue(conn, chat_id)) if queue_changed else None
+    return Committed(chat_from_row(row), tuple(appended), queue)
+
+
+async def _open_chat(
+    conn: Connection, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
+) -> tuple[UUID, Sequence[ChatWrite]]:
+    """Create or find the commit's chat, on the fence's shard; returns it and the other writes."""
+    match writes:
+        case [CreateChat() as create, *rest]:
+            if chat_id is not None and chat_id != create.id:
+                raise ValueError(f"CreateChat is for chat {create.id}, the commit for {chat_id}")
+            if create.shard != fence.shard:
+                raise ValueError(f"chat {create.id} is on shard {create.shard}, not {fence.shard}")
+            await _create_chat(conn, create)
+            return create.id, rest
+        case _:
+            if chat_id is None:
+                raise ValueError("a commit without a chat id must start with CreateChat")
+            # Locked so that the chat cannot be deleted under the commit.
+            shard = await conn.fetchval(
+                "SELECT shard FROM chats WHERE id = $1 FOR NO KEY UPDATE", chat_id
+            )
+            if shard is None:
+                raise NotFound("chat", chat_id)
+            if shard != fence.shard:
+                raise ValueError(f"chat {chat_id} is on shard {shard}, not {fence.shard}")
+            return chat_id, writes
+
+
+async def _apply(conn: Connection, chat_id: UUID, write: ChatWrite) -> ChatMessage | None:
+    """Apply one write; returns the message an ``AppendMessage`` stored."""
+    match write:
+        case CreateChat():
+            raise ValueError("CreateChat must be the first write of its commit")
+        case UpdateChat():
+            await _update_chat(conn, chat_id, write)
+        case AppendMessage():
+            return await _append_message(conn, chat_id, write)
+        case SoftDeleteMessagesAfter(seq=seq):
+            await conn.execute(
+                "UPDATE chat_messages SET deleted_at = now()"
+                " WHERE chat_id = $1 AND seq > $2 AND deleted_at IS NULL",
+                chat_id,
+                seq,
+            )
+        case Enqueue(id=queued_id, position=position, content=content):
+            await conn.execute(
+                "INSERT INTO queued_messages (id, chat_id, position, content)"
+                " VALUES ($1, $2, $3, $4::jsonb)",
+                queued_id,
+                chat_id,
+                position,
+                encode_json(content),
+            )
+        case Dequeue(id=queued_id):
+            found = await conn.fetchval(
+                "DELETE FROM queued_messages WHERE id = $1 AND chat_id = $2 RETURNING true",
+                queued_id,
+                chat_id,
+            )
+            if found is None:
+                raise NotFound("queued message", queued_id)
+        case MoveQueued(id=queued_id, position=position):
+            found = await conn.fetchval(
+                "UPDATE queued_messages SET position = $3"
+                " WHERE id = $1 AND chat_id = $2 RETURNING true",
+                queued_id,
+                chat_id,
+                position,
+            )
+            if found is None:
+                raise NotFound("queued message", queued_id)
+        case ClearQueue():
+            await conn.execute("DELETE FROM queued_messages WHERE chat_id = $1", chat_id)
+        case _:
+            assert_never(write)
+    return None
+
+
+async def _create_chat(conn: Connection, create: CreateChat) -> None:
+    await conn.execute(
+        """
+        INSERT INTO chats (id, owner_id, shard, title, system_prompt, model_config_id,
+                           dynamic_tools)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        """,
+        create.id,
+        create.owner_id,
+        create.shard,
+        create.title,
+        create.system_prompt,
+        create.model_config_id,
+        encode_json(create.dynamic_tools),
+    )
+
+
+# One static statement for every combination of changed fields: each column is a
+# (changed, value) parameter pair.
+_UPDATE_CHAT = """
+UPDATE chats SET
+    status = CASE WHEN $2 THEN $3::text ELSE status END,
+    history_version = CASE WHEN $4 THEN $5::bigint ELSE history_version END,
+    generation_attempt = CASE WHEN $6 THEN $7::bigint ELSE generation_attempt END,
+    retry_count = CASE WHEN $8 THEN $9::integer ELSE retry_count END,
+    retry_at = CASE WHEN $10 THEN $11::timestamptz ELSE retry_at END,
+    last_error = CASE WHEN $12 THEN $13::jsonb ELSE last_error END,
+    action_deadline = CASE WHEN $14 THEN $15::timestamptz ELSE action_deadline END,
+    title = CASE WHEN $16 THEN $17::text ELSE title END,
+    archived = CASE WHEN $18 THEN $19::boolean ELSE archived END
+WHERE id = $1
+"""
+
+
+async def _update_chat(conn: Connection, chat_id: UUID, update: UpdateChat) -> None:
+    status_changed, status = change(update.status)
+    error_changed, error = change(update.last_error)
+    await conn.execute(
+        _UPDATE_CHAT,
+        chat_id,
+        status_changed,
+        None if status is None else str(status),
+        *change(update.history_version),
+        *change(update.generation_attempt),
+        *change(update.retry_count),
+        *change(update.retry_at),
+        error_changed,
+        encode_json(error),
+        *change(update.action_deadline),
+        *change(update.title),
+        *change(update.archived),
+    )
+
+
+async def _append_message(conn: Connection, chat_id: UUID, append: AppendMessage) -> ChatMessage:
+    # Seqs only grow: the stream resume cursor relies on it, and soft-deleted ones stay taken.
+    bumped = await conn.fetchval(
+        "UPDATE chats SET last_message_seq = $2 WHERE id = $1 AND last_message_seq < $2"
+        " RETURNING true",
+        chat_id,
+        append.seq,
+    )
+    if bumped is None:
+        raise ValueError(f"message seq {append.seq} of chat {chat_id} is not above the last one")
+    row = await conn.fetchrow(
+        """
+        INSERT INTO chat_messages (id, chat_id, seq, role, content, usage, history_version)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7)
+        RETURNING *
+        """,
+        append.id,
+        chat_id,
+        append.seq,
+        append.role,
+        encode_json(append.content),
+        encode_json(append.usage),
+        append.history_version,
+    )
+    assert row is not None
+    return chat_message_from_row(row)
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+async def get_chat(db: Database, chat_id: UUID, owner_id: UUID | None = None) -> Chat | None:
+    """The chat, or ``None`` when missing or (with ``owner_id``) someone else's: callers answer
+    both alike, so another user's chat cannot be told apart from a missing one."""
+    row = await db.fetchrow(
+        "SELECT * FROM chats WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)",
+        chat_id,
+        owner_id,
+    )
+    return None if row is None else chat_from_row(row)
+
+
+async def list_chats(
+    db: Database,
+    owner_id: UUID,
+    *,
+    archived: bool | None = None,
+    limit: int = 50,
+    cursor: PageCursor | None = None,
+) -> ChatPage:
+    """The owner's chats, most recently updated first (ties by id), ``limit`` at a time.
+
+    ``archived=None`` lists both. Keyset paging: pass the page's ``next_cursor`` for the next.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    rows = await db.fetch(
+        """
+        SELECT * FROM chats
+        WHERE owner_id = $1
+          AND ($2::boolean IS NULL OR archived = $2)
+          AND ($3::timestamptz IS NULL
+               OR updated_at < $3 OR (updated_at = $3 AND id > $4::uuid))
+        ORDER BY updated_at DESC, id
+        LIMIT $5
+        """,
+        owner_id,
+        archived,
+        None if cursor is None else cursor.at,
+        None if cursor is None else cursor.id,
+        limit + 1,
+    )
+    chats = [chat_from_row(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return ChatPage(chats, PageCursor(chats[-1].updated_at, chats[-1].id) if more else None)
+
+
+async def list_messages(
+    db: Database, chat_id: UUID, *, after_seq: int = 0, limit: int = 100
+) -> list[ChatMessage]:
+    """Live (not soft-deleted) messages with a seq above ``after_seq``, in seq order."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    rows = await db.fetch(
+        """
+        SELECT * FROM chat_messages
+        WHERE chat_id = $1 AND deleted_at IS NULL AND seq > $2
+        ORDER BY seq
+        LIMIT $3
+        """,
+        chat_id,
+        after_seq,
+        limit,
+    )
+    return [chat_message_from_row(row) for row in rows]
+
+
+async def list_queue(db: Database, chat_id: UUID) -> list[QueuedMessage]:
+    """The chat's queued user messages, next first."""
+    return await db.run(partial(_list_queue, chat_id=chat_id))
+
+
+async def _list_queue(conn: Connection, chat_id: UUID) -> list[QueuedMessage]:
+    rows = await conn.fetch(
+        "SELECT * FROM queued_messages WHERE chat_id = $1 ORDER BY position", chat_id
+    )
+    return [queued_message_from_row(row) for row in rows]
+
+
+async def list_resumable_chats(db: Database, shard: int) -> list[UUID]:
+    """Chats of the shard with work left to do, which a new owner of the shard resumes."""
+    # The literal list matches the partial index chats_runnable, so the planner can use it;
+    # a test keeps it equal to RESUMABLE_STATUSES.
+    rows = await db.fetch(
+        "SELECT id FROM chats WHERE shard = $1"
+        " AND status IN ('running', 'interrupting', 'requires_action') ORDER BY id",
+        shard,
+    )
+    return [row["id"] for row in rows]

@@ -1,0 +1,151 @@
+"""Shard leases: which worker owns which shard, until when, and under which epoch.
+
+Expiry is judged by the database's clock (``now()``), never a worker's, so workers with skewed
+clocks still agree. The epoch increases whenever a shard changes hands (or its owner lets the
+lease lapse), and every chat write re-checks it with ``check_fence`` inside its own transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from chatd.store.database import Connection, Database
+from chatd.store.errors import Fenced
+from chatd.store.records import ShardLease, shard_lease_from_row
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Proof of holding a shard's lease at ``epoch``; chat writes carry it."""
+
+    shard: int
+    epoch: int
+    worker_id: str
+
+
+def _ttl(ttl_s: float) -> float:
+    if not ttl_s > 0:
+        raise ValueError(f"lease ttl must be positive, got {ttl_s} s")
+    return float(ttl_s)
+
+
+def _own(worker_id: str, fences: Iterable[Fence]) -> list[Fence]:
+    fences = list(fences)
+    for fence in fences:
+        if fence.worker_id != worker_id:
+            raise ValueError(f"fence of shard {fence.shard} belongs to {fence.worker_id!r}")
+    return fences
+
+
+async def acquire_shards(
+    db: Database, worker_id: str, shards: Iterable[int], ttl_s: float
+) -> list[Fence]:
+    """Take every listed shard that is free or whose lease expired; renew our own live ones.
+
+    Taking a shard bumps its epoch; renewing a live lease of ours keeps it. Shards held live by
+    another worker are left alone and missing from the result (ordered by shard).
+    """
+    wanted = sorted(set(shards))
+    if not wanted:
+        return []
+    # Ascending shard order: two workers racing for overlapping sets lock rows in the same order.
+    rows = await db.fetch(
+        """
+        INSERT INTO shard_leases AS l (shard, worker_id, epoch, expires_at)
+        SELECT s, $1, 1, now() + make_interval(secs => $3)
+        FROM unnest($2::integer[]) AS s ORDER BY s
+        ON CONFLICT (shard) DO UPDATE
+        SET worker_id = EXCLUDED.worker_id,
+            epoch = CASE WHEN l.worker_id = EXCLUDED.worker_id AND l.expires_at > now()
+                         THEN l.epoch ELSE l.epoch + 1 END,
+            expires_at = EXCLUDED.expires_at,
+            updated_at = now()
+        WHERE l.expires_at <= now() OR l.worker_id = EXCLUDED.worker_id
+        RETURNING l.shard, l.epoch, l.worker_id
+        """,
+        worker_id,
+        wanted,
+        _ttl(ttl_s),
+    )
+    return sorted(
+        (Fence(row["shard"], row["epoch"], row["worker_id"]) for row in rows),
+        key=lambda f: f.shard,
+    )
+
+
+async def renew_leases(
+    db: Database, worker_id: str, fences: Iterable[Fence], ttl_s: float
+) -> list[Fence]:
+    """Extend the leases still held live at their epoch; the result is those still held.
+
+    An expired lease is lost even if nobody took it yet, as ``check_fence`` already treats it:
+    the worker takes it again with ``acquire_shards``, under a new epoch.
+    """
+    fences = _own(worker_id, fences)
+    if not fences:
+        return []
+    rows = await db.fetch(
+        """
+        UPDATE shard_leases AS l
+        SET expires_at = now() + make_interval(secs => $4), updated_at = now()
+        FROM unnest($2::integer[], $3::bigint[]) AS f (shard, epoch)
+        WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.worker_id = $1
+          AND l.expires_at > now()
+        RETURNING l.shard, l.epoch
+        """,
+        worker_id,
+        [f.shard for f in fences],
+        [f.epoch for f in fences],
+        _ttl(ttl_s),
+    )
+    held = {(row["shard"], row["epoch"]) for row in rows}
+    return sorted((f for f in fences if (f.shard, f.epoch) in held), key=lambda f: f.shard)
+
+
+async def release_leases(db: Database, worker_id: str, fences: Iterable[Fence]) -> None:
+    """Let the shards go now (graceful shutdown) so another worker need not wait for expiry.
+
+    The row stays, expired, so the next owner's epoch is still higher than every earlier one.
+    """
+    fences = _own(worker_id, fences)
+    if not fences:
+        return
+    await db.execute(
+        """
+        UPDATE shard_leases AS l
+        SET expires_at = now(), updated_at = now()
+        FROM unnest($2::integer[], $3::bigint[]) AS f (shard, epoch)
+        WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.worker_id = $1
+          AND l.expires_at > now()
+        """,
+        worker_id,
+        [f.shard for f in fences],
+        [f.epoch for f in fences],
+    )
+
+
+async def list_leases(db: Database) -> list[ShardLease]:
+    rows = await db.fetch("SELECT * FROM shard_leases ORDER BY shard")
+    return [shard_lease_from_row(row) for row in rows]
+
+
+async def check_fence(conn: Connection, fence: Fence) -> None:
+    """Raise ``Fenced`` unless ``fence`` still holds its shard live; asyncio side, in a transaction.
+
+    FOR SHARE keeps the lease row locked until this transaction ends, so a takeover (an UPDATE
+    of that row) waits for our commit: a write that passed this check lands before the new
+    owner's epoch begins, and none can land after.
+    """
+    held = await conn.fetchval(
+        """
+        SELECT true FROM shard_leases
+        WHERE shard = $1 AND epoch = $2 AND worker_id = $3 AND expires_at > now()
+        FOR SHARE
+        """,
+        fence.shard,
+        fence.epoch,
+        fence.worker_id,
+    )
+    if held is None:
+        raise Fenced(fence.shard, fence.epoch)

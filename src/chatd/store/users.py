@@ -1,0 +1,119 @@
+"""Users and their API tokens.
+
+A token's secret is shown once, at creation; the store keeps only its SHA-256, so a leaked
+database does not leak working credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from functools import partial
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from chatd.store.database import Connection, Database
+from chatd.store.errors import Conflict, NotFound
+from chatd.store.records import ApiToken, User, api_token_from_row, user_from_row
+
+TOKEN_PREFIX = "chatd_"  # noqa: S105 - a public marker on every secret, not a secret
+
+
+def hash_token(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+async def create_user(db: Database, name: str, *, is_admin: bool = False) -> User:
+    try:
+        row = await db.fetchrow(
+            "INSERT INTO users (id, name, is_admin) VALUES ($1, $2, $3) RETURNING *",
+            uuid4(),
+            name,
+            is_admin,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"user name {name!r} is taken", constraint=exc.constraint_name) from exc
+    assert row is not None
+    return user_from_row(row)
+
+
+async def get_user(db: Database, user_id: UUID) -> User | None:
+    row = await db.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+    return None if row is None else user_from_row(row)
+
+
+async def get_user_by_name(db: Database, name: str) -> User | None:
+    row = await db.fetchrow("SELECT * FROM users WHERE name = $1", name)
+    return None if row is None else user_from_row(row)
+
+
+async def create_api_token(db: Database, user_id: UUID, label: str = "") -> tuple[ApiToken, str]:
+    """A new token for the user: its metadata and the secret, which is never retrievable again."""
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    try:
+        row = await db.fetchrow(
+            "INSERT INTO api_tokens (id, user_id, token_hash, label) VALUES ($1, $2, $3, $4)"
+            " RETURNING *",
+            uuid4(),
+            user_id,
+            hash_token(secret),
+            label,
+        )
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound("user", user_id) from exc
+    assert row is not None
+    return api_token_from_row(row), secret
+
+
+async def list_api_tokens(db: Database, user_id: UUID) -> list[ApiToken]:
+    rows = await db.fetch(
+        "SELECT * FROM api_tokens WHERE user_id = $1 ORDER BY created_at, id", user_id
+    )
+    return [api_token_from_row(row) for row in rows]
+
+
+async def revoke_api_token(
+    db: Database, token_id: UUID, *, user_id: UUID | None = None
+) -> ApiToken:
+    """Revoke a token (of ``user_id`` when given); revoking twice keeps the first time."""
+    row = await db.fetchrow(
+        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
+        " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
+        token_id,
+        user_id,
+    )
+    if row is None:
+        raise NotFound("api token", token_id)
+    return api_token_from_row(row)
+
+
+async def authenticate(db: Database, secret: str) -> User | None:
+    """The user a live token belongs to, or ``None`` for an unknown or revoked secret."""
+    if not secret.startswith(TOKEN_PREFIX):
+        return None
+    return await db.run(partial(_authenticate, digest=hash_token(secret)))
+
+
+async def _authenticate(conn: Connection, *, digest: bytes) -> User | None:
+    row = await conn.fetchrow(
+        """
+        SELECT t.id AS token_id, t.token_hash,
+               t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale,
+               u.*
+        FROM api_tokens t JOIN users u ON u.id = t.user_id
+        WHERE t.token_hash = $1 AND t.revoked_at IS NULL
+        """,
+        digest,
+    )
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        return None
+    # Recording every use would turn each authenticated request into a write.
+    if row["stale"]:
+        await conn.execute(
+            "UPDATE api_tokens SET last_used_at = now() WHERE id = $1"
+            " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+            row["token_id"],
+        )
+    return user_from_row(row)

@@ -63,6 +63,13 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 async def migrate(db: Database, migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply every migration not yet applied; return the ones applied now."""
     todo = bundled_migrations() if migrations is None else migrations
+    known = max((m.version for m in todo), default=0)
+    newest = max(await applied_versions(db), default=0)
+    if newest > known:
+        raise MigrationError(
+            f"the database is at schema version {newest}, newer than this chatd knows ({known}): "
+            "upgrade chatd, or point it at another database"
+        )
     # Sequential on purpose: each migration sees the ones before it.
     return [m for m in todo if await db.transaction(functools.partial(_apply_one, migration=m))]
 

@@ -46,6 +46,15 @@ class Settings:
     shard_count: int = 64
     lease_ttl_s: float = 15.0
 
+    # Model providers.
+    # A stream silent this long (also before its first chunk) fails as a retryable timeout.
+    stream_silence_timeout_s: float = 120.0
+    provider_connect_timeout_s: float = 10.0
+    # Retries of a failed model step: min(base * 2^n, max), or Retry-After when longer.
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 60.0
+    provider_max_attempts: int = 25
+
     # HTTP edge.
     max_body_bytes: int = 1_048_576
     shutdown_grace_s: float = 5.0
@@ -61,6 +70,11 @@ class Settings:
             "embedded_pg_stop_timeout_s",
             "shard_count",
             "lease_ttl_s",
+            "stream_silence_timeout_s",
+            "provider_connect_timeout_s",
+            "retry_base_delay_s",
+            "retry_max_delay_s",
+            "provider_max_attempts",
             "max_body_bytes",
             "shutdown_grace_s",
         )

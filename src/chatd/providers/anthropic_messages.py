@@ -1,0 +1,318 @@
+"""Anthropic's messages API through ``anthropic.AsyncAnthropic``.
+
+As for OpenAI, the stream is read either as the SDK's typed events or from the SDK's raw
+streaming response parsed with msgspec; both feed the same normalisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Any, cast
+
+import anthropic
+import httpx2
+import msgspec
+
+from chatd.domain.conversation import (
+    ModelRequest,
+    ReasoningPart,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
+from chatd.domain.stream_parts import (
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    StreamPart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
+from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
+from chatd.providers.errors import StreamInterrupted
+from chatd.providers.guard import guarded_stream
+from chatd.providers.sse import iter_sse_data
+
+_FINISH: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+    "refusal": "content_filter",
+}
+
+
+class AnthropicMessagesProvider:
+    def __init__(
+        self, config: ProviderConfig, *, timeouts: Timeouts, parser: StreamParser = "fast"
+    ) -> None:
+        self._config = config
+        self._timeouts = timeouts
+        self._parser = parser
+        self._client = anthropic.AsyncAnthropic(
+            api_key=config.api_key or "unset",
+            base_url=config.base_url,
+            max_retries=0,  # chatd owns retries
+            timeout=httpx2.Timeout(timeouts.silence_s, connect=timeouts.connect_s),
+        )
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def stream(
+        self, request: ModelRequest
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
+        events = self._sdk_events(request) if self._parser == "sdk" else self._fast_events(request)
+        return guarded_stream(
+            _normalised(events),
+            provider=self._config.name,
+            silence_timeout_s=self._timeouts.silence_s,
+            secrets=(self._config.api_key,),
+        )
+
+    def _create_kwargs(self, request: ModelRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_output_tokens,
+            "messages": to_anthropic_messages(request),
+            "stream": True,
+        }
+        if request.system:
+            kwargs["system"] = request.system
+        if request.tools:
+            kwargs["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
+                for t in request.tools
+            ]
+        if request.options:
+            kwargs["extra_body"] = dict(request.options)
+        return kwargs
+
+    # -- reading the stream -----------------------------------------------------------------
+
+    async def _sdk_events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        create = cast(Any, self._client.messages.create)
+        stream: anthropic.AsyncStream[Any] = await create(**self._create_kwargs(request))
+        # AsyncStream's own iterator is an async generator: close it, or it outlives the call.
+        async with (
+            stream,
+            contextlib.aclosing(cast(AsyncGenerator[Any, None], stream._iterator)) as events,
+        ):
+            async for event in events:
+                yield event
+
+    async def _fast_events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        create = cast(Any, self._client.messages.with_streaming_response.create)
+        async with create(**self._create_kwargs(request)) as response:
+            http: httpx2.Response = response.http_response
+            async with contextlib.aclosing(http.aiter_bytes()) as body:
+                async for data in iter_sse_data(body):
+                    event = _EVENT.decode(data)
+                    if event.type == "error":
+                        # What the SDK raises for an error event inside a stream.
+                        body_json = json.loads(data)
+                        raise self._client._make_status_error(
+                            f"{body_json}", body=body_json, response=http
+                        )
+                    yield event
+
+
+async def _normalised(events: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:
+    """Events of either path have the same attribute names; ``_Step`` reads them alike."""
+    step = _Step()
+    async with contextlib.aclosing(events):
+        async for event in events:
+            for part in step.feed(event):
+                yield part
+    for part in step.end():
+        yield part
+
+
+def to_anthropic_messages(request: ModelRequest) -> list[dict[str, Any]]:
+    """Anthropic wants user and assistant turns alternating: tool results ride in user turns,
+    and consecutive turns of one role are merged."""
+    out: list[dict[str, Any]] = []
+    for message in request.messages:
+        role = "assistant" if message.role == "assistant" else "user"
+        blocks: list[dict[str, Any]] = []
+        for p in message.parts:
+            match p:
+                case TextPart(text=text):
+                    if text:
+                        blocks.append({"type": "text", "text": text})
+                case ReasoningPart(text=text, signature=signature):
+                    # Unsigned reasoning (from another provider) cannot be sent back.
+                    if signature:
+                        blocks.append(
+                            {"type": "thinking", "thinking": text, "signature": signature}
+                        )
+                case ToolCallPart(id=call_id, name=name, arguments=arguments):
+                    blocks.append(
+                        {
+                            "type": "tool_use",
+                            "id": call_id,
+                            "name": name,
+                            "input": _input(arguments),
+                        }
+                    )
+                case ToolResultPart(call_id=call_id, output=output, is_error=is_error):
+                    blocks.append(
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": call_id,
+                            "content": output,
+                            "is_error": is_error,
+                        }
+                    )
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    return out
+
+
+def _input(arguments: str) -> dict[str, Any]:
+    """Tool input must be an object; arguments the model garbled are kept, not dropped."""
+    try:
+        value = json.loads(arguments) if arguments else {}
+    except ValueError:
+        return {"_unparsed_arguments": arguments}
+    return value if isinstance(value, dict) else {"_unparsed_arguments": arguments}
+
+
+class _Step:
+    """Turns Anthropic's events into normalised parts.
+
+    Anthropic numbers content blocks (text, thinking and tool_use alike); tool calls are
+    renumbered 0, 1, ... within the step, as OpenAI numbers them.
+    """
+
+    __slots__ = ("_cache_read", "_cache_write", "_input", "_output", "_stop", "_tools", "stopped")
+
+    def __init__(self) -> None:
+        self._tools: dict[int, int] = {}
+        self._input = self._output = self._cache_read = self._cache_write = 0
+        self._stop: str | None = None
+        self.stopped = False
+
+    def feed(self, event: Any) -> Iterator[StreamPart]:
+        match event.type:
+            case "content_block_delta":
+                part = self._delta(event.index, event.delta)
+                if part is not None:
+                    yield part
+            case "content_block_start":
+                part = self._block_start(event.index, event.content_block)
+                if part is not None:
+                    yield part
+            case "content_block_stop":
+                call = self._tools.get(event.index)
+                if call is not None:
+                    yield ToolCallEnd(call)
+            case "message_start":
+                usage = event.message.usage
+                self._input = usage.input_tokens or 0
+                self._output = usage.output_tokens or 0
+                self._cache_read = usage.cache_read_input_tokens or 0
+                self._cache_write = usage.cache_creation_input_tokens or 0
+            case "message_delta":
+                if event.delta.stop_reason:
+                    self._stop = event.delta.stop_reason
+                if event.usage is not None and event.usage.output_tokens is not None:
+                    self._output = event.usage.output_tokens
+            case "message_stop":
+                self.stopped = True
+            case _:
+                pass  # ping, and event types added after this was written
+
+    def _block_start(self, index: int, block: Any) -> StreamPart | None:
+        if block.type == "tool_use":
+            call = len(self._tools)
+            self._tools[index] = call
+            return ToolCallStart(call, block.id or f"toolu_{call}", block.name or "")
+        if block.type == "text" and block.text:
+            return TextDelta(block.text)
+        return None
+
+    def _delta(self, index: int, delta: Any) -> StreamPart | None:
+        match delta.type:
+            case "text_delta":
+                return TextDelta(delta.text) if delta.text else None
+            case "input_json_delta":
+                call = self._tools.get(index)
+                if call is None or not delta.partial_json:
+                    return None
+                return ToolCallDelta(call, delta.partial_json)
+            case "thinking_delta":
+                return ReasoningDelta(delta.thinking) if delta.thinking else None
+            case "signature_delta":
+                return ReasoningDelta("", signature=delta.signature) if delta.signature else None
+            case _:
+                return None
+
+    def end(self) -> Iterator[StreamPart]:
+        if not self.stopped:
+            raise StreamInterrupted("the stream ended before message_stop")
+        yield Usage(
+            input_tokens=self._input,
+            output_tokens=self._output,
+            cache_read_tokens=self._cache_read,
+            cache_write_tokens=self._cache_write,
+        )
+        yield Finish(_FINISH.get(self._stop or "", "other"))
+
+
+# -- msgspec types for the fast path: only what chatd reads --------------------------------
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class _Message(msgspec.Struct):
+    usage: _Usage = msgspec.field(default_factory=_Usage)
+
+
+class _Block(msgspec.Struct):
+    type: str = ""
+    id: str | None = None
+    name: str | None = None
+    text: str | None = None
+
+
+class _Delta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    partial_json: str | None = None
+    thinking: str | None = None
+    signature: str | None = None
+    stop_reason: str | None = None
+
+
+class _Event(msgspec.Struct):
+    """Every event type in one struct: each reads only the fields its type carries."""
+
+    type: str
+    index: int = 0
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    content_block: _Block = msgspec.field(default_factory=_Block)
+    message: _Message = msgspec.field(default_factory=_Message)
+    usage: _Usage | None = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)

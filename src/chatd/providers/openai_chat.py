@@ -1,0 +1,293 @@
+"""OpenAI chat completions (and any OpenAI-compatible server) through ``openai.AsyncOpenAI``.
+
+Two ways to read the stream, with the same request and the same normalisation: the SDK's typed
+chunks, or the SDK's raw streaming response parsed with msgspec into only the fields chatd reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Any, cast
+
+import httpx2
+import msgspec
+import openai
+
+from chatd.domain.conversation import (
+    ModelRequest,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
+from chatd.domain.stream_parts import (
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    StreamPart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
+from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
+from chatd.providers.errors import StreamInterrupted
+from chatd.providers.guard import guarded_stream
+from chatd.providers.sse import iter_sse_data
+
+_FINISH: dict[str, FinishReason] = {
+    "stop": "stop",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "length": "length",
+    "content_filter": "content_filter",
+}
+
+
+class OpenAIChatProvider:
+    def __init__(
+        self, config: ProviderConfig, *, timeouts: Timeouts, parser: StreamParser = "fast"
+    ) -> None:
+        self._config = config
+        self._timeouts = timeouts
+        self._parser = parser
+        self._client = openai.AsyncOpenAI(
+            api_key=config.api_key or "unset",
+            base_url=config.base_url,
+            max_retries=0,  # chatd owns retries
+            timeout=httpx2.Timeout(timeouts.silence_s, connect=timeouts.connect_s),
+        )
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def stream(
+        self, request: ModelRequest
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
+        chunks = self._sdk_chunks(request) if self._parser == "sdk" else self._fast_chunks(request)
+        return guarded_stream(
+            _normalised(chunks),
+            provider=self._config.name,
+            silence_timeout_s=self._timeouts.silence_s,
+            secrets=(self._config.api_key,),
+        )
+
+    # -- request -----------------------------------------------------------------------------
+
+    def _body(self, request: ModelRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": to_openai_messages(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        # OpenAI's own API wants the newer name; compatible servers mostly know only the old one.
+        if self._config.kind == "openai":
+            body["max_completion_tokens"] = request.max_output_tokens
+        else:
+            body["max_tokens"] = request.max_output_tokens
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": dict(t.input_schema),
+                    },
+                }
+                for t in request.tools
+            ]
+        body.update(request.options)
+        return body
+
+    def _create_kwargs(self, request: ModelRequest) -> dict[str, Any]:
+        body = self._body(request)
+        known = ("model", "messages", "stream", "stream_options", "tools")
+        kwargs: dict[str, Any] = {k: body.pop(k) for k in known if k in body}
+        kwargs["extra_body"] = body  # token limit and model-config options, sent as given
+        return kwargs
+
+    # -- reading the stream -----------------------------------------------------------------
+
+    async def _sdk_chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        create = cast(Any, self._client.chat.completions.create)
+        stream: openai.AsyncStream[Any] = await create(**self._create_kwargs(request))
+        # AsyncStream's own iterator is an async generator: close it, or it outlives the call.
+        async with (
+            stream,
+            contextlib.aclosing(cast(AsyncGenerator[Any, None], stream._iterator)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _fast_chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        create = cast(Any, self._client.chat.completions.with_streaming_response.create)
+        async with create(**self._create_kwargs(request)) as response:
+            http: httpx2.Response = response.http_response
+            async with contextlib.aclosing(http.aiter_bytes()) as body:
+                async for data in iter_sse_data(body):
+                    if data == b"[DONE]":
+                        return
+                    chunk = _CHUNK.decode(data)
+                    if chunk.error is not None:
+                        # What the SDK raises for an error inside a stream.
+                        raise openai.APIError(
+                            chunk.error.message or "An error occurred during streaming",
+                            request=http.request,
+                            body=msgspec.to_builtins(chunk.error),
+                        )
+                    yield chunk
+
+
+async def _normalised(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:
+    """Chunks of either path have the same attribute names; ``_Step`` reads them alike."""
+    step = _Step()
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            for part in step.feed(chunk):
+                yield part
+    for part in step.end():
+        yield part
+
+
+def to_openai_messages(request: ModelRequest) -> list[dict[str, Any]]:
+    """Reasoning parts are not sent back: OpenAI-style servers do not take them as input."""
+    out: list[dict[str, Any]] = []
+    if request.system:
+        out.append({"role": "system", "content": request.system})
+    for message in request.messages:
+        texts = [p.text for p in message.parts if isinstance(p, TextPart)]
+        match message.role:
+            case "user":
+                out.append({"role": "user", "content": "".join(texts)})
+            case "assistant":
+                calls = [
+                    {
+                        "id": p.id,
+                        "type": "function",
+                        "function": {"name": p.name, "arguments": p.arguments},
+                    }
+                    for p in message.parts
+                    if isinstance(p, ToolCallPart)
+                ]
+                entry: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+                if calls:
+                    entry["tool_calls"] = calls
+                out.append(entry)
+            case "tool":
+                out.extend(
+                    {"role": "tool", "tool_call_id": p.call_id, "content": p.output}
+                    for p in message.parts
+                    if isinstance(p, ToolResultPart)
+                )
+    return out
+
+
+class _Step:
+    """Turns OpenAI's chunk fields into normalised parts; knows which tool calls are open."""
+
+    __slots__ = ("_finish", "_open", "usage")
+
+    def __init__(self) -> None:
+        self._open: dict[int, bool] = {}
+        self._finish: FinishReason | None = None
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: Any) -> Iterator[StreamPart]:
+        usage = chunk.usage
+        if usage is not None:
+            details = usage.prompt_tokens_details
+            self.usage = Usage(
+                input_tokens=usage.prompt_tokens or 0,
+                output_tokens=usage.completion_tokens or 0,
+                cache_read_tokens=(details.cached_tokens if details else None) or 0,
+            )
+        for choice in chunk.choices[:1]:
+            delta = choice.delta
+            if delta.content:
+                yield TextDelta(delta.content)
+            # Not in OpenAI's API; DeepSeek, vLLM and others stream reasoning this way.
+            reasoning = getattr(delta, "reasoning_content", None)
+            if reasoning:
+                yield ReasoningDelta(reasoning)
+            for call in delta.tool_calls or ():
+                fn = call.function
+                if call.index not in self._open:
+                    self._open[call.index] = True
+                    name = fn.name if fn else None
+                    yield ToolCallStart(call.index, call.id or f"call_{call.index}", name or "")
+                if fn is not None and fn.arguments:
+                    yield ToolCallDelta(call.index, fn.arguments)
+            if choice.finish_reason:
+                yield from self._finish_with(choice.finish_reason)
+
+    def _finish_with(self, reason: str) -> Iterator[StreamPart]:
+        self._finish = _FINISH.get(reason, "other")
+        for index in sorted(self._open):
+            if self._open[index]:
+                self._open[index] = False
+                yield ToolCallEnd(index)
+
+    def end(self) -> Iterator[StreamPart]:
+        if self._finish is None:
+            raise StreamInterrupted("the stream ended before a finish reason")
+        if self.usage is not None:
+            yield self.usage
+        yield Finish(self._finish)
+
+
+# -- msgspec types for the fast path: only what chatd reads --------------------------------
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[_ToolCall] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+
+
+class _Error(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+    param: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+_CHUNK = msgspec.json.Decoder(_Chunk)

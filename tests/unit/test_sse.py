@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -18,7 +18,7 @@ STREAM = (
 EXPECTED = [b'{"a": 1}', b"line one\nline two", b"no-space", b"[DONE]"]
 
 
-async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+async def _chunks(data: bytes, size: int) -> AsyncGenerator[bytes, None]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
 

@@ -1,7 +1,7 @@
 """Anthropic's messages API through ``anthropic.AsyncAnthropic``.
 
-As for OpenAI, the stream is read either as the SDK's typed events or from the SDK's raw
-streaming response parsed with msgspec; both feed the same normalisation.
+As for OpenAI, each stream event is read either as the SDK's typed object or as a msgspec
+struct holding only the fields chatd reads; both feed the same normalisation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, cast
 import anthropic
 import httpx2
 import msgspec
+from anthropic.types import RawMessageStreamEvent
 
 from chatd.domain.conversation import (
     ModelRequest,
@@ -36,7 +37,7 @@ from chatd.domain.stream_parts import (
 from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
 from chatd.providers.errors import StreamInterrupted
 from chatd.providers.guard import guarded_stream
-from chatd.providers.sse import iter_sse_data
+from chatd.providers.sse import decoded_events
 
 _FINISH: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -72,9 +73,8 @@ class AnthropicMessagesProvider:
     def stream(
         self, request: ModelRequest
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
-        events = self._sdk_events(request) if self._parser == "sdk" else self._fast_events(request)
         return guarded_stream(
-            _normalised(events),
+            _normalised(self._events(request)),
             provider=self._config.name,
             silence_timeout_s=self._timeouts.silence_s,
             secrets=(self._config.api_key,),
@@ -100,31 +100,38 @@ class AnthropicMessagesProvider:
 
     # -- reading the stream -----------------------------------------------------------------
 
-    async def _sdk_events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
-        create = cast(Any, self._client.messages.create)
-        stream: anthropic.AsyncStream[Any] = await create(**self._create_kwargs(request))
-        # AsyncStream's own iterator is an async generator: close it, or it outlives the call.
-        async with (
-            stream,
-            contextlib.aclosing(cast(AsyncGenerator[Any, None], stream._iterator)) as events,
-        ):
-            async for event in events:
-                yield event
+    async def _events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        """The raw streaming response, one decoded event per SSE event.
 
-    async def _fast_events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        Not the SDK's ``AsyncStream``: it leaves async generators unclosed per stream (a
+        ResourceWarning under trio). In "sdk" mode each event is built into the SDK's typed
+        ``RawMessageStreamEvent`` exactly as ``AsyncStream`` does it.
+        """
         create = cast(Any, self._client.messages.with_streaming_response.create)
         async with create(**self._create_kwargs(request)) as response:
             http: httpx2.Response = response.http_response
-            async with contextlib.aclosing(http.aiter_bytes()) as body:
-                async for data in iter_sse_data(body):
-                    event = _EVENT.decode(data)
-                    if event.type == "error":
-                        # What the SDK raises for an error event inside a stream.
-                        body_json = json.loads(data)
-                        raise self._client._make_status_error(
-                            f"{body_json}", body=body_json, response=http
-                        )
+            decode = self._sdk_event if self._parser == "sdk" else self._fast_event
+            async with contextlib.aclosing(
+                decoded_events(http, lambda data: decode(data, http))
+            ) as events:
+                async for event in events:
                     yield event
+
+    def _sdk_event(self, data: bytes, http: httpx2.Response) -> Any:
+        obj = json.loads(data)
+        self._raise_if_error(obj.get("type"), obj, http)
+        return self._client._process_response_data(data=obj, cast_to=_SDK_EVENT, response=http)
+
+    def _fast_event(self, data: bytes, http: httpx2.Response) -> _Event:
+        event = _EVENT.decode(data)
+        if event.type == "error":
+            self._raise_if_error(event.type, json.loads(data), http)
+        return event
+
+    def _raise_if_error(self, event_type: object, body: object, http: httpx2.Response) -> None:
+        """What the SDK raises for an error event inside a stream."""
+        if event_type == "error":
+            raise self._client._make_status_error(f"{body}", body=body, response=http)
 
 
 async def _normalised(events: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:
@@ -316,3 +323,4 @@ class _Event(msgspec.Struct):
 
 
 _EVENT = msgspec.json.Decoder(_Event)
+_SDK_EVENT: Any = RawMessageStreamEvent

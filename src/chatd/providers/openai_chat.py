@@ -1,18 +1,20 @@
 """OpenAI chat completions (and any OpenAI-compatible server) through ``openai.AsyncOpenAI``.
 
 Two ways to read the stream, with the same request and the same normalisation: the SDK's typed
-chunks, or the SDK's raw streaming response parsed with msgspec into only the fields chatd reads.
+chunk objects, or msgspec structs holding only the fields chatd reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, cast
 
 import httpx2
 import msgspec
 import openai
+from openai.types.chat import ChatCompletionChunk
 
 from chatd.domain.conversation import (
     ModelRequest,
@@ -34,7 +36,7 @@ from chatd.domain.stream_parts import (
 from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
 from chatd.providers.errors import StreamInterrupted
 from chatd.providers.guard import guarded_stream
-from chatd.providers.sse import iter_sse_data
+from chatd.providers.sse import decoded_events
 
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -69,9 +71,8 @@ class OpenAIChatProvider:
     def stream(
         self, request: ModelRequest
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
-        chunks = self._sdk_chunks(request) if self._parser == "sdk" else self._fast_chunks(request)
         return guarded_stream(
-            _normalised(chunks),
+            _normalised(self._chunks(request)),
             provider=self._config.name,
             silence_timeout_s=self._timeouts.silence_s,
             secrets=(self._config.api_key,),
@@ -115,34 +116,50 @@ class OpenAIChatProvider:
 
     # -- reading the stream -----------------------------------------------------------------
 
-    async def _sdk_chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
-        create = cast(Any, self._client.chat.completions.create)
-        stream: openai.AsyncStream[Any] = await create(**self._create_kwargs(request))
-        # AsyncStream's own iterator is an async generator: close it, or it outlives the call.
-        async with (
-            stream,
-            contextlib.aclosing(cast(AsyncGenerator[Any, None], stream._iterator)) as chunks,
-        ):
-            async for chunk in chunks:
-                yield chunk
+    async def _chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        """The raw streaming response, one decoded chunk per SSE event.
 
-    async def _fast_chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+        Not the SDK's ``AsyncStream``: it leaves two async generators unclosed per stream (a
+        ResourceWarning under trio, and fatal in our tests). In "sdk" mode each chunk is built
+        into the SDK's typed ``ChatCompletionChunk`` exactly as ``AsyncStream`` does it.
+        """
         create = cast(Any, self._client.chat.completions.with_streaming_response.create)
         async with create(**self._create_kwargs(request)) as response:
             http: httpx2.Response = response.http_response
-            async with contextlib.aclosing(http.aiter_bytes()) as body:
-                async for data in iter_sse_data(body):
-                    if data == b"[DONE]":
-                        return
-                    chunk = _CHUNK.decode(data)
-                    if chunk.error is not None:
-                        # What the SDK raises for an error inside a stream.
-                        raise openai.APIError(
-                            chunk.error.message or "An error occurred during streaming",
-                            request=http.request,
-                            body=msgspec.to_builtins(chunk.error),
-                        )
+            decode = self._sdk_chunk if self._parser == "sdk" else _fast_chunk
+            async with contextlib.aclosing(
+                decoded_events(http, lambda data: decode(data, http))
+            ) as chunks:
+                async for chunk in chunks:
                     yield chunk
+
+    def _sdk_chunk(self, data: bytes, http: httpx2.Response) -> Any:
+        if data == b"[DONE]":
+            return None
+        obj = json.loads(data)
+        if isinstance(obj, dict) and obj.get("error"):
+            error = obj["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            raise openai.APIError(
+                message or "An error occurred during streaming", request=http.request, body=error
+            )
+        return self._client._process_response_data(
+            data=obj, cast_to=ChatCompletionChunk, response=http
+        )
+
+
+def _fast_chunk(data: bytes, http: httpx2.Response) -> _Chunk | None:
+    if data == b"[DONE]":
+        return None
+    chunk = _CHUNK.decode(data)
+    if chunk.error is not None:
+        # What the SDK raises for an error inside a stream.
+        raise openai.APIError(
+            chunk.error.message or "An error occurred during streaming",
+            request=http.request,
+            body=msgspec.to_builtins(chunk.error),
+        )
+    return chunk
 
 
 async def _normalised(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:

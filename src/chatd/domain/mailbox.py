@@ -1,0 +1,127 @@
+"""What a ChatActor's mailbox carries: commands from the edge and the actor's own events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from uuid import UUID
+
+from chatd.domain.conversation import ContentPart, ToolCallPart
+from chatd.domain.events import Episode
+from chatd.domain.provider_failure import ProviderFailure
+from chatd.domain.stream_parts import Usage
+
+BusyBehavior = Literal["queue", "interrupt"]
+
+# -- commands (the edge asks, the actor replies) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    message_id: UUID  # made by the edge; also the queued entry's id if the chat is busy
+    text: str
+    busy_behavior: BusyBehavior = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class EditMessage:
+    message_id: UUID  # the user message to replace
+    new_message_id: UUID
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    call_id: str
+    output: str  # must be JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitToolResults:
+    results: tuple[ToolResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PromoteQueued:
+    queued_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteQueued:
+    queued_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SetArchived:
+    archived: bool
+
+
+Command = (
+    SendMessage
+    | EditMessage
+    | Interrupt
+    | SubmitToolResults
+    | PromoteQueued
+    | DeleteQueued
+    | SetArchived
+)
+
+# -- internal events (the actor tells itself) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted:
+    """A model step ended normally. ``builtin_results`` answer the built-in calls of the step;
+    ``dynamic_calls`` are the calls the client must answer."""
+
+    episode: Episode
+    parts: tuple[ContentPart, ...]
+    usage: Usage | None
+    builtin_results: tuple[ToolResult, ...] = ()
+    dynamic_calls: tuple[ToolCallPart, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationFailed:
+    episode: Episode
+    failure: ProviderFailure
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStopped:
+    """The generation was cancelled on request; ``parts`` is what had streamed by then."""
+
+    episode: Episode
+    parts: tuple[ContentPart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryTimerFired:
+    episode: Episode
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDeadlineFired:
+    history_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The actor was (re)activated from the database: pick up whatever was in flight."""
+
+
+InternalEvent = (
+    StepCompleted
+    | GenerationFailed
+    | GenerationStopped
+    | RetryTimerFired
+    | ActionDeadlineFired
+    | Resumed
+)
+
+MailboxMessage = Command | InternalEvent

@@ -7,6 +7,7 @@ in one line on stderr saying what to fix, and exit code 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ import trio
 from chatd import __version__
 from chatd.config import Settings, SettingsError
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
+from chatd.providers.fake import Scenario, serve_fake_llm
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
 from chatd.store import users
 from chatd.store.database import DatabaseUnavailable
@@ -102,7 +104,43 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="the user may use admin routes")
     create.add_argument("--label", default="", help="a note to recognise the token by")
     create.set_defaults(run=_cmd_token_create)
+
+    fake = commands.add_parser(
+        "fake-llm", help="serve a fake OpenAI + Anthropic API (tests, demo, load tests)"
+    )
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    fake.add_argument("--port", type=int, default=8090, help="port to listen on (0: any free)")
+    fake.add_argument(
+        "--chunks", type=_non_negative(int, "an integer"), default=8, help="text chunks per reply"
+    )
+    fake.add_argument(
+        "--first-chunk-delay-ms",
+        type=_non_negative(float, "a number"),
+        default=0.0,
+        help="time to first chunk",
+    )
+    fake.add_argument(
+        "--chunk-interval-ms",
+        type=_non_negative(float, "a number"),
+        default=0.0,
+        help="delay between chunks",
+    )
+    fake.add_argument("--api-key", help="answer 401 unless requests carry this API key")
+    fake.set_defaults(run=_cmd_fake_llm)
     return parser
+
+
+def _non_negative(kind: Callable[[str], float], noun: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun} >= 0")
+        return value
+
+    return parse
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,6 +186,32 @@ async def _shutdown_on_signal(shutdown: trio.Event, everything: trio.CancelScope
                 return
             log.info("%s received: shutting down (again to force)", name)
             shutdown.set()
+
+
+def _cmd_fake_llm(_settings: Settings, args: argparse.Namespace) -> int:
+    defaults = Scenario(
+        chunks=args.chunks,
+        first_chunk_delay_ms=args.first_chunk_delay_ms,
+        chunk_interval_ms=args.chunk_interval_ms,
+    )
+
+    def on_ready(url: str) -> None:
+        print(f"fake LLM serving on {url}", flush=True)
+
+    serve = functools.partial(
+        serve_fake_llm,
+        args.host,
+        args.port,
+        defaults=defaults,
+        expected_api_key=args.api_key,
+        on_ready=on_ready,
+    )
+    try:
+        trio.run(serve)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {reason.lower()}") from None
+    return 0
 
 
 def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:

@@ -1,0 +1,347 @@
+"""ChatActor: the one writer of a chat's execution state.
+
+For each message: ``decide`` (pure), commit what the decision writes in one fenced
+transaction, then publish, reply and start or stop work. The generation of a model step runs
+as a child task in the actor's nursery: its parts go straight to the hub, and its outcome
+comes back to the actor as a mailbox message (``StepCompleted``, ``GenerationFailed``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import trio
+
+from chatd.actors.behavior import ActorContext
+from chatd.actors.chat_loader import ChatSetup, load_chat
+from chatd.actors.clock import WallClock
+from chatd.actors.hub import ChatHub
+from chatd.actors.models import ModelCatalog, ModelUnavailable
+from chatd.actors.persist import writes_for
+from chatd.domain.chat_state import ChatPolicy, ChatState
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.conversation import Message, ModelRequest, ToolSpec
+from chatd.domain.decide import decide
+from chatd.domain.effects import (
+    ArmActionDeadline,
+    ArmRetryTimer,
+    CancelGeneration,
+    Decision,
+    DisarmTimers,
+    Effect,
+    Notify,
+    Publish,
+    Reply,
+    StartGeneration,
+    TransitionNotAllowed,
+    UnknownTarget,
+)
+from chatd.domain.events import (
+    ChatEvent,
+    CommittedMessage,
+    Episode,
+    HistoryReset,
+    MessagePart,
+    QueueUpdated,
+    StatusChanged,
+)
+from chatd.domain.mailbox import (
+    ActionDeadlineFired,
+    GenerationFailed,
+    GenerationStopped,
+    MailboxMessage,
+    Resumed,
+    RetryTimerFired,
+    SendMessage,
+    StepCompleted,
+)
+from chatd.domain.step_assembler import StepAssembler
+from chatd.providers.errors import ProviderError
+from chatd.store import chats
+from chatd.store.chats import ChatWrite, CreateChat
+from chatd.store.database import Database
+from chatd.tools.builtin import BUILTINS, run_builtin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateChatRequest:
+    """Create the chat with its first user message (the edge made both ids)."""
+
+    owner_id: UUID
+    message_id: UUID
+    text: str
+    title: str = ""
+    system_prompt: str = ""
+    model_config_id: UUID | None = None
+    dynamic_tools: tuple[ToolSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDeps:
+    """What every chat actor of the process shares."""
+
+    db: Database
+    hub: ChatHub
+    models: ModelCatalog
+    policy: ChatPolicy = field(default_factory=ChatPolicy)
+    clock: WallClock = field(default_factory=WallClock)
+    # How long stopping a generation may take before the actor gives up waiting for it.
+    cancel_grace_s: float = 10.0
+
+
+@dataclass
+class _Generation:
+    episode: Episode
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    assembler: StepAssembler = field(default_factory=StepAssembler)
+
+
+class ChatActor:
+    def __init__(self, ctx: ActorContext, deps: ChatDeps) -> None:
+        self._ctx = ctx
+        self._deps = deps
+        self._state: ChatState | None = None
+        self._setup: ChatSetup | None = None
+        self._history: list[Message] = []
+        self._seqs: list[int] = []
+        self._generation: _Generation | None = None
+        self._timers: dict[str, trio.CancelScope] = {}
+
+    # -- the behavior the runtime drives -----------------------------------------------------
+
+    async def start(self) -> None:
+        loaded = await load_chat(self._deps.db, self._ctx.chat_id)
+        if loaded is None:
+            return  # a chat about to be created
+        self._state = loaded.state
+        self._setup = loaded.setup
+        self._history = list(loaded.history)
+        self._seqs = list(loaded.message_seqs)
+        await self._decide(Resumed())
+
+    async def handle(self, message: object) -> object:
+        if isinstance(message, CreateChatRequest):
+            return await self._create(message)
+        if self._state is None:
+            raise UnknownTarget("chat", self._ctx.chat_id)
+        return await self._decide(message)  # type: ignore[arg-type]
+
+    def passivatable(self) -> bool:
+        if self._state is None:
+            return True
+        idle = self._state.status in (ChatStatus.WAITING, ChatStatus.ERROR)
+        generating = self._generation is not None and not self._generation.done.is_set()
+        return idle and not generating and not self._timers
+
+    @property
+    def state(self) -> ChatState | None:
+        return self._state
+
+    # -- deciding and committing -------------------------------------------------------------
+
+    async def _decide(self, message: MailboxMessage) -> object:
+        assert self._state is not None
+        decision = decide(
+            self._state, message, now=self._deps.clock.now(), policy=self._deps.policy
+        )
+        return await self._apply(decision)
+
+    async def _create(self, request: CreateChatRequest) -> object:
+        if self._state is not None:
+            raise TransitionNotAllowed("existing", "creating the chat again")
+        chat_id = self._ctx.chat_id
+        setup = ChatSetup(
+            request.owner_id, request.system_prompt, request.model_config_id, request.dynamic_tools
+        )
+        empty = ChatState(chat_id)
+        decision = decide(
+            empty,
+            SendMessage(request.message_id, request.text),
+            now=self._deps.clock.now(),
+            policy=self._deps.policy,
+        )
+        create = CreateChat(
+            id=chat_id,
+            owner_id=request.owner_id,
+            shard=self._ctx.fence.shard,
+            title=request.title,
+            system_prompt=request.system_prompt,
+            model_config_id=request.model_config_id,
+            dynamic_tools=[
+                {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
+                for t in request.dynamic_tools
+            ],
+        )
+        self._state = empty
+        self._setup = setup
+        try:
+            return await self._apply(decision, first=[create])
+        except BaseException:
+            self._state = None
+            self._setup = None
+            raise
+
+    async def _apply(self, decision: Decision, *, first: list[ChatWrite] | None = None) -> object:
+        assert self._state is not None
+        before = self._state
+        writes = [*(first or []), *writes_for(before, decision)]
+        if writes:
+            await chats.commit(self._deps.db, self._ctx.fence, self._ctx.chat_id, writes)
+        self._state = decision.state
+        self._remember(decision)
+        self._deps.hub.publish(self._ctx.chat_id, self._events(before, decision))
+        reply: object = None
+        for effect in decision.effects:
+            reply = await self._run(effect, reply)
+        return reply
+
+    def _remember(self, decision: Decision) -> None:
+        """Keep the history the next model request needs, without reading it back."""
+        if decision.truncate_after_seq is not None:
+            keep = sum(1 for s in self._seqs if s <= decision.truncate_after_seq)
+            del self._history[keep:], self._seqs[keep:]
+        for m in decision.messages:
+            self._history.append(Message(m.role, m.parts))
+            self._seqs.append(m.seq)
+
+    def _events(self, before: ChatState, decision: Decision) -> list[ChatEvent]:
+        """Resets first, then the new messages, then status and queue, then the rest."""
+        after = decision.state
+        explicit = [
+            e for effect in decision.effects if isinstance(effect, Publish) for e in effect.events
+        ]
+        events: list[ChatEvent] = [e for e in explicit if isinstance(e, HistoryReset)]
+        events += [
+            CommittedMessage(m.id, m.seq, m.role, m.parts, m.history_version)
+            for m in decision.messages
+        ]
+        if (before.status, before.archived, before.episode) != (
+            after.status,
+            after.archived,
+            after.episode,
+        ):
+            events.append(
+                StatusChanged(
+                    after.status, after.archived, after.history_version, after.generation_attempt
+                )
+            )
+        if before.queue != after.queue:
+            events.append(QueueUpdated(after.queue))
+        events += [e for e in explicit if not isinstance(e, HistoryReset)]
+        return events
+
+    # -- effects -----------------------------------------------------------------------------
+
+    async def _run(self, effect: Effect, reply: object) -> object:
+        match effect:
+            case Reply(value=value):
+                return value
+            case Publish():
+                pass  # published with the commit's other events
+            case StartGeneration(episode=episode):
+                await self._stop_generation()
+                self._start_generation(episode)
+            case CancelGeneration(keep_partial=keep):
+                running = self._generation
+                parts = await self._stop_generation()
+                if keep and running is not None:
+                    self._ctx.tell_self(GenerationStopped(running.episode, parts))
+            case ArmRetryTimer(episode=episode, at=at):
+                self._arm("retry", at, RetryTimerFired(episode))
+            case ArmActionDeadline(history_version=version, at=at):
+                self._arm("action", at, ActionDeadlineFired(version))
+            case DisarmTimers():
+                for scope in self._timers.values():
+                    scope.cancel()
+                self._timers.clear()
+            case Notify():
+                pass  # inbox notifications are written by the edge's issue; nothing to do yet
+        return reply
+
+    def _arm(self, name: str, at: float, message: MailboxMessage) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        scope = trio.CancelScope()
+        self._timers[name] = scope
+
+        async def fire() -> None:
+            with scope:
+                await self._deps.clock.sleep_until(at)
+                if self._timers.get(name) is scope:
+                    del self._timers[name]
+                self._ctx.tell_self(message)
+
+        self._ctx.nursery.start_soon(fire)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _start_generation(self, episode: Episode) -> None:
+        generation = _Generation(episode)
+        self._generation = generation
+        self._ctx.nursery.start_soon(self._generate, generation)
+
+    async def _stop_generation(self) -> tuple[Any, ...]:
+        """Cancel the running generation and wait for it; return its complete parts so far."""
+        generation, self._generation = self._generation, None
+        if generation is None:
+            return ()
+        generation.scope.cancel()
+        with trio.move_on_after(self._deps.cancel_grace_s):
+            await generation.done.wait()
+        return generation.assembler.content(complete_calls_only=True)
+
+    async def _generate(self, generation: _Generation) -> None:
+        assert self._setup is not None
+        setup = self._setup
+        episode = generation.episode
+        chat_id = self._ctx.chat_id
+        try:
+            with generation.scope:
+                try:
+                    model = await self._deps.models.resolve(setup.model_config_id)
+                except ModelUnavailable as exc:
+                    self._finished(GenerationFailed(episode, exc.failure))
+                    return
+                request = ModelRequest(
+                    model=model.model,
+                    messages=tuple(self._history),
+                    system=setup.system_prompt,
+                    tools=(*(t.spec for t in BUILTINS.values()), *setup.dynamic_tools),
+                    options=model.options,
+                )
+                seq = 0
+                try:
+                    async with model.provider.stream(request) as parts:
+                        async for part in parts:
+                            generation.assembler.add(part)
+                            seq += 1
+                            self._deps.hub.publish(chat_id, (MessagePart(episode, seq, part),))
+                except ProviderError as exc:
+                    self._finished(GenerationFailed(episode, exc.failure))
+                    return
+                self._finished(self._step(generation, setup))
+        finally:
+            generation.done.set()
+
+    def _step(self, generation: _Generation, setup: ChatSetup) -> StepCompleted:
+        dynamic_names = {t.name for t in setup.dynamic_tools}
+        calls = generation.assembler.tool_calls()
+        return StepCompleted(
+            generation.episode,
+            generation.assembler.content(),
+            generation.assembler.usage,
+            builtin_results=tuple(run_builtin(c) for c in calls if c.name not in dynamic_names),
+            dynamic_calls=tuple(c for c in calls if c.name in dynamic_names),
+        )
+
+    def _finished(self, outcome: MailboxMessage) -> None:
+        # ``self._generation`` stays set until the next start or stop: an interrupt that
+        # arrives before this outcome is processed still finds the parts it must keep.
+        self._ctx.tell_self(outcome)

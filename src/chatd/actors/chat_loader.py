@@ -1,0 +1,121 @@
+"""Rebuild a chat's actor state from the database: what activation and restarts start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from chatd.actors.clock import to_epoch
+from chatd.domain.chat_state import ChatState, UserMessageRef
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.content_json import parts_from_json
+from chatd.domain.conversation import Message, ToolCallPart, ToolResultPart, ToolSpec
+from chatd.domain.events import PendingToolCall, QueuedEntry
+from chatd.domain.provider_failure import ProviderFailure
+from chatd.store import chats
+from chatd.store.database import Database
+from chatd.store.records import Chat
+
+_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSetup:
+    """What a chat was created with; it does not change while the chat lives."""
+
+    owner_id: UUID
+    system_prompt: str
+    model_config_id: UUID | None
+    dynamic_tools: tuple[ToolSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedChat:
+    state: ChatState
+    setup: ChatSetup
+    history: tuple[Message, ...]
+    message_seqs: tuple[int, ...]  # the seq of each history message, in order
+
+
+async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
+    row = await chats.get_chat(db, chat_id)
+    if row is None:
+        return None
+    history: list[Message] = []
+    seqs: list[int] = []
+    users: list[UserMessageRef] = []
+    after = 0
+    while True:
+        page = await chats.list_messages(db, chat_id, after_seq=after, limit=_PAGE)
+        for m in page:
+            history.append(Message(m.role, parts_from_json(m.content)))
+            seqs.append(m.seq)
+            if m.role == "user":
+                users.append(UserMessageRef(m.id, m.seq))
+        if len(page) < _PAGE:
+            break
+        after = page[-1].seq
+    queue = tuple(
+        QueuedEntry(q.id, "".join(str(p.get("text", "")) for p in q.content))
+        for q in await chats.list_queue(db, chat_id)
+    )
+    setup = ChatSetup(
+        owner_id=row.owner_id,
+        system_prompt=row.system_prompt,
+        model_config_id=row.model_config_id,
+        dynamic_tools=tuple(
+            ToolSpec(t["name"], t.get("description", ""), t.get("input_schema", {}))
+            for t in row.dynamic_tools
+        ),
+    )
+    return LoadedChat(
+        state=_state(row, users, queue, history, setup),
+        setup=setup,
+        history=tuple(history),
+        message_seqs=tuple(seqs),
+    )
+
+
+def _state(
+    row: Chat,
+    users: list[UserMessageRef],
+    queue: tuple[QueuedEntry, ...],
+    history: list[Message],
+    setup: ChatSetup,
+) -> ChatState:
+    pending: tuple[PendingToolCall, ...] = ()
+    if row.status is ChatStatus.REQUIRES_ACTION:
+        pending = unanswered_calls(history, {t.name for t in setup.dynamic_tools})
+    return ChatState(
+        chat_id=row.id,
+        status=row.status,
+        archived=row.archived,
+        history_version=row.history_version,
+        generation_attempt=row.generation_attempt,
+        retry_count=row.retry_count,
+        retry_at=to_epoch(row.retry_at),
+        last_error=None if row.last_error is None else ProviderFailure.from_json(row.last_error),
+        action_deadline=to_epoch(row.action_deadline),
+        pending_calls=pending,
+        queue=queue,
+        last_message_seq=row.last_message_seq,
+        user_messages=tuple(users),
+    )
+
+
+def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[PendingToolCall, ...]:
+    """The dynamic calls of the last assistant message that no later tool message answers."""
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].role == "assistant":
+            answered = {
+                p.call_id
+                for later in history[index + 1 :]
+                for p in later.parts
+                if isinstance(p, ToolResultPart)
+            }
+            return tuple(
+                PendingToolCall(p.id, p.name, p.arguments)
+                for p in history[index].parts
+                if isinstance(p, ToolCallPart) and p.name in dynamic and p.id not in answered
+            )
+    return ()

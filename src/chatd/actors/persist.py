@@ -1,0 +1,69 @@
+"""Turn a decision into the rows that record it: one list of writes, one transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from chatd.actors.clock import to_datetime
+from chatd.domain.chat_state import ChatState
+from chatd.domain.content_json import parts_to_json
+from chatd.domain.effects import Decision, NewMessage
+from chatd.domain.stream_parts import Usage
+from chatd.store.chats import (
+    AppendMessage,
+    ChatWrite,
+    ClearQueue,
+    Enqueue,
+    SoftDeleteMessagesAfter,
+    UpdateChat,
+)
+
+
+def writes_for(before: ChatState, decision: Decision) -> list[ChatWrite]:
+    """The writes that take the stored chat from ``before`` to ``decision.state``."""
+    after = decision.state
+    writes: list[ChatWrite] = []
+    if decision.truncate_after_seq is not None:
+        writes.append(SoftDeleteMessagesAfter(seq=decision.truncate_after_seq))
+    writes.extend(_append(m) for m in decision.messages)
+    if after.queue != before.queue:
+        # Queues are short and change rarely: rewriting one is simpler than diffing it.
+        writes.append(ClearQueue())
+        writes.extend(
+            Enqueue(id=q.id, position=i, content=[{"type": "text", "text": q.text}])
+            for i, q in enumerate(after.queue, start=1)
+        )
+    update = _update(before, after)
+    if update is not None:
+        writes.append(update)
+    return writes
+
+
+def _append(message: NewMessage) -> AppendMessage:
+    return AppendMessage(
+        id=message.id,
+        seq=message.seq,
+        role=message.role,
+        content=parts_to_json(message.parts),
+        usage=usage_json(message.usage),
+        history_version=message.history_version,
+    )
+
+
+def usage_json(usage: Usage | None) -> dict[str, Any] | None:
+    return None if usage is None else dataclasses.asdict(usage)
+
+
+def _update(before: ChatState, after: ChatState) -> UpdateChat | None:
+    changes: dict[str, Any] = {}
+    for name in ("status", "archived", "history_version", "generation_attempt", "retry_count"):
+        if getattr(before, name) != getattr(after, name):
+            changes[name] = getattr(after, name)
+    if before.retry_at != after.retry_at:
+        changes["retry_at"] = to_datetime(after.retry_at)
+    if before.action_deadline != after.action_deadline:
+        changes["action_deadline"] = to_datetime(after.action_deadline)
+    if before.last_error != after.last_error:
+        changes["last_error"] = None if after.last_error is None else after.last_error.to_json()
+    return UpdateChat(**changes) if changes else None

@@ -1,0 +1,113 @@
+"""Assemble the engine of one worker process: hub, model catalog, supervisor, router."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import trio
+
+from chatd.actors.behavior import ActorBehavior, ActorContext
+from chatd.actors.chat_actor import ChatActor, ChatDeps
+from chatd.actors.hub import ChatHub
+from chatd.actors.models import ModelCatalog
+from chatd.actors.router import Router
+from chatd.actors.supervisor import Supervisor
+from chatd.domain.chat_state import ChatPolicy
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.failure_classifier import scrub_detail
+from chatd.domain.provider_failure import ErrorKind, ProviderFailure
+from chatd.providers.base import Timeouts
+from chatd.store import chats
+from chatd.store.chats import UpdateChat
+from chatd.store.database import Database
+from chatd.store.leases import Fence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    worker_id: str
+    shard_count: int = 64
+    lease_ttl_s: float = 15.0
+    mailbox_capacity: int = 256
+    idle_timeout_s: float = 300.0
+    restart_limit: int = 3
+    restart_window_s: float = 60.0
+    ask_timeout_s: float = 30.0
+    policy: ChatPolicy = field(default_factory=ChatPolicy)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    router: Router
+    hub: ChatHub
+    supervisor: Supervisor
+    models: ModelCatalog
+
+
+@contextlib.asynccontextmanager
+async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Engine]:
+    hub = ChatHub(db)
+    models = ModelCatalog(db, timeouts=options.timeouts)
+    deps = ChatDeps(db=db, hub=hub, models=models, policy=options.policy)
+
+    def factory(ctx: ActorContext) -> ActorBehavior:
+        return ChatActor(ctx, deps)
+
+    async def park(chat_id: UUID, fence: Fence, error: BaseException) -> None:
+        await park_chat(db, chat_id, fence, error)
+
+    supervisor = Supervisor(
+        db,
+        options.worker_id,
+        factory,
+        park,
+        shard_count=options.shard_count,
+        lease_ttl_s=options.lease_ttl_s,
+        mailbox_capacity=options.mailbox_capacity,
+        idle_timeout_s=options.idle_timeout_s,
+        restart_limit=options.restart_limit,
+        restart_window_s=options.restart_window_s,
+        ask_timeout_s=options.ask_timeout_s,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            yield Engine(Router(supervisor), hub, supervisor, models)
+            supervisor.shutdown()
+    finally:
+        with trio.CancelScope(shield=True):
+            await models.aclose()
+
+
+async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseException) -> None:
+    """A chat that keeps crashing its actor stops in ``error``, with the reason recorded."""
+    log.error("chat %s crashed too often; parking it in error", chat_id, exc_info=error)
+    failure = ProviderFailure(
+        kind=ErrorKind.GENERIC,
+        provider="chatd",
+        status_code=None,
+        retryable=False,
+        retry_after_s=None,
+        message="This chat stopped after repeated internal errors.",
+        detail=scrub_detail(f"{type(error).__name__}: {error}"),
+    )
+    await chats.commit(
+        db,
+        fence,
+        chat_id,
+        [
+            UpdateChat(
+                status=ChatStatus.ERROR,
+                last_error=failure.to_json(),
+                retry_at=None,
+                action_deadline=None,
+            )
+        ],
+    )

@@ -128,9 +128,13 @@ def _send(state: ChatState, m: SendMessage, policy: ChatPolicy) -> Decision:
             at_head = m.busy_behavior == "interrupt"
             queued = _enqueue(state, m, policy, at_head=at_head)
             if at_head and state.status is R:
-                # Interrupt now; the message is the queue head, promoted once the run stopped.
+                # Interrupt now; the message is the queue head, promoted once the run stopped
+                # (at once when only a retry timer was armed: then it is no longer queued).
                 stopped = _interrupt(queued, reply=False)
-                return replace(stopped, effects=(*stopped.effects, _accepted(m, queued=True)))
+                still_queued = any(q.id == m.message_id for q in stopped.state.queue)
+                return replace(
+                    stopped, effects=(*stopped.effects, _accepted(m, queued=still_queued))
+                )
             return Decision(queued, effects=(_accepted(m, queued=True),))
         case ChatStatus.REQUIRES_ACTION:
             if m.busy_behavior == "queue":
@@ -239,9 +243,14 @@ def _check_results(pending: tuple[PendingToolCall, ...], results: tuple[ToolResu
         raise InvalidCommand("results", f"no pending calls with ids: {', '.join(extra)}")
     for index, result in enumerate(results):
         try:
-            json.loads(result.output)
+            json.loads(result.output, parse_constant=_not_json)
         except ValueError:
             raise InvalidCommand(f"results[{index}].output", "must be valid JSON") from None
+
+
+def _not_json(constant: str) -> None:
+    """``json.loads`` takes NaN and Infinity, which JSON (RFC 8259) does not have."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _promote(state: ChatState, m: PromoteQueued) -> Decision:
@@ -436,7 +445,7 @@ def _finish_turn(state: ChatState, *, notify: bool) -> Decision:
     if state.queue:
         head, *rest = state.queue
         return _begin_turn(replace(state, queue=tuple(rest)), head.id, head.text, queued=True)
-    idle = replace(state, status=W, retry_at=None, retry_count=0)
+    idle = replace(state, status=W, retry_at=None, retry_count=0, last_error=None)
     return Decision(idle, effects=(Notify("turn_finished"),) if notify else ())
 
 

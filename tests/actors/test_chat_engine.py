@@ -17,8 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from chatd.actors.chat_actor import CreateChatRequest
+from chatd.actors.chat_actor import ChatActor, CreateChatRequest
 from chatd.actors.engine import Engine, EngineOptions, open_engine
+from chatd.actors.errors import ActorDead
 from chatd.actors.hub import StreamCursor
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import ToolSpec
@@ -35,6 +36,7 @@ from chatd.domain.mailbox import (
     EditMessage,
     Interrupt,
     SendMessage,
+    SetArchived,
     SubmitToolResults,
     ToolResult,
 )
@@ -310,3 +312,74 @@ async def test_the_action_deadline_cancels_the_pending_calls(
     result = messages[2].content[0]
     assert result["is_error"] is True
     assert json.loads(result["output"])["error"] == "cancelled"
+
+
+async def test_passivation_and_reactivation_keep_the_state(
+    db: Database, mock_clock: trio.testing.MockClock
+) -> None:
+    owner = await users.create_user(db, "carol")
+    async with open_fake_llm() as llm:
+        provider = await providers.create_provider(
+            db, name="fake", kind="openai-compatible", base_url=f"{llm.url}/v1", api_key="k"
+        )
+        await providers.create_model_config(
+            db,
+            provider_id=provider.id,
+            name="fake",
+            model="fake-model",
+            context_limit=1000,
+            is_default=True,
+        )
+        options = EngineOptions(worker_id="w", shard_count=2, idle_timeout_s=60)
+        async with open_engine(db, options) as engine:
+            world = World(db, engine, llm, owner.id)
+            chat_id = await world.create(f"{marker(chunks=2)} remember me")
+            await world.until_status(chat_id, ChatStatus.WAITING)
+            behavior = engine.supervisor.behavior(chat_id)
+            assert isinstance(behavior, ChatActor)
+            before = behavior.state
+
+            mock_clock.jump(61)
+            with trio.fail_after(10):
+                await engine.supervisor.wait_until(
+                    lambda: engine.supervisor.behavior(chat_id) is None
+                )
+            assert engine.supervisor.stats.passivations == 1
+
+            await engine.router.ask(chat_id, SetArchived(archived=False))  # reactivates it
+            again = engine.supervisor.behavior(chat_id)
+            assert isinstance(again, ChatActor)
+            assert again is not behavior
+            assert again.state == before
+
+
+async def test_a_chat_whose_actor_keeps_crashing_is_parked_in_error(world: World) -> None:
+    chat_id = await world.create(f"{marker(chunks=1)} fine so far")
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    # Corrupt the stored history behind the engine's back: loading the chat now fails.
+    await world.db.execute(
+        'UPDATE chat_messages SET content = \'[{"type": "hologram"}]\' WHERE chat_id = $1',
+        chat_id,
+    )
+    # Another worker takes the shards over once this one has let go of them.
+    world.engine.supervisor.shutdown()
+    with trio.fail_after(10):
+        await world.engine.supervisor.wait_until(lambda: not world.engine.supervisor.fences)
+    async with open_engine(world.db, EngineOptions(worker_id="w3", shard_count=4)) as fresh:
+        with pytest.raises(ActorDead):
+            await fresh.router.ask(chat_id, SetArchived(archived=True))
+        with trio.fail_after(10):
+            await fresh.supervisor.wait_until(lambda: fresh.supervisor.stats.parked == 1)
+        assert fresh.supervisor.stats.restarts >= 1
+    chat = await chats.get_chat(world.db, chat_id)
+    assert chat is not None
+    assert chat.status is ChatStatus.ERROR
+    assert chat.last_error is not None
+    assert chat.last_error["provider"] == "chatd"
+
+
+async def test_a_nul_character_from_the_model_does_not_break_the_commit(world: World) -> None:
+    knobs = marker(chunks=1, reply="a\u0000b")
+    chat_id = await world.create(f"{knobs} hi")
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    assert (await world.texts(chat_id))[1] == ("assistant", "a\ufffdb")

@@ -45,7 +45,7 @@ def _append(message: NewMessage) -> AppendMessage:
         id=message.id,
         seq=message.seq,
         role=message.role,
-        content=parts_to_json(message.parts),
+        content=[_without_nul(part) for part in parts_to_json(message.parts)],
         usage=usage_json(message.usage),
         history_version=message.history_version,
     )
@@ -67,3 +67,15 @@ def _update(before: ChatState, after: ChatState) -> UpdateChat | None:
     if before.last_error != after.last_error:
         changes["last_error"] = None if after.last_error is None else after.last_error.to_json()
     return UpdateChat(**changes) if changes else None
+
+
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL's jsonb refuses NUL characters; a model or tool that emits one must not make
+    the whole commit fail, so it becomes U+FFFD (the edge refuses NUL in what users send)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value

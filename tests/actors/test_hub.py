@@ -1,0 +1,918 @@
+"""The event hub against real PostgreSQL: resumable, exactly-once streams and slow consumers.
+
+A ``ScriptedChat`` commits and publishes the way the ChatActor does (the commit first, then its
+events; parts as they stream), and a ``Client`` model applies what a subscriber receives the way
+a WebSocket client would, failing on any repeated or out-of-order message and any repeated or
+missing part. Waits are on the readers' own change notifications under a deadline. Slow consumer
+tests run on trio's MockClock: their database work is done on a clock that follows real time
+(an autojump clock would jump across every database wait to the nearest deadline), and the
+timed part, which never touches the database, on the autojump clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+import trio
+import trio.testing
+
+from chatd.actors.hub import (
+    SLOW_CONSUMER_CLOSE_CODE,
+    ChatHub,
+    CursorError,
+    SlowConsumer,
+    StreamCursor,
+    Subscription,
+)
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.content_json import parts_to_json
+from chatd.domain.conversation import TextPart, ToolCallPart, ToolResultPart
+from chatd.domain.events import (
+    ActionRequired,
+    ChatEvent,
+    CommittedMessage,
+    Episode,
+    ErrorRaised,
+    HistoryReset,
+    MessagePart,
+    PendingToolCall,
+    PreviewReset,
+    QueuedEntry,
+    QueueUpdated,
+    RetryScheduled,
+    StatusChanged,
+)
+from chatd.domain.provider_failure import ErrorKind, ProviderFailure
+from chatd.domain.stream_parts import TextDelta
+from chatd.store.chats import (
+    AppendMessage,
+    ChatWrite,
+    Enqueue,
+    SoftDeleteMessagesAfter,
+    UpdateChat,
+    commit,
+)
+from chatd.store.database import Database
+from chatd.store.errors import NotFound
+from chatd.store.leases import Fence
+from tests.store.helpers import lease, make_chat, make_user
+
+DEADLINE_S = 10
+
+# -- a chat driven like the ChatActor drives it --------------------------------------------
+
+
+@dataclass
+class ScriptedChat:
+    """Commits a transition, then publishes its events, as the actor does."""
+
+    db: Database
+    hub: ChatHub
+    fence: Fence
+    id: UUID
+    history_version: int = 0
+    generation_attempt: int = 0
+    last_seq: int = 0
+    part_seq: int = 0
+    streamed: list[str] = field(default_factory=list)
+
+    @property
+    def episode(self) -> Episode:
+        return Episode(self.history_version, self.generation_attempt)
+
+    def status(self, status: ChatStatus) -> StatusChanged:
+        return StatusChanged(status, False, self.history_version, self.generation_attempt)
+
+    async def _commit(self, writes: list[ChatWrite]) -> None:
+        await commit(self.db, self.fence, self.id, writes)
+
+    def _new_episode(self) -> None:
+        self.part_seq = 0
+        self.streamed = []
+
+    async def user_turn(self, text: str, *, publish: bool = True) -> list[ChatEvent]:
+        seq = self.last_seq + 1
+        self.history_version += 1
+        message = CommittedMessage(uuid4(), seq, "user", (TextPart(text),), self.history_version)
+        self.generation_attempt += 1
+        await self._commit(
+            [
+                _append(message),
+                UpdateChat(
+                    status=ChatStatus.RUNNING,
+                    history_version=self.history_version,
+                    generation_attempt=self.generation_attempt,
+                ),
+            ]
+        )
+        self.last_seq = seq
+        self._new_episode()
+        return self._publish([message, self.status(ChatStatus.RUNNING)], publish)
+
+    def stream(self, *texts: str) -> None:
+        for text in texts:
+            self.part_seq += 1
+            self.streamed.append(text)
+            part = MessagePart(self.episode, self.part_seq, TextDelta(text))
+            self.hub.publish(self.id, (part,))
+
+    async def finish(self) -> list[ChatEvent]:
+        seq = self.last_seq + 1
+        self.history_version += 1
+        text = "".join(self.streamed)
+        message = CommittedMessage(
+            uuid4(), seq, "assistant", (TextPart(text),), self.history_version
+        )
+        await self._commit(
+            [
+                _append(message),
+                UpdateChat(status=ChatStatus.WAITING, history_version=self.history_version),
+            ]
+        )
+        self.last_seq = seq
+        self._new_episode()
+        return self._publish([message, self.status(ChatStatus.WAITING)], True)
+
+    async def retry(self) -> None:
+        self.generation_attempt += 1
+        await self._commit([UpdateChat(generation_attempt=self.generation_attempt)])
+        self._new_episode()
+        self._publish([self.status(ChatStatus.RUNNING), PreviewReset(self.episode)], True)
+
+    async def edit(self, target_seq: int, text: str, *, publish: bool = True) -> list[ChatEvent]:
+        self.history_version += 1
+        reset = HistoryReset(self.history_version, target_seq - 1)
+        seq = self.last_seq + 1
+        self.history_version += 1
+        message = CommittedMessage(uuid4(), seq, "user", (TextPart(text),), self.history_version)
+        self.generation_attempt += 1
+        await self._commit(
+            [
+                SoftDeleteMessagesAfter(seq=target_seq - 1),
+                _append(message),
+                UpdateChat(
+                    status=ChatStatus.RUNNING,
+                    history_version=self.history_version,
+                    generation_attempt=self.generation_attempt,
+                ),
+            ]
+        )
+        self.last_seq = seq
+        self._new_episode()
+        events: list[ChatEvent] = [
+            reset,
+            message,
+            self.status(ChatStatus.RUNNING),
+            PreviewReset(self.episode),
+        ]
+        return self._publish(events, publish)
+
+    def _publish(self, events: list[ChatEvent], publish: bool) -> list[ChatEvent]:
+        if publish:
+            self.hub.publish(self.id, events)
+        return events
+
+
+def _append(message: CommittedMessage) -> AppendMessage:
+    return AppendMessage(
+        id=message.id,
+        seq=message.seq,
+        role="user" if message.role == "user" else "assistant",
+        content=parts_to_json(message.content),
+        history_version=message.history_version,
+    )
+
+
+async def scripted_chat(db: Database, hub: ChatHub, **fields: Any) -> ScriptedChat:
+    user = await make_user(db)
+    fence = await lease(db)
+    chat = await make_chat(db, fence, user.id, **fields)
+    return ScriptedChat(db, hub, fence, chat.id)
+
+
+# -- a client, and a task that feeds it --------------------------------------------------
+
+
+@dataclass
+class Client:
+    """What a WebSocket client holds; ``apply`` fails on a repeat, a gap or a disorder."""
+
+    messages: dict[int, str] = field(default_factory=dict)
+    status: ChatStatus | None = None
+    preview_episode: Episode | None = None
+    preview: list[str] = field(default_factory=list)
+    part_seq: int = 0
+
+    def apply(self, event: ChatEvent) -> None:
+        match event:
+            case CommittedMessage(seq=seq, history_version=version):
+                held = max(self.messages, default=0)
+                assert seq > held, f"message {seq} after {held}: repeated or out of order"
+                self.messages[seq] = "".join(
+                    p.text for p in event.content if isinstance(p, TextPart)
+                )
+                if self.preview_episode and version > self.preview_episode.history_version:
+                    self._reset_preview(None)  # the committed message replaces the preview
+            case HistoryReset(after_seq=after):
+                self.messages = {s: t for s, t in self.messages.items() if s <= after}
+            case StatusChanged(status=status, history_version=v, generation_attempt=a):
+                self.status = status
+                if Episode(v, a) != self.preview_episode:
+                    self._reset_preview(Episode(v, a))
+            case PreviewReset(episode=episode):
+                self._reset_preview(episode)
+            case MessagePart(episode=episode, seq=seq, part=TextDelta(text=text)):
+                assert episode == self.preview_episode, f"part of unannounced {episode}"
+                assert seq == self.part_seq + 1, f"part {seq} after {self.part_seq}"
+                self.preview.append(text)
+                self.part_seq = seq
+            case _:
+                pass
+
+    def _reset_preview(self, episode: Episode | None) -> None:
+        self.preview_episode = episode
+        self.preview = []
+        self.part_seq = 0
+
+    @property
+    def preview_text(self) -> str:
+        return "".join(self.preview)
+
+    def cursor(self) -> StreamCursor:
+        return StreamCursor(max(self.messages, default=0), self.preview_episode, self.part_seq)
+
+    def view(self) -> tuple[dict[int, str], ChatStatus | None, Episode | None, str]:
+        return self.messages, self.status, self.preview_episode, self.preview_text
+
+
+class Reader:
+    """Consumes one subscription in its own task and applies every event to ``client``."""
+
+    def __init__(
+        self, client: Client | None = None, on_event: Callable[[], None] | None = None
+    ) -> None:
+        self.client = client or Client()
+        self.events: list[ChatEvent] = []
+        self.batches: list[list[ChatEvent]] = []
+        self.error: SlowConsumer | None = None
+        self.done = trio.Event()
+        self._on_event = on_event
+        self._changed = trio.Event()
+
+    async def run(
+        self,
+        hub: ChatHub,
+        chat_id: UUID,
+        cursor: StreamCursor | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            async with hub.subscribe(chat_id, cursor) as events:
+                task_status.started()
+                async for batch in events:
+                    self.batches.append(batch)
+                    for event in batch:
+                        self.events.append(event)
+                        self.client.apply(event)
+                        if self._on_event is not None:
+                            self._on_event()
+                    self._notify()
+        except SlowConsumer as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        with trio.fail_after(DEADLINE_S):
+            while not predicate():
+                assert not self.done.is_set(), "the subscription ended"
+                await self._changed.wait()
+
+    def committed_seqs(self) -> list[int]:
+        return [e.seq for e in self.events if isinstance(e, CommittedMessage)]
+
+
+async def next_batch(events: Subscription) -> list[ChatEvent]:
+    with trio.fail_after(DEADLINE_S):
+        return await anext(events)
+
+
+@contextmanager
+def real_time(clock: trio.testing.MockClock) -> Iterator[None]:
+    """Let the mock clock follow real time, for database work (see the module docstring)."""
+    clock.autojump_threshold = math.inf
+    clock.rate = 1.0
+    try:
+        yield
+    finally:
+        clock.rate = 0.0
+        clock.autojump_threshold = 0.0
+
+
+def same_view(reader: Reader, reference: Client) -> Callable[[], bool]:
+    return lambda: reader.client.view() == reference.view()
+
+
+def part(episode: Episode, seq: int, text: str) -> MessagePart:
+    return MessagePart(episode, seq, TextDelta(text))
+
+
+# -- catch-up and resume ---------------------------------------------------------------------
+
+
+async def test_from_the_start_status_then_every_message_then_live_parts(db: Database) -> None:
+    hub = ChatHub(db, page_size=2)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    await chat.user_turn("q2")
+
+    async with hub.subscribe(chat.id, StreamCursor()) as events:
+        first = await next_batch(events)
+        assert first == [chat.status(ChatStatus.RUNNING), QueueUpdated(())]
+        received: list[ChatEvent] = []
+        while len(received) < 3:
+            received += await next_batch(events)
+        assert [(e.seq, e.role) for e in received if isinstance(e, CommittedMessage)] == [
+            (1, "user"),
+            (2, "assistant"),
+            (3, "user"),
+        ]
+        chat.stream("a", "b")
+        assert await next_batch(events) == [part(chat.episode, 1, "a"), part(chat.episode, 2, "b")]
+        await chat.finish()
+        last = await next_batch(events)
+        assert [type(e) for e in last] == [CommittedMessage, StatusChanged]
+    assert hub.stats.subscribers == 0
+
+
+async def test_resume_mid_episode_gets_exactly_the_parts_after_the_cursor(db: Database) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    async with trio.open_nursery() as nursery:
+        watcher = Reader()  # keeps the chat's buffer while parts stream
+        await nursery.start(watcher.run, hub, chat.id)
+        chat.stream("a", "b", "c", "d")
+        await watcher.wait_for(lambda: watcher.client.preview_text == "abcd")
+
+        cursor = StreamCursor(1, chat.episode, 2)
+        async with hub.subscribe(chat.id, cursor) as events:
+            snapshot = await next_batch(events)
+            assert snapshot == [chat.status(ChatStatus.RUNNING), QueueUpdated(())]
+            # Published while the history is read: after the buffered parts, in order.
+            hub.publish(chat.id, [QueueUpdated(())])
+            chat.stream("e")
+            assert await next_batch(events) == [
+                part(chat.episode, 3, "c"),
+                part(chat.episode, 4, "d"),
+                QueueUpdated(()),
+                part(chat.episode, 5, "e"),
+            ]
+            chat.stream("f")
+            assert await next_batch(events) == [part(chat.episode, 6, "f")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_resume_from_an_old_episode_resets_the_preview_and_sends_every_part(
+    db: Database,
+) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    old = chat.episode
+    async with trio.open_nursery() as nursery:
+        watcher = Reader()
+        await nursery.start(watcher.run, hub, chat.id)
+        chat.stream("x", "y")
+        await chat.retry()
+        chat.stream("a", "b", "c")
+        await watcher.wait_for(lambda: watcher.client.preview_text == "abc")
+
+        async with hub.subscribe(chat.id, StreamCursor(1, old, 2)) as events:
+            batch = await next_batch(events)
+            assert batch == [
+                chat.status(ChatStatus.RUNNING),
+                QueueUpdated(()),
+                PreviewReset(chat.episode),
+            ]
+            assert await next_batch(events) == [
+                part(chat.episode, 1, "a"),
+                part(chat.episode, 2, "b"),
+                part(chat.episode, 3, "c"),
+            ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_resume_at_the_end_delivers_only_what_comes_next(db: Database) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    await chat.finish()
+    async with hub.subscribe(chat.id, StreamCursor(2, chat.episode, 0)) as events:
+        assert await next_batch(events) == [chat.status(ChatStatus.WAITING), QueueUpdated(())]
+        await chat.user_turn("again")
+        batch = await next_batch(events)
+        assert [type(e) for e in batch] == [CommittedMessage, StatusChanged]
+        assert isinstance(batch[0], CommittedMessage)
+        assert batch[0].seq == 3
+
+
+async def test_resume_from_every_point_of_a_stream_loses_and_repeats_nothing(
+    db: Database,
+) -> None:
+    """Record the state of a client that saw everything after each event; reconnect from each."""
+    hub = ChatHub(db, page_size=2)
+    chat = await scripted_chat(db, hub)
+    states: list[Client] = []
+    reference = Client()
+    reader = Reader(reference, on_event=lambda: states.append(copy.deepcopy(reference)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id, StreamCursor())
+        await chat.user_turn("q1")
+        chat.stream("a", "b", "c")
+        await chat.finish()
+        await chat.user_turn("q2")
+        chat.stream("d", "e")
+        await chat.retry()
+        chat.stream("f", "g", "h")
+        await chat.finish()
+        await chat.user_turn("q3")
+        chat.stream("i", "j")
+        await chat.edit(5, "q3b")
+        chat.stream("k", "l", "m")
+        await reader.wait_for(lambda: reference.preview_text == "klm")
+        assert reference.messages == {1: "q1", 2: "abc", 3: "q2", 4: "fgh", 6: "q3b"}
+        assert len(states) > 30
+
+        resumed: list[Reader] = []
+        for state in [Client(), *states]:
+            again = Reader(copy.deepcopy(state))
+            await nursery.start(again.run, hub, chat.id, state.cursor())
+            resumed.append(again)
+        for again in resumed:
+            await again.wait_for(same_view(again, reference))
+
+        chat.stream("n", "o")
+        await chat.finish()
+        await reader.wait_for(lambda: 7 in reference.messages)
+        assert reference.messages[7] == "klmno"
+        for again in resumed:
+            await again.wait_for(same_view(again, reference))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_holding_truncated_messages_gets_a_history_reset(db: Database) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    await chat.user_turn("q2")
+    await chat.finish()
+    await chat.edit(3, "q2b")  # messages 3 and 4 are gone; the new one is 5
+
+    client = Client(messages={1: "q1", 2: "", 3: "q2", 4: ""})
+    async with hub.subscribe(chat.id, client.cursor()) as events:
+        batch = await next_batch(events)
+        batch += await next_batch(events)
+        assert batch[2:] == [HistoryReset(chat.history_version, 2), batch[3]]
+        for event in batch:
+            client.apply(event)
+    assert client.messages == {1: "q1", 2: "", 5: "q2b"}
+
+
+async def test_a_message_committed_during_the_history_read_is_delivered_once(
+    db: Database,
+) -> None:
+    paused, proceed = trio.Event(), trio.Event()
+
+    async def pause_before_second_page(chat_id: UUID, after_seq: int) -> None:
+        if after_seq == 2:
+            paused.set()
+            await proceed.wait()
+
+    hub = ChatHub(db, page_size=2, page_hook=pause_before_second_page)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    await chat.user_turn("q2")
+    await chat.finish()
+    reader = Reader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id, StreamCursor())
+        with trio.fail_after(DEADLINE_S):
+            await paused.wait()
+        # Between two pages of the read: a new turn commits and publishes, parts stream.
+        await chat.user_turn("q3")
+        chat.stream("x", "y")
+        proceed.set()
+        await reader.wait_for(lambda: reader.client.preview_text == "xy")
+        chat.stream("z")
+        await chat.finish()
+        await reader.wait_for(lambda: 6 in reader.client.messages)
+        nursery.cancel_scope.cancel()
+    assert reader.committed_seqs() == [1, 2, 3, 4, 5, 6]
+    assert reader.client.messages[6] == "xyz"
+
+
+async def test_a_commit_read_by_the_catch_up_and_published_later_is_delivered_once(
+    db: Database,
+) -> None:
+    paused, proceed = trio.Event(), trio.Event()
+
+    async def pause_on_first_page(chat_id: UUID, after_seq: int) -> None:
+        if not paused.is_set():
+            paused.set()
+            await proceed.wait()
+
+    hub = ChatHub(db, page_hook=pause_on_first_page)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    reader = Reader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id, StreamCursor())
+        with trio.fail_after(DEADLINE_S):
+            await paused.wait()
+        held = await chat.user_turn("q2", publish=False)  # committed; the actor publishes later
+        proceed.set()
+        await reader.wait_for(lambda: 3 in reader.client.messages)
+        hub.publish(chat.id, held)
+        chat.stream("a")
+        await reader.wait_for(lambda: reader.client.preview_text == "a")
+        nursery.cancel_scope.cancel()
+    assert reader.committed_seqs() == [1, 2, 3]
+    assert reader.client.status is ChatStatus.RUNNING
+
+
+async def test_parts_of_an_answer_committed_during_the_history_read_are_superseded(
+    db: Database,
+) -> None:
+    paused, proceed = trio.Event(), trio.Event()
+
+    async def pause_on_first_page(chat_id: UUID, after_seq: int) -> None:
+        if not paused.is_set():
+            paused.set()
+            await proceed.wait()
+
+    hub = ChatHub(db, page_hook=pause_on_first_page)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    reader = Reader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id)
+        with trio.fail_after(DEADLINE_S):
+            await paused.wait()
+        chat.stream("x", "y")
+        await chat.finish()  # the history read sees the answer: its parts are not needed
+        proceed.set()
+        await reader.wait_for(lambda: 2 in reader.client.messages)
+        await chat.user_turn("next")
+        chat.stream("z")
+        await reader.wait_for(lambda: reader.client.preview_text == "z")
+        nursery.cancel_scope.cancel()
+    assert reader.committed_seqs() == [1, 2, 3]
+    assert reader.client.messages[2] == "xy"
+    assert [e.seq for e in reader.events if isinstance(e, MessagePart)] == [1]
+
+
+async def test_events_the_snapshot_already_reflects_are_not_repeated(db: Database) -> None:
+    """The actor publishes after its commit: a subscriber may read the commit first."""
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    turn = await chat.user_turn("q2", publish=False)
+    edit = await chat.edit(3, "q2b", publish=False)
+    async with hub.subscribe(chat.id) as events:
+        snapshot = await next_batch(events)
+        assert snapshot == [chat.status(ChatStatus.RUNNING), QueueUpdated(())]
+        hub.publish(chat.id, turn)
+        hub.publish(chat.id, edit)
+        chat.stream("a")
+        batch = await next_batch(events)
+    # The older status and the reset are dropped; the newest status is harmlessly repeated.
+    assert [type(e) for e in batch] == [
+        CommittedMessage,
+        CommittedMessage,
+        CommittedMessage,
+        StatusChanged,
+        PreviewReset,
+        MessagePart,
+    ]
+    assert [e.seq for e in batch if isinstance(e, CommittedMessage)] == [1, 2, 4]
+    assert batch[3] == chat.status(ChatStatus.RUNNING)
+
+
+async def test_an_edit_during_the_history_read_leaves_the_right_history(db: Database) -> None:
+    paused, proceed = trio.Event(), trio.Event()
+
+    async def pause_before_second_page(chat_id: UUID, after_seq: int) -> None:
+        if after_seq == 2 and not paused.is_set():
+            paused.set()
+            await proceed.wait()
+
+    hub = ChatHub(db, page_size=2, page_hook=pause_before_second_page)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q1")
+    await chat.finish()
+    await chat.user_turn("q2")
+    await chat.finish()
+    reader = Reader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id, StreamCursor())
+        with trio.fail_after(DEADLINE_S):
+            await paused.wait()
+        await chat.edit(3, "q2b")
+        chat.stream("k")
+        proceed.set()
+        await reader.wait_for(lambda: reader.client.preview_text == "k")
+        await chat.finish()
+        await reader.wait_for(lambda: 6 in reader.client.messages)
+        nursery.cancel_scope.cancel()
+    assert reader.client.messages == {1: "q1", 2: "", 5: "q2b", 6: "k"}
+
+
+async def test_the_snapshot_carries_queue_error_retry_and_pending_calls(db: Database) -> None:
+    hub = ChatHub(db)
+    failure = ProviderFailure(ErrorKind.RATE_LIMIT, "openai", 429, True, 2.0, "Slow down", "")
+    tools = [{"name": "lookup", "description": "", "input_schema": {}}]
+    chat = await scripted_chat(db, hub, dynamic_tools=tools)
+    await chat.user_turn("q")
+    queued_id = uuid4()
+    retry_at = datetime.now(UTC) + timedelta(seconds=30)
+    await chat._commit(
+        [
+            Enqueue(id=queued_id, position=1, content=[{"type": "text", "text": "next"}]),
+            UpdateChat(retry_count=1, retry_at=retry_at, last_error=failure.to_json()),
+        ]
+    )
+    async with hub.subscribe(chat.id) as events:
+        status, queue, retry = await next_batch(events)
+    assert status == chat.status(ChatStatus.RUNNING)
+    assert queue == QueueUpdated((QueuedEntry(queued_id, "next"),))
+    assert isinstance(retry, RetryScheduled)
+    assert (retry.attempt, retry.failure, retry.retrying_at) == (2, failure, retry_at.timestamp())
+    assert 0 < retry.delay_s <= 30
+
+    call = ToolCallPart("c2", "lookup", '{"q": 1}')
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    await chat._commit(
+        [
+            AppendMessage(
+                id=uuid4(),
+                seq=2,
+                role="assistant",
+                content=parts_to_json([ToolCallPart("c1", "clock", "{}"), call]),
+                history_version=chat.history_version + 1,
+            ),
+            AppendMessage(
+                id=uuid4(),
+                seq=3,
+                role="tool",
+                content=parts_to_json([ToolResultPart("c1", '"noon"')]),
+                history_version=chat.history_version + 2,
+            ),
+            UpdateChat(
+                status=ChatStatus.REQUIRES_ACTION,
+                action_deadline=deadline,
+                retry_at=None,
+                retry_count=0,
+                last_error=None,
+            ),
+        ]
+    )
+    async with hub.subscribe(chat.id) as events:
+        batch = await next_batch(events)
+    assert batch[2:] == [
+        ActionRequired((PendingToolCall("c2", "lookup", '{"q": 1}'),), deadline.timestamp())
+    ]
+
+    await chat._commit(
+        [UpdateChat(status=ChatStatus.ERROR, action_deadline=None, last_error=failure.to_json())]
+    )
+    async with hub.subscribe(chat.id) as events:
+        batch = await next_batch(events)
+    assert batch[2:] == [ErrorRaised(failure)]
+
+
+async def test_a_missing_chat_is_not_found(db: Database) -> None:
+    hub = ChatHub(db)
+    with pytest.raises(NotFound):
+        async with hub.subscribe(uuid4()):
+            pass
+    assert (hub.stats.subscribers, hub.tracked_chats) == (0, 0)
+
+
+def test_cursor_from_query_parameters() -> None:
+    assert StreamCursor.from_query({}) == StreamCursor()
+    assert StreamCursor.from_query(
+        {"message_seq": "12", "history_version": "7", "generation_attempt": "3", "part_seq": "41"}
+    ) == StreamCursor(12, Episode(7, 3), 41)
+    for params, field_name in [
+        ({"message_seq": "-1"}, "message_seq"),
+        ({"message_seq": "x"}, "message_seq"),
+        ({"history_version": "1"}, "generation_attempt"),
+        ({"generation_attempt": "1"}, "history_version"),
+        ({"part_seq": "3"}, "part_seq"),
+        ({"message_seq": "1" * 40}, "message_seq"),
+    ]:
+        with pytest.raises(CursorError) as caught:
+            StreamCursor.from_query(params)
+        assert caught.value.field == field_name
+
+
+# -- slow consumers ----------------------------------------------------------------------------
+
+
+@dataclass
+class Stalled:
+    """A consumer stuck (as in a socket send) once caught up, until ``resume`` is set."""
+
+    resume: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    after: list[ChatEvent] | None = None  # what one read after resuming got
+    error: SlowConsumer | None = None
+    error_at: float | None = None
+
+    async def run(
+        self,
+        hub: ChatHub,
+        chat_id: UUID,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            async with hub.subscribe(chat_id) as events:
+                await anext(events)  # the snapshot
+                await anext(events)  # the history (the chat has a message)
+                task_status.started()
+                await self.resume.wait()
+                self.after = await anext(events)
+        except SlowConsumer as exc:
+            self.error = exc
+            self.error_at = trio.current_time()
+        finally:
+            self.done.set()
+
+    async def wait_done(self) -> None:
+        with trio.fail_after(DEADLINE_S):
+            await self.done.wait()
+
+
+async def test_a_slow_subscriber_is_dropped_and_the_others_get_everything(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = ChatHub(db, subscriber_queue_size=8, slow_consumer_timeout_s=10.0)
+    texts = [f"t{i} " for i in range(300)]
+    slow = Stalled()
+    fast = Reader()
+    async with trio.open_nursery() as nursery:
+        with real_time(autojump_clock):
+            chat = await scripted_chat(db, hub)
+            await chat.user_turn("q")
+            await nursery.start(fast.run, hub, chat.id)
+            await fast.wait_for(lambda: 1 in fast.client.messages)
+            await nursery.start(slow.run, hub, chat.id)
+        assert hub.stats.subscribers == 2
+
+        start = trio.current_time()
+        for text in texts:  # a part every 100 ms for 30 s
+            chat.stream(text)
+            await trio.sleep(0.1)
+        assert trio.current_time() - start == pytest.approx(30.0)  # never held back
+
+        await fast.wait_for(lambda: fast.client.preview_text == "".join(texts))
+        assert not fast.done.is_set()
+        await slow.wait_done()
+        assert slow.error is not None
+        assert slow.error_at is not None
+        # Full after 8 parts (0.7 s), dropped on the first publish 10 s later.
+        assert 10.7 <= slow.error_at - start <= 10.9
+        assert slow.error.close_code == SLOW_CONSUMER_CLOSE_CODE == 4008
+        assert slow.error.reason == "slow consumer: fell behind for 10 s"
+        assert (hub.stats.subscribers, hub.stats.slow_consumers_dropped) == (1, 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_consumer_that_catches_up_in_time_loses_nothing(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = ChatHub(db, subscriber_queue_size=4, slow_consumer_timeout_s=10.0)
+    slow = Stalled()
+    async with trio.open_nursery() as nursery:
+        with real_time(autojump_clock):
+            chat = await scripted_chat(db, hub)
+            await chat.user_turn("q")
+            await nursery.start(slow.run, hub, chat.id)
+        for i in range(1, 21):  # the queue is full after 4; the rest wait in the chat's buffer
+            chat.stream(f"{i},")
+            await trio.sleep(0.4)
+        hub.publish(chat.id, [QueueUpdated(())])
+        chat.stream("21")
+        slow.resume.set()
+        await slow.wait_done()
+    assert slow.after is not None
+    parts = [e for e in slow.after if isinstance(e, MessagePart)]
+    assert [p.seq for p in parts] == list(range(1, 22))
+    assert [p.part for p in parts] == [TextDelta(f"{i},") for i in range(1, 21)] + [TextDelta("21")]
+    # The queue update comes after the parts published before it, and before the last one.
+    assert isinstance(slow.after[20], QueueUpdated)
+    assert hub.stats.slow_consumers_dropped == 0
+
+
+async def test_a_stuck_consumer_is_dropped_when_it_asks_again_too_late(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = ChatHub(db, subscriber_queue_size=4, slow_consumer_timeout_s=10.0)
+    slow = Stalled()
+    async with trio.open_nursery() as nursery:
+        with real_time(autojump_clock):
+            chat = await scripted_chat(db, hub)
+            await chat.user_turn("q")
+            await nursery.start(slow.run, hub, chat.id)
+        chat.stream("a", "b", "c", "d", "e")  # full, then nothing more is published
+        await trio.sleep(11)
+        assert hub.stats.slow_consumers_dropped == 0  # no publish came to notice it
+        slow.resume.set()
+        await slow.wait_done()
+    assert isinstance(slow.error, SlowConsumer)
+    assert (hub.stats.subscribers, hub.stats.slow_consumers_dropped) == (0, 1)
+
+
+async def test_a_consumer_far_behind_on_other_events_is_dropped_at_once(db: Database) -> None:
+    hub = ChatHub(db, subscriber_queue_size=4)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    slow = Stalled()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(slow.run, hub, chat.id)
+        for _ in range(8):
+            hub.publish(chat.id, [QueueUpdated(())])
+        assert hub.stats.slow_consumers_dropped == 0
+        hub.publish(chat.id, [QueueUpdated(())])  # the ninth: twice the queue size
+        assert hub.stats.slow_consumers_dropped == 1
+        await slow.wait_done()
+    assert slow.error is not None
+    assert slow.error.reason == "slow consumer: more than 8 events behind"
+    assert hub.stats.subscribers == 0
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_subscribing_and_leaving_many_times_leaves_nothing_behind(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = ChatHub(db, idle_linger_s=30.0)
+    with real_time(autojump_clock):
+        chat = await scripted_chat(db, hub)
+        await chat.user_turn("q")
+        for i in range(100):
+            async with hub.subscribe(chat.id, StreamCursor(1)) as events:
+                await next_batch(events)
+                chat.stream(str(i))
+                batch = await next_batch(events)
+                # Every subscriber gets the whole answer so far, from the lingering buffer.
+                assert [e.seq for e in batch if isinstance(e, MessagePart)] == list(range(1, i + 2))
+    assert hub.stats.subscribers == 0
+    assert hub.stats.subscriptions == 100
+    assert hub.tracked_chats == 1  # lingering, so that a reconnect can resume mid-answer
+    await trio.sleep(31)
+    chat.stream("late")
+    assert hub.tracked_chats == 0
+    hub.publish(uuid4(), [QueueUpdated(())])  # chats nobody watches cost nothing
+    assert hub.tracked_chats == 0
+
+
+async def test_a_first_subscriber_mid_answer_gets_it_as_the_committed_message(
+    db: Database,
+) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    chat.stream("a", "b")  # nobody watches: nothing is buffered
+    reader = Reader()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader.run, hub, chat.id)
+        await reader.wait_for(lambda: 1 in reader.client.messages)
+        chat.stream("c")
+        await chat.finish()
+        await reader.wait_for(lambda: 2 in reader.client.messages)
+        nursery.cancel_scope.cancel()
+    assert reader.client.messages[2] == "abc"
+    assert not [e for e in reader.events if isinstance(e, MessagePart)]

@@ -46,6 +46,20 @@ class Settings:
     shard_count: int = 64
     lease_ttl_s: float = 15.0
 
+    # Chat actors.
+    mailbox_capacity: int = 256
+    actor_idle_timeout_s: float = 300.0
+    # A chat whose actor crashes more than restart_limit times in restart_window_s goes to error.
+    restart_limit: int = 3
+    restart_window_s: float = 60.0
+    ask_timeout_s: float = 30.0
+    max_queue_length: int = 16
+    action_timeout_s: float = 300.0
+
+    # Stream subscribers.
+    subscriber_queue_size: int = 1024
+    slow_consumer_timeout_s: float = 10.0
+
     # Model providers.
     # A stream silent this long (also before its first chunk) fails as a retryable timeout.
     stream_silence_timeout_s: float = 120.0
@@ -70,6 +84,14 @@ class Settings:
             "embedded_pg_stop_timeout_s",
             "shard_count",
             "lease_ttl_s",
+            "mailbox_capacity",
+            "actor_idle_timeout_s",
+            "restart_window_s",
+            "ask_timeout_s",
+            "max_queue_length",
+            "action_timeout_s",
+            "subscriber_queue_size",
+            "slow_consumer_timeout_s",
             "stream_silence_timeout_s",
             "provider_connect_timeout_s",
             "retry_base_delay_s",
@@ -81,6 +103,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_label(name)} must be greater than 0")
+        if self.restart_limit < 0:
+            raise SettingsError(f"{_label('restart_limit')} must not be negative")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"{_label('port')} must be between 0 (any free port) and 65535")
         if self.db_pool_min_size > self.db_pool_max_size:

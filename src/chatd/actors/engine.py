@@ -16,10 +16,12 @@ from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog
 from chatd.actors.router import Router
 from chatd.actors.supervisor import Supervisor
+from chatd.config import Settings
 from chatd.domain.chat_state import ChatPolicy
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.failure_classifier import scrub_detail
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
+from chatd.domain.retry_policy import RetryPolicy
 from chatd.providers.base import Timeouts
 from chatd.store import chats
 from chatd.store.chats import UpdateChat
@@ -41,6 +43,32 @@ class EngineOptions:
     ask_timeout_s: float = 30.0
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    subscriber_queue_size: int = 1024
+    slow_consumer_timeout_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:
+        return cls(
+            worker_id=worker_id,
+            shard_count=settings.shard_count,
+            lease_ttl_s=settings.lease_ttl_s,
+            mailbox_capacity=settings.mailbox_capacity,
+            idle_timeout_s=settings.actor_idle_timeout_s,
+            restart_limit=settings.restart_limit,
+            restart_window_s=settings.restart_window_s,
+            ask_timeout_s=settings.ask_timeout_s,
+            policy=ChatPolicy(
+                max_queue_length=settings.max_queue_length,
+                action_timeout_s=settings.action_timeout_s,
+                retry=RetryPolicy.from_settings(settings),
+            ),
+            timeouts=Timeouts(
+                connect_s=settings.provider_connect_timeout_s,
+                silence_s=settings.stream_silence_timeout_s,
+            ),
+            subscriber_queue_size=settings.subscriber_queue_size,
+            slow_consumer_timeout_s=settings.slow_consumer_timeout_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +81,11 @@ class Engine:
 
 @contextlib.asynccontextmanager
 async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Engine]:
-    hub = ChatHub(db)
+    hub = ChatHub(
+        db,
+        subscriber_queue_size=options.subscriber_queue_size,
+        slow_consumer_timeout_s=options.slow_consumer_timeout_s,
+    )
     models = ModelCatalog(db, timeouts=options.timeouts)
     deps = ChatDeps(db=db, hub=hub, models=models, policy=options.policy)
 

@@ -364,7 +364,7 @@ async def test_a_chat_whose_actor_keeps_crashing_is_parked_in_error(world: World
     # Another worker takes the shards over once this one has let go of them.
     world.engine.supervisor.shutdown()
     with trio.fail_after(10):
-        await world.engine.supervisor.wait_until(lambda: not world.engine.supervisor.fences)
+        await world.engine.supervisor.wait_until(lambda: world.engine.supervisor.stopped)
     async with open_engine(world.db, EngineOptions(worker_id="w3", shard_count=4)) as fresh:
         with pytest.raises(ActorDead):
             await fresh.router.ask(chat_id, SetArchived(archived=True))

@@ -137,17 +137,19 @@ class _Call(Generic[T]):
 
     def start(self) -> None:
         try:
-            self._task = asyncio.ensure_future(self._guarded(self._fn()))
+            self._task = asyncio.ensure_future(self._guarded())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
             self._finish(outcome.Error(exc))
             return
         self._task.add_done_callback(self._on_task_done)
 
-    async def _guarded(self, awaitable: Awaitable[T]) -> T:
+    async def _guarded(self) -> T:
+        # ``fn()`` is called inside the task: a task cancelled before its first step then never
+        # made a coroutine that nobody awaits (a RuntimeWarning, fatal in our tests).
         # An asyncio task re-raises KeyboardInterrupt and SystemExit out of the loop, which would
         # kill the bridge thread; hand them to the caller instead, like any other exception.
         try:
-            return await awaitable
+            return await self._fn()
         except (KeyboardInterrupt, SystemExit) as exc:
             self._finish(outcome.Error(exc))
             # The caller has its outcome; end the task quietly (``_on_task_done`` is a no-op now).

@@ -1,0 +1,329 @@
+"""One actor incarnation: a trio task that handles one message at a time from a bounded mailbox.
+
+Two queues feed it: the mailbox of commands (``ask``/``tell``, bounded, refused at once when
+full) and the internal queue (``tell_self``, unbounded, always handled first, so an event from a
+child such as "generation step done" is never stuck behind a backlog of commands). They are
+plain deques with one parking lot rather than two memory channels: the loop must take from
+either one with priority, which two channels cannot express without a helper task per actor.
+
+When the incarnation ends for any reason (crash, stop, passivation, cancellation) every ask in
+flight or queued fails at once with ``ActorDead``; no ask ever outlives its actor or its own
+deadline. A crash is returned to the caller of ``run`` (the Supervisor), never raised: one
+actor's failure must not cancel its siblings.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass
+from uuid import UUID
+
+import trio
+
+from chatd.actors.behavior import ActorBehavior, ActorFactory
+from chatd.actors.errors import ActorDead, AskTimeout, MailboxFull
+from chatd.domain.effects import Refusal
+from chatd.store.leases import Fence
+
+log = logging.getLogger(__name__)
+
+
+class ExitReason(enum.Enum):
+    STOPPED = "stopped"
+    """``stop()`` was called (shard lost, shutdown) or the incarnation never got to run."""
+    PASSIVATED = "passivated"
+    """Idle past the idle timeout and its behavior said it could stop."""
+    CRASHED = "crashed"
+    """``start``/``handle`` or a child task raised; ``ActorExit.error`` holds what."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActorExit:
+    reason: ExitReason
+    error: BaseException | None = None
+
+
+class _Reply:
+    """A one-shot reply slot; ``abandoned`` once the asker stopped waiting."""
+
+    __slots__ = ("_done", "_error", "_value", "abandoned")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+        self.abandoned = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def set(self, value: object) -> None:
+        if not self.done:
+            self._value = value
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._error = error
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def unwrap(self) -> object:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass(slots=True)
+class _Envelope:
+    message: object
+    reply: _Reply | None  # None for tell
+
+
+class _Context:
+    """The ``ActorContext`` handed to one incarnation's behavior."""
+
+    __slots__ = ("_host", "_nursery")
+
+    def __init__(self, host: ActorHost, nursery: trio.Nursery) -> None:
+        self._host = host
+        self._nursery = nursery
+
+    @property
+    def chat_id(self) -> UUID:
+        return self._host.chat_id
+
+    @property
+    def fence(self) -> Fence:
+        return self._host.fence
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        return self._nursery
+
+    def tell_self(self, message: object) -> None:
+        self._host._tell_self(message)
+
+
+class ActorHost:
+    """Runs one incarnation of one chat's actor; create a new host to restart it.
+
+    Messages may be sent as soon as the host exists: they wait while ``run`` starts the
+    behavior. ``run`` must be called once, in a nursery that outlives it.
+    """
+
+    def __init__(
+        self,
+        chat_id: UUID,
+        fence: Fence,
+        factory: ActorFactory,
+        *,
+        mailbox_capacity: int = 256,
+        idle_timeout_s: float = 300.0,
+        ask_timeout_s: float = 30.0,
+    ) -> None:
+        if mailbox_capacity < 1:
+            raise ValueError(f"mailbox capacity must be at least 1, got {mailbox_capacity}")
+        if not idle_timeout_s > 0 or not ask_timeout_s > 0:
+            raise ValueError("idle and ask timeouts must be positive")
+        self.chat_id = chat_id
+        self.fence = fence
+        self._factory = factory
+        self._capacity = mailbox_capacity
+        self._idle_timeout_s = idle_timeout_s
+        self._ask_timeout_s = ask_timeout_s
+        self._mailbox: deque[_Envelope] = deque()
+        self._internal: deque[object] = deque()
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._scope = trio.CancelScope()
+        self._current: _Envelope | None = None
+        self._behavior: ActorBehavior | None = None
+        self._ran = False
+        self._closed_reason: str | None = None
+        self._last_activity = 0.0  # set once the behavior started
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def tell(self, message: object) -> None:
+        """Queue ``message``; its reply (or refusal) is discarded. Raises at once, never waits:
+        ``MailboxFull`` when the mailbox is full, ``ActorDead`` when the actor is gone."""
+        self._enqueue(_Envelope(message, None))
+
+    async def ask(self, message: object, *, timeout_s: float | None = None) -> object:
+        """Queue ``message`` and wait for the behavior's reply (returned) or refusal (raised).
+
+        Raises ``MailboxFull`` at once when full, ``ActorDead`` when the actor is gone or dies
+        before answering, ``AskTimeout`` after ``timeout_s`` (default: the host's ask timeout).
+        """
+        timeout = self._ask_timeout_s if timeout_s is None else timeout_s
+        reply = _Reply()
+        self._enqueue(_Envelope(message, reply))
+        try:
+            with trio.move_on_after(timeout):
+                await reply.wait()
+        finally:
+            # Timed out or cancelled: a message still queued is skipped, not handled for nobody.
+            if not reply.done:
+                reply.abandoned = True
+        if not reply.done:
+            raise AskTimeout(self.chat_id, timeout)
+        return reply.unwrap()
+
+    def _enqueue(self, envelope: _Envelope) -> None:
+        if self._closed_reason is not None:
+            raise ActorDead(self.chat_id, self._closed_reason)
+        if len(self._mailbox) >= self._capacity:
+            raise MailboxFull(self.chat_id, self._capacity)
+        self._mailbox.append(envelope)
+        self._wakeup.unpark()
+
+    def _tell_self(self, message: object) -> None:
+        if self._closed_reason is not None:
+            return  # a child finishing during teardown: nobody is left to handle it
+        self._internal.append(message)
+        self._wakeup.unpark()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """False once the incarnation ended or is ending: messages are refused with ActorDead."""
+        return self._closed_reason is None
+
+    @property
+    def passivated(self) -> bool:
+        return self._closed_reason == ExitReason.PASSIVATED.value
+
+    @property
+    def mailbox_depth(self) -> int:
+        return len(self._mailbox)
+
+    @property
+    def behavior(self) -> ActorBehavior | None:
+        """The running behavior (for inspection in tests and tools), once ``run`` built it."""
+        return self._behavior
+
+    def stop(self) -> None:
+        """End the incarnation now: queued and in-flight asks fail at once, children are
+        cancelled, ``run`` returns ``STOPPED``. Idempotent; safe before ``run``."""
+        self._close(ExitReason.STOPPED.value)
+        self._scope.cancel()
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> ActorExit:
+        """Build the behavior, start it, handle messages until stopped, passivated or crashed.
+
+        Returns how it ended (a crash is returned, not raised); only cancellation from outside
+        propagates. Every ask still pending has failed by the time this returns.
+        """
+        if self._ran:
+            raise RuntimeError(f"actor host of chat {self.chat_id} already ran")
+        self._ran = True
+        if self._closed_reason is not None:
+            return ActorExit(ExitReason.STOPPED)
+        crash: BaseException | None = None
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    await self._body(nursery)
+        except* Exception as group:  # noqa: BLE001 - any crash is returned to the Supervisor
+            crash = _single(group)
+        finally:
+            self._close(ExitReason.STOPPED.value)
+        if crash is not None:
+            return ActorExit(ExitReason.CRASHED, crash)
+        if self.passivated:
+            return ActorExit(ExitReason.PASSIVATED)
+        return ActorExit(ExitReason.STOPPED)
+
+    async def _body(self, nursery: trio.Nursery) -> None:
+        try:
+            behavior = self._factory(_Context(self, nursery))
+            self._behavior = behavior
+            await behavior.start()
+            self._last_activity = trio.current_time()
+            await self._loop(behavior)
+        except BaseException as exc:
+            # Fail every ask now, not after the children are torn down. Cancelled here with the
+            # nursery's own scope cancelled means a child raised.
+            crashed = not isinstance(exc, trio.Cancelled) or nursery.cancel_scope.cancel_called
+            reason = ExitReason.CRASHED if crashed else ExitReason.STOPPED
+            self._close(reason.value, None if isinstance(exc, trio.Cancelled) else exc)
+            raise
+        # Passivated: nothing should be left running, but never leak a child.
+        nursery.cancel_scope.cancel()
+
+    async def _loop(self, behavior: ActorBehavior) -> None:
+        while True:
+            if self._internal:
+                message = self._internal.popleft()
+                try:
+                    await behavior.handle(message)
+                except Refusal as refusal:
+                    log.debug(
+                        "chat %s refused its own event %r: %s", self.chat_id, message, refusal
+                    )
+            elif self._mailbox:
+                envelope = self._mailbox.popleft()
+                reply = envelope.reply
+                if reply is not None and reply.abandoned:
+                    continue
+                self._current = envelope
+                try:
+                    result = await behavior.handle(envelope.message)
+                except Refusal as refusal:
+                    if reply is not None:
+                        reply.fail(refusal)
+                else:
+                    if reply is not None:
+                        reply.set(result)
+                self._current = None
+            elif await self._idle(behavior):
+                return
+            else:
+                continue
+            self._last_activity = trio.current_time()
+
+    async def _idle(self, behavior: ActorBehavior) -> bool:
+        """Wait for a message; True when the idle timeout passed and the actor passivated."""
+        with trio.CancelScope(deadline=self._last_activity + self._idle_timeout_s):
+            await self._wakeup.park()
+            return False
+        if self._mailbox or self._internal:
+            return False
+        if behavior.passivatable():
+            self._close(ExitReason.PASSIVATED.value)
+            return True
+        # Busy with work in flight (a generation, a timer): look again one idle period later.
+        self._last_activity = trio.current_time()
+        return False
+
+    def _close(self, reason: str, cause: BaseException | None = None) -> None:
+        """Refuse new messages and fail every pending ask; the first reason sticks."""
+        if self._closed_reason is not None:
+            return
+        self._closed_reason = reason
+        current, self._current = self._current, None
+        if current is not None and current.reply is not None:
+            dead = ActorDead(self.chat_id, f"{reason} while handling the message")
+            dead.__cause__ = cause
+            current.reply.fail(dead)
+        for envelope in self._mailbox:
+            if envelope.reply is not None:
+                envelope.reply.fail(ActorDead(self.chat_id, f"{reason} before handling it"))
+        self._mailbox.clear()
+        self._internal.clear()
+        self._wakeup.unpark_all()
+
+
+def _single(error: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (trio's strict nurseries)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

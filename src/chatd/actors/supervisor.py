@@ -1,0 +1,483 @@
+"""The Supervisor: one per worker process; owns shard leases and the actors of those shards.
+
+It holds the leases of its shards in PostgreSQL (expiry by database time), renewing them every
+``lease_ttl_s / 3``; the same statement takes over any wanted shard whose lease expired, which is
+how a dead worker's chats move here. Every shard gained (at start or later) has its unfinished
+chats resumed; every shard lost (taken over, or not renewed in time) has its actors stopped at
+once, since their writes would be fenced anyway.
+
+Actors are activated on the first message for a chat, passivate themselves when idle, and are
+restarted from the database after a crash, at most ``restart_limit`` times in
+``restart_window_s``; past that the chat is handed to the ``park`` hook and forgotten, so the
+next message activates it afresh (from its ``error`` state, with a fresh budget). Each actor runs
+in its own task whose crash is caught and handled here: it never reaches a sibling or the
+Supervisor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import trio
+
+from chatd.actors.behavior import ActorBehavior, ActorFactory, ParkHook
+from chatd.actors.errors import ActorDead, NotOwner
+from chatd.actors.host import ActorHost, ExitReason
+from chatd.domain.sharding import shard_of
+from chatd.store.chats import list_resumable_chats
+from chatd.store.database import Database
+from chatd.store.errors import Fenced
+from chatd.store.leases import Fence, acquire_shards, release_leases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SupervisorStats:
+    """Counters since start (for metrics and benchmarks); gauges are on the Supervisor."""
+
+    activations: int = 0  # incarnations started for a message or a resume (not restarts)
+    resumed: int = 0  # of which started by the resume of a gained shard
+    passivations: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    parked: int = 0  # chats handed to the park hook, counted once the hook returned
+    stopped: int = 0  # actors stopped because their shard was lost, or at shutdown
+    lease_renewals: int = 0  # successful lease checks
+    lease_failures: int = 0
+    shards_gained: int = 0
+    shards_lost: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """A chat with an actor here: its current incarnation and its recent crash times."""
+
+    chat_id: UUID
+    fence: Fence
+    host: ActorHost
+    crashes: deque[float] = field(default_factory=deque)
+    parking: bool = False
+
+
+class Supervisor:
+    """Run with ``await nursery.start(supervisor.run)``; it returns once the leases are taken
+    and the resumable chats of those shards are activated. Stop with ``shutdown()`` (or by
+    cancelling): actors are cancelled, then the leases are released for the next owner."""
+
+    def __init__(
+        self,
+        db: Database,
+        worker_id: str,
+        factory: ActorFactory,
+        park: ParkHook,
+        *,
+        shard_count: int = 64,
+        shards: Iterable[int] | None = None,
+        lease_ttl_s: float = 15.0,
+        mailbox_capacity: int = 256,
+        idle_timeout_s: float = 300.0,
+        restart_limit: int = 3,
+        restart_window_s: float = 60.0,
+        ask_timeout_s: float = 30.0,
+        park_timeout_s: float = 10.0,
+        release_timeout_s: float = 5.0,
+    ) -> None:
+        if shard_count < 1:
+            raise ValueError(f"shard count must be at least 1, got {shard_count}")
+        wanted = sorted(set(range(shard_count) if shards is None else shards))
+        if any(not 0 <= s < shard_count for s in wanted):
+            raise ValueError(f"shards must lie in [0, {shard_count}), got {wanted}")
+        if mailbox_capacity < 1:
+            raise ValueError(f"mailbox capacity must be at least 1, got {mailbox_capacity}")
+        if restart_limit < 0:
+            raise ValueError(f"restart limit must not be negative, got {restart_limit}")
+        for name, value in (
+            ("lease ttl", lease_ttl_s),
+            ("idle timeout", idle_timeout_s),
+            ("ask timeout", ask_timeout_s),
+            ("restart window", restart_window_s),
+            ("park timeout", park_timeout_s),
+            ("release timeout", release_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value} s")
+        self._db = db
+        self.worker_id = worker_id
+        self._factory = factory
+        self._park = park
+        self._shard_count = shard_count
+        self._wanted = wanted
+        self._lease_ttl_s = lease_ttl_s
+        self._check_interval_s = lease_ttl_s / 3
+        self._mailbox_capacity = mailbox_capacity
+        self._idle_timeout_s = idle_timeout_s
+        self._restart_limit = restart_limit
+        self._restart_window_s = restart_window_s
+        self._ask_timeout_s = ask_timeout_s
+        self._park_timeout_s = park_timeout_s
+        self._release_timeout_s = release_timeout_s
+
+        self.stats = SupervisorStats()
+        self._fences: dict[int, Fence] = {}
+        self._slots: dict[UUID, _Slot] = {}
+        self._nursery: trio.Nursery | None = None
+        self._run_scope = trio.CancelScope()
+        self._started = False
+        self._stopped = False
+        self._to_release: list[Fence] = []
+        self._check_requested = trio.Event()
+        self._next_check = -math.inf
+        self._valid_until = -math.inf
+        self._changed: trio.Event | None = None
+
+    # -- the edge's entry points (through the Router) -----------------------------------------
+
+    async def ask(
+        self, chat_id: UUID, message: object, *, timeout_s: float | None = None
+    ) -> object:
+        """Deliver ``message`` to the chat's actor (activating it) and return its reply.
+
+        Raises the behavior's ``Refusal`` as-is, or ``NotOwner``, ``MailboxFull``,
+        ``ActorDead`` or ``AskTimeout`` (``chatd.actors.errors``); never waits past the timeout.
+        """
+        return await self._host_for(chat_id).ask(message, timeout_s=timeout_s)
+
+    def tell(self, chat_id: UUID, message: object) -> None:
+        """Deliver without waiting for a reply; raises ``NotOwner``/``MailboxFull``/``ActorDead``
+        at once when the message cannot even be queued."""
+        self._host_for(chat_id).tell(message)
+
+    def owns(self, chat_id: UUID) -> bool:
+        return shard_of(chat_id, self._shard_count) in self._fences
+
+    def shard_of(self, chat_id: UUID) -> int:
+        return shard_of(chat_id, self._shard_count)
+
+    def _host_for(self, chat_id: UUID) -> ActorHost:
+        shard = shard_of(chat_id, self._shard_count)
+        fence = self._fences.get(shard)
+        if fence is None or self._nursery is None:
+            raise NotOwner(chat_id, shard)
+        slot = self._slots.get(chat_id)
+        if slot is not None and slot.parking:
+            raise ActorDead(chat_id, "being parked after repeated crashes")
+        if slot is None or slot.host.passivated:
+            slot = self._activate(chat_id, fence)
+        return slot.host
+
+    # -- gauges and inspection ------------------------------------------------------------------
+
+    @property
+    def fences(self) -> dict[int, Fence]:
+        """The leases held right now, by shard."""
+        return dict(self._fences)
+
+    @property
+    def stopped(self) -> bool:
+        """True once ``run`` ended: every actor is gone and the leases were released (or left
+        to expire when that failed), so another worker may take the shards at once."""
+        return self._stopped
+
+    @property
+    def active_actors(self) -> int:
+        return len(self._slots)
+
+    @property
+    def mailbox_depth(self) -> int:
+        """Messages queued across every actor (computed on demand: O(actors))."""
+        return sum(slot.host.mailbox_depth for slot in self._slots.values())
+
+    def metrics(self) -> dict[str, int]:
+        return {
+            "active_actors": self.active_actors,
+            "mailbox_depth": self.mailbox_depth,
+            "owned_shards": len(self._fences),
+            **dataclasses.asdict(self.stats),
+        }
+
+    def behavior(self, chat_id: UUID) -> ActorBehavior | None:
+        """The running behavior of a chat's actor, if any (tests and diagnostics)."""
+        slot = self._slots.get(chat_id)
+        return None if slot is None else slot.host.behavior
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (unbounded: wrap it in a deadline) until ``predicate()`` holds; it is re-checked
+        after every activation, passivation, crash, restart, park and lease check."""
+        while not predicate():
+            if self._changed is None:
+                self._changed = trio.Event()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def request_lease_check(self) -> None:
+        """Renew (and re-read) the leases now instead of at the next tick."""
+        self._check_requested.set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take the leases, resume their chats, then supervise until ``shutdown()``.
+
+        Fails (before ``started``) if the leases cannot be read at all at start.
+        """
+        if self._started:
+            raise RuntimeError("a Supervisor runs only once")
+        self._started = True
+        try:
+            with self._run_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    gained = await self._check_leases(initial=True)
+                    for fence in gained:
+                        await self._resume(fence)
+                    nursery.start_soon(self._lease_loop)
+                    task_status.started()
+        finally:
+            self._leave()
+            self._nursery = None
+            await self._release()
+            self._stopped = True
+            self._notify()
+
+    def shutdown(self) -> None:
+        """Stop now: messages get ``NotOwner`` at once, pending asks ``ActorDead``; ``run``
+        returns after every actor ended and the leases were released."""
+        self._leave()
+        self._run_scope.cancel()
+
+    def _leave(self) -> None:
+        self._to_release.extend(self._fences.values())
+        self._fences = {}
+        for slot in list(self._slots.values()):
+            self._stop(slot)
+        self._notify()
+
+    async def _release(self) -> None:
+        fences, self._to_release = self._to_release, []
+        if not fences:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self._release_timeout_s) as scope:
+            try:
+                await release_leases(self._db, self.worker_id, fences)
+            except Exception:
+                log.exception("could not release the shard leases; they will expire instead")
+        if scope.cancelled_caught:
+            log.warning("releasing the shard leases took too long; they will expire instead")
+
+    # -- leases --------------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        while True:
+            deadline = self._next_check
+            if self._fences:
+                deadline = min(deadline, self._valid_until)
+            with trio.move_on_at(deadline):
+                await self._check_requested.wait()
+            gained = await self._check_leases()
+            if gained:
+                self._nursery_or_fail().start_soon(self._resume_soon, gained)
+
+    async def _check_leases(self, *, initial: bool = False) -> list[Fence]:
+        """Renew held leases and take free or expired wanted ones; returns the fences gained.
+
+        A lease counts as held until ``ttl`` after the last successful check was *sent* (a
+        lower bound of the database's expiry); past that, without a successful check, every
+        shard is dropped.
+        """
+        self._check_requested = trio.Event()
+        sent_at = trio.current_time()
+        self._next_check = sent_at + self._check_interval_s
+        # A check may take until the held leases would lapse, then they are dropped. The first
+        # one is bounded by the database's own timeouts only: its failure fails the start.
+        deadline = math.inf if initial else max(self._valid_until, sent_at + self._check_interval_s)
+        fences: list[Fence] | None = None
+        try:
+            with trio.move_on_at(deadline):
+                fences = await acquire_shards(
+                    self._db, self.worker_id, self._wanted, self._lease_ttl_s
+                )
+        except Exception:
+            if initial:
+                raise
+            log.warning("shard lease check failed; retrying", exc_info=True)
+        if fences is None:
+            self.stats.lease_failures += 1
+            if self._fences and trio.current_time() >= self._valid_until:
+                log.error("shard leases not renewed within their ttl; dropping every shard")
+                self._apply_fences([])
+            self._notify()
+            return []
+        self._valid_until = sent_at + self._lease_ttl_s
+        self.stats.lease_renewals += 1
+        gained = self._apply_fences(fences)
+        self._notify()
+        return gained
+
+    def _apply_fences(self, fences: list[Fence]) -> list[Fence]:
+        """Adopt the leases now held: stop the actors of lost (or re-epoched) shards."""
+        new = {f.shard: f for f in fences}
+        lost = {shard for shard, f in self._fences.items() if new.get(shard) != f}
+        gained = [f for shard, f in new.items() if self._fences.get(shard) != f]
+        self._fences = new
+        if lost:
+            self.stats.shards_lost += len(lost)
+            log.warning("lost shards %s; stopping their actors", sorted(lost))
+            for slot in [s for s in self._slots.values() if s.fence.shard in lost]:
+                self._stop(slot)
+        if gained:
+            self.stats.shards_gained += len(gained)
+            log.info("holding shards %s", [f.shard for f in gained])
+        return gained
+
+    # -- resuming ------------------------------------------------------------------------------
+
+    async def _resume(self, fence: Fence) -> None:
+        """Activate every chat of a gained shard that was left with work to do."""
+        chat_ids = await list_resumable_chats(self._db, fence.shard)
+        if self._fences.get(fence.shard) != fence:
+            return  # lost again meanwhile
+        for chat_id in chat_ids:
+            if chat_id not in self._slots:
+                self._activate(chat_id, fence)
+                self.stats.resumed += 1
+        self._notify()
+
+    async def _resume_soon(self, fences: list[Fence]) -> None:
+        """``_resume`` for shards gained while running: retried until done or the shard is lost."""
+        for fence in fences:
+            while self._fences.get(fence.shard) == fence:
+                try:
+                    with trio.fail_after(self._check_interval_s):
+                        await self._resume(fence)
+                    break
+                except Exception:
+                    log.warning("resuming shard %d failed; retrying", fence.shard, exc_info=True)
+                    await trio.sleep(self._check_interval_s)
+
+    # -- actors --------------------------------------------------------------------------------
+
+    def _nursery_or_fail(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("the Supervisor is not running")
+        return self._nursery
+
+    def _new_host(self, chat_id: UUID, fence: Fence) -> ActorHost:
+        return ActorHost(
+            chat_id,
+            fence,
+            self._factory,
+            mailbox_capacity=self._mailbox_capacity,
+            idle_timeout_s=self._idle_timeout_s,
+            ask_timeout_s=self._ask_timeout_s,
+        )
+
+    def _activate(self, chat_id: UUID, fence: Fence) -> _Slot:
+        """Synchronous, so two messages racing for a new chat share one actor."""
+        nursery = self._nursery_or_fail()
+        slot = _Slot(chat_id, fence, self._new_host(chat_id, fence))
+        self._slots[chat_id] = slot
+        nursery.start_soon(self._supervise, slot)
+        self.stats.activations += 1
+        self._notify()
+        return slot
+
+    def _stop(self, slot: _Slot) -> None:
+        if self._slots.get(slot.chat_id) is slot:
+            del self._slots[slot.chat_id]
+            self.stats.stopped += 1
+        slot.host.stop()
+
+    def _forget(self, slot: _Slot) -> None:
+        if self._slots.get(slot.chat_id) is slot:
+            del self._slots[slot.chat_id]
+
+    def _current(self, slot: _Slot) -> bool:
+        return (
+            self._slots.get(slot.chat_id) is slot
+            and self._fences.get(slot.fence.shard) == slot.fence
+        )
+
+    async def _supervise(self, slot: _Slot) -> None:
+        """Run the chat's incarnations one after another until it passivates, is stopped or is
+        parked. Only cancellation escapes; every other outcome is handled here."""
+        while True:
+            exit_ = await slot.host.run()
+            if exit_.reason is ExitReason.PASSIVATED:
+                self.stats.passivations += 1
+            if exit_.reason is not ExitReason.CRASHED or not self._current(slot):
+                self._forget(slot)  # passivated, or already stopped or replaced
+                self._notify()
+                return
+            assert exit_.error is not None
+            if not await self._after_crash(slot, exit_.error):
+                self._notify()
+                return
+            self._notify()
+
+    async def _after_crash(self, slot: _Slot, error: BaseException) -> bool:
+        """Count the crash; True when the chat was given a new incarnation to run."""
+        self.stats.crashes += 1
+        self._notify()
+        if _contains(error, Fenced):
+            # Deposed, not broken: no restart (it would be fenced again), check the leases now.
+            log.warning("actor of chat %s was fenced; checking the leases", slot.chat_id)
+            self._forget(slot)
+            self.request_lease_check()
+            return False
+        log.error("actor of chat %s crashed", slot.chat_id, exc_info=error)
+        now = trio.current_time()
+        while slot.crashes and slot.crashes[0] <= now - self._restart_window_s:
+            slot.crashes.popleft()
+        slot.crashes.append(now)
+        if len(slot.crashes) <= self._restart_limit:
+            self.stats.restarts += 1
+            slot.host = self._new_host(slot.chat_id, slot.fence)
+            return True
+        await self._park_chat(slot, error)
+        return False
+
+    async def _park_chat(self, slot: _Slot, error: BaseException) -> None:
+        """Out of restarts: let the park hook record the failure, then forget the chat so that
+        its next message starts it afresh (from the state the hook wrote).
+
+        The hook is shielded (within ``park_timeout_s``) so that a shutdown does not cut the
+        write short: the next owner would only resume the chat to watch it crash again.
+        """
+        slot.parking = True
+        log.error(
+            "chat %s crashed %d times within %g s; parking it",
+            slot.chat_id,
+            len(slot.crashes),
+            self._restart_window_s,
+        )
+        try:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._park_timeout_s) as scope,
+            ):
+                await self._park(slot.chat_id, slot.fence, error)
+            if scope.cancelled_caught:
+                log.error("parking chat %s took too long; given up", slot.chat_id)
+        except Exception:
+            log.exception("parking chat %s failed", slot.chat_id)
+        finally:
+            self.stats.parked += 1
+            self._forget(slot)
+            self._notify()
+
+
+def _contains(error: BaseException, kind: type[BaseException]) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return any(_contains(e, kind) for e in error.exceptions)
+    return isinstance(error, kind)

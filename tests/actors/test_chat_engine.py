@@ -22,7 +22,7 @@ from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
 from chatd.actors.hub import StreamCursor
 from chatd.domain.chat_status import ChatStatus
-from chatd.domain.conversation import ToolSpec
+from chatd.domain.conversation import TextPart, ToolSpec
 from chatd.domain.effects import InvalidCommand, MessageAccepted, TransitionNotAllowed
 from chatd.domain.events import (
     ActionRequired,
@@ -40,6 +40,7 @@ from chatd.domain.mailbox import (
     SubmitToolResults,
     ToolResult,
 )
+from chatd.domain.stream_parts import TextDelta
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.store import chats, providers, users
 from chatd.store.database import Database
@@ -383,3 +384,38 @@ async def test_a_nul_character_from_the_model_does_not_break_the_commit(world: W
     chat_id = await world.create(f"{knobs} hi")
     await world.until_status(chat_id, ChatStatus.WAITING)
     assert (await world.texts(chat_id))[1] == ("assistant", "a\ufffdb")
+
+
+async def test_a_reconnect_mid_answer_resumes_without_gap_or_repeat(world: World) -> None:
+    chat_id = await world.create(f"{marker(chunks=60, chunk_interval_ms=10)} long")
+    first: list[str] = []
+    cursor = StreamCursor()
+    with trio.fail_after(30):
+        async with world.engine.hub.subscribe(chat_id, None) as events:
+            async for batch in events:
+                for e in batch:
+                    if isinstance(e, CommittedMessage):
+                        cursor = StreamCursor(message_seq=e.seq)
+                    if isinstance(e, MessagePart) and isinstance(e.part, TextDelta):
+                        first.append(e.part.text)
+                        cursor = StreamCursor(cursor.message_seq, e.episode, e.seq)
+                if len(first) >= 10:
+                    break
+    assert cursor.episode is not None
+
+    events_after = await world.until(
+        chat_id,
+        lambda e: isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING,
+        cursor=cursor,
+    )
+    rest = [
+        e.part.text
+        for e in events_after
+        if isinstance(e, MessagePart) and isinstance(e.part, TextDelta)
+    ]
+    [answer] = [
+        e for e in events_after if isinstance(e, CommittedMessage) and e.role == "assistant"
+    ]
+    committed = "".join(p.text for p in answer.content if isinstance(p, TextPart))
+    assert "".join(first + rest) == committed
+    assert committed == "".join(f"w{i} " for i in range(1, 61))

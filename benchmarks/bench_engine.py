@@ -31,7 +31,8 @@ from chatd.domain.events import StatusChanged
 from chatd.domain.mailbox import Interrupt, SendMessage, SetArchived
 from chatd.domain.sharding import shard_of
 from chatd.providers.fake import knobs_marker, open_fake_llm
-from chatd.store import providers, users
+from chatd.runtime import register_default_model
+from chatd.store import users
 from chatd.store.database import Connection, Database
 from chatd.store.embedded import EmbeddedPostgres
 from chatd.store.migrate import migrate
@@ -73,17 +74,7 @@ async def measure(url: str, sizes: list[int], turns: int) -> None:
         await migrate(db)
         owner = await users.create_user(db, "bench")
         async with open_fake_llm() as llm:
-            provider = await providers.create_provider(
-                db, name="fake", kind="openai-compatible", base_url=f"{llm.url}/v1", api_key="k"
-            )
-            await providers.create_model_config(
-                db,
-                provider_id=provider.id,
-                name="fake",
-                model="fake",
-                context_limit=100_000,
-                is_default=True,
-            )
+            await register_default_model(db, base_url=f"{llm.url}/v1")
             options = EngineOptions(worker_id="bench", shard_count=SHARDS, idle_timeout_s=3600)
             async with open_engine(db, options) as engine:
                 await plain_turns(db, engine, owner.id, turns)

@@ -11,7 +11,8 @@ from pathlib import Path
 import trio
 
 from chatd.config import Settings
-from chatd.store import users
+from chatd.providers.base import ProviderKind
+from chatd.store import providers, users
 from chatd.store.database import Database
 from chatd.store.embedded import EmbeddedPostgres
 from chatd.store.migrate import migrate
@@ -120,3 +121,27 @@ async def ensure_admin_token(db: Database, path: Path) -> str:
     await file.chmod(0o600)
     await file.write_text(secret + "\n")
     return secret
+
+
+async def register_default_model(
+    db: Database,
+    *,
+    base_url: str,
+    kind: ProviderKind = "openai-compatible",
+    api_key: str = "unused",
+    model: str = "fake-model",
+    context_limit: int = 128_000,
+) -> None:
+    """Add a provider and make a model config on it the default: the demo's and the tests'
+    way of pointing chatd at a (fake) model server."""
+    provider = await providers.create_provider(
+        db, name=f"{kind}-{base_url}"[:100], kind=kind, base_url=base_url, api_key=api_key
+    )
+    await providers.create_model_config(
+        db,
+        provider_id=provider.id,
+        name=f"{model}-{provider.id}"[:100],
+        model=model,
+        context_limit=context_limit,
+        is_default=True,
+    )

@@ -42,7 +42,8 @@ from chatd.domain.mailbox import (
 )
 from chatd.domain.stream_parts import TextDelta
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
-from chatd.store import chats, providers, users
+from chatd.runtime import register_default_model
+from chatd.store import chats, users
 from chatd.store.database import Database
 
 LOOKUP = ToolSpec(
@@ -105,17 +106,7 @@ class World:
 async def world(db: Database) -> AsyncIterator[World]:
     owner = await users.create_user(db, "alice")
     async with open_fake_llm() as llm:
-        provider = await providers.create_provider(
-            db, name="fake", kind="openai-compatible", base_url=f"{llm.url}/v1", api_key="sk-x"
-        )
-        await providers.create_model_config(
-            db,
-            provider_id=provider.id,
-            name="fake",
-            model="fake-model",
-            context_limit=100_000,
-            is_default=True,
-        )
+        await register_default_model(db, base_url=f"{llm.url}/v1")
         options = EngineOptions(worker_id="worker-1", shard_count=4, lease_ttl_s=30.0)
         async with open_engine(db, options) as engine:
             yield World(db, engine, llm, owner.id)
@@ -245,17 +236,7 @@ async def test_builtin_and_dynamic_calls_in_one_step(world: World) -> None:
 async def test_running_chats_resume_after_a_restart(db: Database) -> None:
     owner = await users.create_user(db, "bob")
     async with open_fake_llm() as llm:
-        provider = await providers.create_provider(
-            db, name="fake", kind="openai-compatible", base_url=f"{llm.url}/v1", api_key="k"
-        )
-        await providers.create_model_config(
-            db,
-            provider_id=provider.id,
-            name="fake",
-            model="fake-model",
-            context_limit=1000,
-            is_default=True,
-        )
+        await register_default_model(db, base_url=f"{llm.url}/v1")
         chat_id = uuid.uuid4()
         # The first attempt hangs (the first engine goes away during it); later ones answer.
         text = f"{marker(chunks=2, fault='silent', fault_after_chunks=1, fault_times=1)} hi"
@@ -320,17 +301,7 @@ async def test_passivation_and_reactivation_keep_the_state(
 ) -> None:
     owner = await users.create_user(db, "carol")
     async with open_fake_llm() as llm:
-        provider = await providers.create_provider(
-            db, name="fake", kind="openai-compatible", base_url=f"{llm.url}/v1", api_key="k"
-        )
-        await providers.create_model_config(
-            db,
-            provider_id=provider.id,
-            name="fake",
-            model="fake-model",
-            context_limit=1000,
-            is_default=True,
-        )
+        await register_default_model(db, base_url=f"{llm.url}/v1")
         options = EngineOptions(worker_id="w", shard_count=2, idle_timeout_s=60)
         async with open_engine(db, options) as engine:
             world = World(db, engine, llm, owner.id)

@@ -74,7 +74,8 @@ class AnthropicMessagesProvider:
         self, request: ModelRequest
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
         return guarded_stream(
-            _normalised(self._events(request)),
+            self._events(request),
+            _Step(),
             provider=self._config.name,
             silence_timeout_s=self._timeouts.silence_s,
             secrets=(self._config.api_key,),
@@ -132,17 +133,6 @@ class AnthropicMessagesProvider:
         """What the SDK raises for an error event inside a stream."""
         if event_type == "error":
             raise self._client._make_status_error(f"{body}", body=body, response=http)
-
-
-async def _normalised(events: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:
-    """Events of either path have the same attribute names; ``_Step`` reads them alike."""
-    step = _Step()
-    async with contextlib.aclosing(events):
-        async for event in events:
-            for part in step.feed(event):
-                yield part
-    for part in step.end():
-        yield part
 
 
 def to_anthropic_messages(request: ModelRequest) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from typing import Any, Protocol
 
 from chatd.domain.stream_parts import StreamPart
 from chatd.providers.errors import ProviderError
@@ -11,24 +12,48 @@ from chatd.providers.failure_facts import provider_error
 from chatd.providers.silence import SilenceGuard
 
 
+class StepReader(Protocol):
+    """Turns one provider's decoded stream events into normalised parts."""
+
+    def feed(self, event: Any) -> Iterator[StreamPart]: ...
+
+    def end(self) -> Iterator[StreamPart]:
+        """The closing parts (usage, finish); raises ``StreamInterrupted`` if the stream was
+        cut before its terminal event."""
+        ...
+
+
 @contextlib.asynccontextmanager
 async def guarded_stream(
-    parts: AsyncGenerator[StreamPart, None],
+    events: AsyncGenerator[Any, None],
+    step: StepReader,
     *,
     provider: str,
     silence_timeout_s: float,
     secrets: Sequence[str],
 ) -> AsyncIterator[AsyncIterator[StreamPart]]:
-    """Yield ``parts`` with the silence guard on and any failure turned into ``ProviderError``.
+    """Yield the parts ``step`` reads from ``events``, with the silence guard on and any failure
+    turned into ``ProviderError``.
 
-    ``parts`` is an async generator that makes the request on its first step, so the wait for
+    ``events`` is an async generator that makes the request on its first step, so the wait for
     the first chunk (connection and headers included) is bounded like any other silence.
     Leaving the block closes the generator, and with it the HTTP stream.
     """
-    guarded = SilenceGuard(parts, silence_timeout_s=silence_timeout_s)
+    guarded = SilenceGuard(_normalised(events, step), silence_timeout_s=silence_timeout_s)
     classified = _classified(guarded, provider, [s for s in secrets if s])
     async with contextlib.aclosing(classified):
         yield classified
+
+
+async def _normalised(
+    events: AsyncGenerator[Any, None], step: StepReader
+) -> AsyncGenerator[StreamPart, None]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            for part in step.feed(event):
+                yield part
+    for part in step.end():
+        yield part
 
 
 async def _classified(

@@ -72,7 +72,8 @@ class OpenAIChatProvider:
         self, request: ModelRequest
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
         return guarded_stream(
-            _normalised(self._chunks(request)),
+            self._chunks(request),
+            _Step(),
             provider=self._config.name,
             silence_timeout_s=self._timeouts.silence_s,
             secrets=(self._config.api_key,),
@@ -160,17 +161,6 @@ def _fast_chunk(data: bytes, http: httpx2.Response) -> _Chunk | None:
             body=msgspec.to_builtins(chunk.error),
         )
     return chunk
-
-
-async def _normalised(chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[StreamPart, None]:
-    """Chunks of either path have the same attribute names; ``_Step`` reads them alike."""
-    step = _Step()
-    async with contextlib.aclosing(chunks):
-        async for chunk in chunks:
-            for part in step.feed(chunk):
-                yield part
-    for part in step.end():
-        yield part
 
 
 def to_openai_messages(request: ModelRequest) -> list[dict[str, Any]]:

@@ -390,3 +390,25 @@ async def test_a_reconnect_mid_answer_resumes_without_gap_or_repeat(world: World
     committed = "".join(p.text for p in answer.content if isinstance(p, TextPart))
     assert "".join(first + rest) == committed
     assert committed == "".join(f"w{i} " for i in range(1, 61))
+
+
+async def test_a_builtin_tool_step_continues_until_the_model_stops(world: World) -> None:
+    calls = [{"name": "calculate", "arguments": {"expression": "2**10"}}]
+    chat_id = await world.create(f"{marker(tool_calls=calls, chunks=1)} compute")
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    messages = await chats.list_messages(world.db, chat_id, after_seq=0, limit=10)
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert json.loads(messages[2].content[0]["output"]) == {"result": 1024}
+    second = world.llm.requests[1].body["messages"]
+    assert second[-1]["role"] == "tool"
+
+
+async def test_invalid_dynamic_tools_are_refused_and_nothing_is_written(world: World) -> None:
+    chat_id = uuid.uuid4()
+    clash = ToolSpec("calculate", "mine", {"type": "object"})
+    with pytest.raises(InvalidCommand) as refused:
+        await world.engine.router.ask(
+            chat_id, CreateChatRequest(world.owner, uuid.uuid4(), "hi", dynamic_tools=(clash,))
+        )
+    assert refused.value.field == "dynamic_tools[0].name"
+    assert await chats.get_chat(world.db, chat_id) is None

@@ -64,6 +64,7 @@ from chatd.store import chats
 from chatd.store.chats import ChatWrite, CreateChat
 from chatd.store.database import Database
 from chatd.tools.builtin import BUILTINS, run_builtin
+from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class ChatDeps:
     models: ModelCatalog
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     clock: WallClock = field(default_factory=WallClock)
+    tool_limits: ToolLimits = field(default_factory=ToolLimits)
     # How long stopping a generation may take before the actor gives up waiting for it.
     cancel_grace_s: float = 10.0
 
@@ -156,9 +158,12 @@ class ChatActor:
         if self._state is not None:
             raise TransitionNotAllowed("existing", "creating the chat again")
         chat_id = self._ctx.chat_id
-        setup = ChatSetup(
-            request.owner_id, request.system_prompt, request.model_config_id, request.dynamic_tools
-        )
+        declared = [
+            {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
+            for t in request.dynamic_tools
+        ]
+        tools = validate_dynamic_tools(declared, self._deps.tool_limits)
+        setup = ChatSetup(request.owner_id, request.system_prompt, request.model_config_id, tools)
         empty = ChatState(chat_id)
         decision = decide(
             empty,
@@ -173,10 +178,7 @@ class ChatActor:
             title=request.title,
             system_prompt=request.system_prompt,
             model_config_id=request.model_config_id,
-            dynamic_tools=[
-                {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
-                for t in request.dynamic_tools
-            ],
+            dynamic_tools=declared,
         )
         self._state = empty
         self._setup = setup

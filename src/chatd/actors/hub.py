@@ -36,12 +36,13 @@ leaves it: close the WebSocket with ``SlowConsumer.close_code`` (4008) and its `
 client may reconnect with its cursor and lose nothing. ``publish`` and other subscribers never
 wait.
 
-Memory: the buffer of the current episode is kept only for chats with subscribers, and for
-``idle_linger_s`` after the last one leaves (a reconnect resumes mid-answer); it holds at most
-``max_episode_parts`` parts (the oldest half goes beyond that). A first subscriber that joins
-an answer in progress when nothing of it is buffered gets none of its parts (they could not
-follow without a gap): the answer arrives as its committed message, and the next episode
-streams normally. Chats nobody watches cost the hub nothing.
+Memory: the buffer of the current episode is kept for chats with subscribers, and for
+``idle_linger_s`` after the last publish or the last subscriber left (a client that subscribes
+shortly after its answer started, or reconnects, resumes mid-answer); it holds at most
+``max_episode_parts`` parts (the oldest half goes beyond that). A subscriber that joins an
+answer whose start is no longer buffered gets none of its parts (they could not follow without
+a gap): the answer arrives as its committed message, and the next episode streams normally.
+Chats quiet for ``idle_linger_s`` with nobody watching cost the hub nothing.
 """
 
 from __future__ import annotations
@@ -299,10 +300,17 @@ class ChatHub:
         self.stats.events_published += len(events)
         if self._idle:
             self._evict_idle(trio.current_time())
-        channel = self._channels.get(chat_id)
-        if channel is None or not events:
+        if not events:
             return
         now = trio.current_time()
+        channel = self._channels.get(chat_id)
+        if channel is None:
+            # Buffer the episode even unwatched: a client that subscribes a little after its
+            # answer started streaming still gets it token by token.
+            channel = self._channels[chat_id] = _Channel(chat_id)
+        if not channel.subscribers:
+            self._idle[chat_id] = now
+            self._idle.move_to_end(chat_id)
         slow: list[Subscription] = []
         for event in events:
             if channel.record(event, self._max_parts):

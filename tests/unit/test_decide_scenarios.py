@@ -68,7 +68,7 @@ from chatd.domain.mailbox import (
     SubmitToolResults,
     ToolResult,
 )
-from chatd.domain.provider_failure import ErrorKind
+from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.retry_policy import RetryPolicy
 from chatd.domain.stream_parts import Usage
 from tests.unit.chat_states import CHAT, POLICY, failure
@@ -673,3 +673,22 @@ def test_resumed_while_idle_does_nothing(status: ChatStatus) -> None:
         flow.answer()
     assert flow.state.status is status
     assert flow.do(Resumed()) == Decision(flow.state)
+
+
+def test_a_send_after_an_error_runs_the_older_queued_messages_first() -> None:
+    chat = UUID(int=7)
+    policy = ChatPolicy()
+    fatal = ProviderFailure(ErrorKind.AUTH, "p", 401, False, None, "no", "")
+    first, queued, later = UUID(int=1), UUID(int=2), UUID(int=3)
+    state = decide(ChatState(chat), SendMessage(first, "one"), now=0.0, policy=policy).state
+    state = decide(state, SendMessage(queued, "two"), now=0.0, policy=policy).state
+    state = decide(state, GenerationFailed(state.episode, fatal), now=0.0, policy=policy).state
+    assert state.status is ChatStatus.ERROR
+    assert [q.id for q in state.queue] == [queued]
+
+    decision = decide(state, SendMessage(later, "three"), now=0.0, policy=policy)
+    assert decision.state.status is ChatStatus.RUNNING
+    assert [m.id for m in decision.messages] == [queued], "the older message goes first"
+    assert [q.id for q in decision.state.queue] == [later]
+    assert Reply(MessageAccepted(later, queued=True)) in decision.effects
+    assert StartGeneration(decision.state.episode) in decision.effects

@@ -123,6 +123,11 @@ def _send(state: ChatState, m: SendMessage, policy: ChatPolicy) -> Decision:
         raise InvalidCommand("text", "must not be empty")
     match state.status:
         case ChatStatus.WAITING | ChatStatus.ERROR:
+            if state.queue:
+                # Only after an error: messages queued before it go first, in their order.
+                queued = _enqueue(state, m, policy, at_head=False)
+                turn = _finish_turn(queued, notify=False)
+                return replace(turn, effects=(*turn.effects, _accepted(m, queued=True)))
             return _begin_turn(state, m.message_id, m.text, queued=False)
         case ChatStatus.RUNNING | ChatStatus.INTERRUPTING:
             at_head = m.busy_behavior == "interrupt"

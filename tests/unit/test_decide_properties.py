@@ -290,6 +290,8 @@ def expected_refusal(state: ChatState, message: MailboxMessage) -> type[Refusal]
             if not text.strip():
                 return InvalidCommand
             queues = busy and not (state.status is A and behavior == "interrupt")
+            # After an error, a new message waits behind the ones queued before it.
+            queues = queues or (state.status is E and bool(state.queue))
             if queues and len(state.queue) >= POLICY.max_queue_length:
                 return QueueFull
         case EditMessage(message_id=target, text=text):
@@ -419,7 +421,11 @@ def check_decision(
             assert before.queue, "a user message out of nowhere"
             head = before.queue[0]
             assert (m.id, m.parts) == (head.id, (TextPart(head.text),))
-            assert after.queue == before.queue[1:]
+            if before.status is E and isinstance(message, SendMessage):
+                new = QueuedEntry(message.message_id, message.text)
+                assert after.queue == (*before.queue[1:], new)
+            else:
+                assert after.queue == before.queue[1:]
 
     # A user message never comes before the results closing the pending calls.
     tools = [m for m in written if m.role == "tool"]
@@ -571,7 +577,10 @@ def check_queue_change(before: ChatState, message: MailboxMessage, decision: Dec
     match message:
         case SendMessage(message_id=message_id, text=text, busy_behavior=behavior):
             entry = QueuedEntry(message_id, text)
-            if behavior == "queue":
+            if before.status is E:
+                # The oldest queued message starts; the new one waits at the end.
+                assert after.queue == (*before.queue[1:], entry)
+            elif behavior == "queue":
                 assert after.queue == (*before.queue, entry)
             elif entry in after.queue:
                 assert after.queue == (entry, *before.queue)

@@ -130,9 +130,11 @@ class ChatActor:
     async def handle(self, message: object) -> object:
         if isinstance(message, CreateChatRequest):
             return await self._create(message)
+        if not isinstance(message, MailboxMessage):
+            raise TypeError(f"a chat actor cannot handle {message!r}")
         if self._state is None:
             raise UnknownTarget("chat", self._ctx.chat_id)
-        return await self._decide(message)  # type: ignore[arg-type]
+        return await self._decide(message)
 
     def passivatable(self) -> bool:
         if self._state is None:

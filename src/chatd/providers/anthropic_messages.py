@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, cast
 
 import anthropic
@@ -34,9 +34,9 @@ from chatd.domain.stream_parts import (
     ToolCallStart,
     Usage,
 )
+from chatd.providers.adapter import SdkAdapter
 from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
 from chatd.providers.errors import StreamInterrupted
-from chatd.providers.guard import guarded_stream
 from chatd.providers.sse import decoded_events
 
 _FINISH: dict[str, FinishReason] = {
@@ -49,37 +49,18 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-class AnthropicMessagesProvider:
+class AnthropicMessagesProvider(SdkAdapter):
     def __init__(
         self, config: ProviderConfig, *, timeouts: Timeouts, parser: StreamParser = "fast"
     ) -> None:
-        self._config = config
-        self._timeouts = timeouts
-        self._parser = parser
-        self._client = anthropic.AsyncAnthropic(
-            api_key=config.api_key or "unset",
-            base_url=config.base_url,
-            max_retries=0,  # chatd owns retries
-            timeout=httpx2.Timeout(timeouts.silence_s, connect=timeouts.connect_s),
-        )
-
-    @property
-    def name(self) -> str:
-        return self._config.name
+        super().__init__(config, timeouts=timeouts, parser=parser)
+        self._client = anthropic.AsyncAnthropic(**self._sdk_options)
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    def stream(
-        self, request: ModelRequest
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
-        return guarded_stream(
-            self._events(request),
-            _Step(),
-            provider=self._config.name,
-            silence_timeout_s=self._timeouts.silence_s,
-            secrets=(self._config.api_key,),
-        )
+    def _step_reader(self) -> _Step:
+        return _Step()
 
     def _create_kwargs(self, request: ModelRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, cast
 
 import httpx2
@@ -33,9 +33,9 @@ from chatd.domain.stream_parts import (
     ToolCallStart,
     Usage,
 )
+from chatd.providers.adapter import SdkAdapter
 from chatd.providers.base import ProviderConfig, StreamParser, Timeouts
 from chatd.providers.errors import StreamInterrupted
-from chatd.providers.guard import guarded_stream
 from chatd.providers.sse import decoded_events
 
 _FINISH: dict[str, FinishReason] = {
@@ -47,37 +47,18 @@ _FINISH: dict[str, FinishReason] = {
 }
 
 
-class OpenAIChatProvider:
+class OpenAIChatProvider(SdkAdapter):
     def __init__(
         self, config: ProviderConfig, *, timeouts: Timeouts, parser: StreamParser = "fast"
     ) -> None:
-        self._config = config
-        self._timeouts = timeouts
-        self._parser = parser
-        self._client = openai.AsyncOpenAI(
-            api_key=config.api_key or "unset",
-            base_url=config.base_url,
-            max_retries=0,  # chatd owns retries
-            timeout=httpx2.Timeout(timeouts.silence_s, connect=timeouts.connect_s),
-        )
-
-    @property
-    def name(self) -> str:
-        return self._config.name
+        super().__init__(config, timeouts=timeouts, parser=parser)
+        self._client = openai.AsyncOpenAI(**self._sdk_options)
 
     async def aclose(self) -> None:
         await self._client.close()
 
-    def stream(
-        self, request: ModelRequest
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[StreamPart]]:
-        return guarded_stream(
-            self._chunks(request),
-            _Step(),
-            provider=self._config.name,
-            silence_timeout_s=self._timeouts.silence_s,
-            secrets=(self._config.api_key,),
-        )
+    def _step_reader(self) -> _Step:
+        return _Step()
 
     # -- request -----------------------------------------------------------------------------
 
@@ -117,7 +98,7 @@ class OpenAIChatProvider:
 
     # -- reading the stream -----------------------------------------------------------------
 
-    async def _chunks(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
+    async def _events(self, request: ModelRequest) -> AsyncGenerator[Any, None]:
         """The raw streaming response, one decoded chunk per SSE event.
 
         Not the SDK's ``AsyncStream``: it leaves two async generators unclosed per stream (a

@@ -35,6 +35,17 @@ class CliError(Exception):
     """A mistake the user can fix; the message says how."""
 
 
+# Errors whose message tells the user what to fix: one line, exit 2, no traceback.
+_USER_ERRORS = (
+    CliError,
+    SettingsError,
+    DatabaseUnavailable,
+    EmbeddedPostgresError,
+    MigrationError,
+    StartupError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -52,16 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(settings, args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (
-        CliError,
-        SettingsError,
-        DatabaseUnavailable,
-        EmbeddedPostgresError,
-        MigrationError,
-        StartupError,
-    ) as exc:
+    except _USER_ERRORS as exc:
         print(f"chatd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        # Raised inside a trio nursery, a user's mistake arrives wrapped in a group.
+        mistake = _first_user_error(group)
+        if mistake is None:
+            raise
+        print(f"chatd: error: {mistake}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _first_user_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_user_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, _USER_ERRORS):
+            return exc
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import trio
 
 from chatd.store import users
 from chatd.store.database import Database
@@ -125,3 +126,17 @@ def test_user_mistakes_get_one_line_and_exit_2(
     assert lines[0].startswith("chatd: error: ")
     assert must_mention in lines[0]
     assert "s3cret-pw" not in result.stderr
+
+
+async def test_serve_on_a_database_with_an_edited_migration_says_so_in_one_line(
+    database_url: str,
+) -> None:
+    async with Database.connect(database_url, min_size=1, max_size=1) as db:
+        await db.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+    result = await trio.to_thread.run_sync(
+        lambda: run_chatd(["serve", "--port", "0", "--database-url", database_url])
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("chatd: error: migration 0001_initial was already applied")
+    assert "Traceback" not in result.stderr

@@ -42,7 +42,8 @@ class Settings:
     embedded_pg_start_timeout_s: float = 60.0
     embedded_pg_stop_timeout_s: float = 30.0
 
-    # Sharding and leases.
+    # Sharding and leases. Empty worker_id: "<hostname>-<pid>-<random>".
+    worker_id: str = ""
     shard_count: int = 64
     lease_ttl_s: float = 15.0
 

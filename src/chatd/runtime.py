@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from chatd.actors.engine import EngineOptions, open_engine
 from chatd.config import Settings
 from chatd.providers.base import ProviderKind
 from chatd.store import providers, users
@@ -72,7 +76,8 @@ async def run_server(
     on_ready: Callable[[Ready], None],
     admin_token_file: Path | None = None,
 ) -> None:
-    """Migrate, then serve HTTP until ``shutdown`` is set."""
+    """Migrate, start the engine (shard leases, resumed chats), then serve HTTP until
+    ``shutdown`` is set; the engine stops after the last request, releasing its leases."""
     async with open_database(settings, url) as db:
         applied = await migrate(db)
         if applied:
@@ -80,8 +85,10 @@ async def run_server(
         token = None
         if admin_token_file is not None:
             token = await ensure_admin_token(db, admin_token_file)
-        app = create_app(settings, db)
-        async with trio.open_nursery() as nursery:
+        worker_id = settings.worker_id or default_worker_id()
+        options = EngineOptions.from_settings(settings, worker_id=worker_id)
+        async with open_engine(db, options) as engine, trio.open_nursery() as nursery:
+            app = create_app(settings, db, engine)
             urls: list[str] = await nursery.start(
                 lambda task_status: serve(
                     app,
@@ -93,6 +100,11 @@ async def run_server(
                 )
             )
             on_ready(Ready(urls=urls, admin_token=token))
+            log.info("worker %s owns %d shards", worker_id, len(engine.supervisor.fences))
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def ensure_admin_token(db: Database, path: Path) -> str:

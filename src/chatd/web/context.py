@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from quart import Quart
 
+from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
 
@@ -16,6 +17,7 @@ _EXTENSION_KEY = "chatd"
 class Services:
     settings: Settings
     db: Database
+    engine: Engine
 
 
 def attach(app: Quart, value: Services) -> None:

@@ -57,6 +57,9 @@ class Settings:
     max_queue_length: int = 16
     action_timeout_s: float = 300.0
 
+    # Providers, model configs and user prompts are re-read at most this often.
+    config_cache_ttl_s: float = 30.0
+
     # Stream subscribers.
     subscriber_queue_size: int = 1024
     slow_consumer_timeout_s: float = 10.0
@@ -93,6 +96,7 @@ class Settings:
             "action_timeout_s",
             "subscriber_queue_size",
             "slow_consumer_timeout_s",
+            "config_cache_ttl_s",
             "stream_silence_timeout_s",
             "provider_connect_timeout_s",
             "retry_base_delay_s",

@@ -25,6 +25,7 @@ from chatd.domain.retry_policy import RetryPolicy
 from chatd.providers.base import Timeouts
 from chatd.store import chats
 from chatd.store.chats import UpdateChat
+from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database
 from chatd.store.leases import Fence
 
@@ -45,6 +46,7 @@ class EngineOptions:
     timeouts: Timeouts = field(default_factory=Timeouts)
     subscriber_queue_size: int = 1024
     slow_consumer_timeout_s: float = 10.0
+    config_cache_ttl_s: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:
@@ -68,6 +70,7 @@ class EngineOptions:
             ),
             subscriber_queue_size=settings.subscriber_queue_size,
             slow_consumer_timeout_s=settings.slow_consumer_timeout_s,
+            config_cache_ttl_s=settings.config_cache_ttl_s,
         )
 
 
@@ -86,7 +89,9 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         subscriber_queue_size=options.subscriber_queue_size,
         slow_consumer_timeout_s=options.slow_consumer_timeout_s,
     )
-    models = ModelCatalog(db, timeouts=options.timeouts)
+    models = ModelCatalog(
+        ConfigCache(db, ttl_s=options.config_cache_ttl_s), timeouts=options.timeouts
+    )
     deps = ChatDeps(db=db, hub=hub, models=models, policy=options.policy)
 
     def factory(ctx: ActorContext) -> ActorBehavior:

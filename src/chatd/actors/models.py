@@ -1,5 +1,6 @@
 """Which provider and model answer a chat: model configs resolved to live adapters.
 
+Rows come from the process-wide config cache, so a warm step makes no configuration query.
 Adapters hold connection pools, so one is built per provider and kept for the process's life
 (rebuilt when the provider's row changed).
 """
@@ -14,8 +15,7 @@ from uuid import UUID
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.providers.base import ModelProvider, ProviderConfig, StreamParser, Timeouts
 from chatd.providers.factory import build_provider
-from chatd.store import providers
-from chatd.store.database import Database
+from chatd.store.config_cache import ConfigCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +42,21 @@ class ModelUnavailable(Exception):
 
 
 class ModelCatalog:
-    def __init__(self, db: Database, *, timeouts: Timeouts, parser: StreamParser = "fast") -> None:
-        self._db = db
+    def __init__(
+        self, config: ConfigCache, *, timeouts: Timeouts, parser: StreamParser = "fast"
+    ) -> None:
+        self._config = config
         self._timeouts = timeouts
         self._parser = parser
         self._adapters: dict[UUID, tuple[object, ModelProvider]] = {}
 
     async def resolve(self, model_config_id: UUID | None) -> ResolvedModel:
-        if model_config_id is None:
-            config = await providers.get_default_model_config(self._db)
-            if config is None:
+        config = await self._config.model_config(model_config_id)
+        if config is None:
+            if model_config_id is None:
                 raise ModelUnavailable("no model config was given and none is the default")
-        else:
-            config = await providers.get_model_config(self._db, model_config_id)
-            if config is None:
-                raise ModelUnavailable(f"model config {model_config_id} does not exist")
-        row = await providers.get_provider(self._db, config.provider_id)
+            raise ModelUnavailable(f"model config {model_config_id} does not exist")
+        row = await self._config.provider(config.provider_id)
         if row is None or not row.enabled:
             raise ModelUnavailable(f"provider {config.provider_id} is missing or disabled")
         version = (row.kind, row.base_url, row.api_key, row.updated_at)

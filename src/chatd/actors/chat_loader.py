@@ -14,7 +14,7 @@ from chatd.domain.events import PendingToolCall, QueuedEntry
 from chatd.domain.provider_failure import ProviderFailure
 from chatd.store import chats
 from chatd.store.database import Database
-from chatd.store.records import Chat
+from chatd.store.records import Chat, QueuedMessage
 
 _PAGE = 500
 
@@ -55,10 +55,7 @@ async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
         if len(page) < _PAGE:
             break
         after = page[-1].seq
-    queue = tuple(
-        QueuedEntry(q.id, "".join(str(p.get("text", "")) for p in q.content))
-        for q in await chats.list_queue(db, chat_id)
-    )
+    queue = tuple(queued_entry(q) for q in await chats.list_queue(db, chat_id))
     setup = ChatSetup(
         owner_id=row.owner_id,
         system_prompt=row.system_prompt,
@@ -101,6 +98,11 @@ def _state(
         last_message_seq=row.last_message_seq,
         user_messages=tuple(users),
     )
+
+
+def queued_entry(queued: QueuedMessage) -> QueuedEntry:
+    text = "".join(str(p.get("text", "")) for p in queued.content if p.get("type") == "text")
+    return QueuedEntry(queued.id, text)
 
 
 def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[PendingToolCall, ...]:

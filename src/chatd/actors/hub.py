@@ -53,12 +53,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from uuid import UUID
 
 import trio
 
-from chatd.actors.chat_loader import unanswered_calls
+from chatd.actors.chat_loader import queued_entry, unanswered_calls
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json
 from chatd.domain.conversation import Message
@@ -72,7 +72,6 @@ from chatd.domain.events import (
     MessagePart,
     PendingToolCall,
     PreviewReset,
-    QueuedEntry,
     QueueUpdated,
     RetryScheduled,
     StatusChanged,
@@ -81,7 +80,7 @@ from chatd.domain.provider_failure import ProviderFailure
 from chatd.store import chats
 from chatd.store.database import Database
 from chatd.store.errors import NotFound
-from chatd.store.records import Chat, ChatMessage, chat_message_from_row
+from chatd.store.records import Chat, ChatMessage
 
 SLOW_CONSUMER_CLOSE_CODE: Final = 4008
 """The WebSocket close code for a dropped slow consumer.
@@ -635,7 +634,7 @@ async def _state_events(db: Database, chat: Chat) -> list[ChatEvent]:
     ]
     # Only a busy chat (or one stopped in error) has queued messages.
     queue = [] if chat.status is ChatStatus.WAITING else await chats.list_queue(db, chat.id)
-    events.append(QueueUpdated(tuple(QueuedEntry(q.id, _text(q.content)) for q in queue)))
+    events.append(QueueUpdated(tuple(queued_entry(q) for q in queue)))
     failure = None if chat.last_error is None else ProviderFailure.from_json(chat.last_error)
     if chat.status is ChatStatus.ERROR and failure is not None:
         events.append(ErrorRaised(failure))
@@ -652,22 +651,8 @@ async def _state_events(db: Database, chat: Chat) -> list[ChatEvent]:
 
 
 async def _pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]:
-    rows = await db.fetch(
-        """
-        SELECT * FROM chat_messages
-        WHERE chat_id = $1 AND deleted_at IS NULL
-          AND seq >= (SELECT coalesce(max(seq), 0) FROM chat_messages
-                      WHERE chat_id = $1 AND deleted_at IS NULL AND role = 'assistant')
-        ORDER BY seq
-        """,
-        chat.id,
-    )
     history = [
-        Message(m.role, parts_from_json(m.content)) for m in map(chat_message_from_row, rows)
+        Message(m.role, parts_from_json(m.content)) for m in await chats.list_last_step(db, chat.id)
     ]
     dynamic = {str(tool.get("name")) for tool in chat.dynamic_tools}
     return unanswered_calls(history, dynamic)
-
-
-def _text(content: list[dict[str, Any]]) -> str:
-    return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")

@@ -23,6 +23,7 @@ from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
 from chatd.domain.chat_state import ChatPolicy, ChatState
 from chatd.domain.chat_status import ChatStatus
+from chatd.domain.content_json import tool_spec_to_json
 from chatd.domain.conversation import Message, ModelRequest, ToolSpec
 from chatd.domain.decide import decide
 from chatd.domain.effects import (
@@ -160,10 +161,7 @@ class ChatActor:
         if self._state is not None:
             raise TransitionNotAllowed("existing", "creating the chat again")
         chat_id = self._ctx.chat_id
-        declared = [
-            {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
-            for t in request.dynamic_tools
-        ]
+        declared = [tool_spec_to_json(t) for t in request.dynamic_tools]
         tools = validate_dynamic_tools(declared, self._deps.tool_limits)
         setup = ChatSetup(request.owner_id, request.system_prompt, request.model_config_id, tools)
         empty = ChatState(chat_id)

@@ -8,7 +8,7 @@ from uuid import UUID
 from chatd.actors.clock import to_epoch
 from chatd.domain.chat_state import ChatState, UserMessageRef
 from chatd.domain.chat_status import ChatStatus
-from chatd.domain.content_json import parts_from_json
+from chatd.domain.content_json import parts_from_json, tool_spec_from_json
 from chatd.domain.conversation import Message, ToolCallPart, ToolResultPart, ToolSpec
 from chatd.domain.events import PendingToolCall, QueuedEntry
 from chatd.domain.provider_failure import ProviderFailure
@@ -60,10 +60,7 @@ async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
         owner_id=row.owner_id,
         system_prompt=row.system_prompt,
         model_config_id=row.model_config_id,
-        dynamic_tools=tuple(
-            ToolSpec(t["name"], t.get("description", ""), t.get("input_schema", {}))
-            for t in row.dynamic_tools
-        ),
+        dynamic_tools=tuple(tool_spec_from_json(t) for t in row.dynamic_tools),
     )
     return LoadedChat(
         state=_state(row, users, queue, history, setup),

@@ -24,6 +24,7 @@ from chatd.domain.conversation import (
     TextPart,
     ToolCallPart,
     ToolResultPart,
+    ToolSpec,
 )
 
 
@@ -93,3 +94,16 @@ def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise MalformedContent(f"{data.get('type')} part: {key!r} must be a string or null")
     return value
+
+
+def tool_spec_to_json(spec: ToolSpec) -> dict[str, Any]:
+    """How a chat's declared tools are stored (``chats.dynamic_tools``)."""
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "input_schema": dict(spec.input_schema),
+    }
+
+
+def tool_spec_from_json(data: Mapping[str, Any]) -> ToolSpec:
+    return ToolSpec(data["name"], data.get("description", ""), data.get("input_schema", {}))

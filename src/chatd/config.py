@@ -73,8 +73,23 @@ class Settings:
     retry_max_delay_s: float = 60.0
     provider_max_attempts: int = 25
 
-    # HTTP edge.
+    # HTTP edge: requests. Texts are counted in characters (code points).
     max_body_bytes: int = 1_048_576
+    max_json_depth: int = 64
+    max_message_chars: int = 100_000
+    max_title_chars: int = 500
+    max_system_prompt_chars: int = 100_000
+    max_user_prompt_chars: int = 100_000
+    max_tools_per_chat: int = 250
+    max_tool_description_chars: int = 4096
+    max_tool_schema_bytes: int = 32_768
+    max_tool_schema_depth: int = 32
+    max_page_size: int = 200
+    default_page_size: int = 50
+
+    # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
+    ws_allowed_origins: str = ""
+    ws_ping_interval_s: float = 20.0
     shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -103,6 +118,18 @@ class Settings:
             "retry_max_delay_s",
             "provider_max_attempts",
             "max_body_bytes",
+            "max_json_depth",
+            "max_message_chars",
+            "max_title_chars",
+            "max_system_prompt_chars",
+            "max_user_prompt_chars",
+            "max_tools_per_chat",
+            "max_tool_description_chars",
+            "max_tool_schema_bytes",
+            "max_tool_schema_depth",
+            "max_page_size",
+            "default_page_size",
+            "ws_ping_interval_s",
             "shutdown_grace_s",
         )
         for name in positive:
@@ -112,6 +139,10 @@ class Settings:
             raise SettingsError(f"{_label('restart_limit')} must not be negative")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"{_label('port')} must be between 0 (any free port) and 65535")
+        if self.default_page_size > self.max_page_size:
+            raise SettingsError(
+                f"{_label('default_page_size')} must not exceed {_label('max_page_size')}"
+            )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise SettingsError(
                 f"{_label('db_pool_min_size')} must not exceed {_label('db_pool_max_size')}"

@@ -11,16 +11,18 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 import trio
 import trio.testing
 
-from chatd.actors.chat_actor import ChatActor, CreateChatRequest
+from chatd.actors.chat_actor import ChatActor, CreateChatRequest, system_text
 from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
+from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import StreamCursor
+from chatd.config import Settings
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart, ToolSpec
 from chatd.domain.effects import InvalidCommand, MessageAccepted, TransitionNotAllowed
@@ -41,10 +43,20 @@ from chatd.domain.mailbox import (
     ToolResult,
 )
 from chatd.domain.stream_parts import TextDelta
+from chatd.domain.watch_events import (
+    ChatActionRequired,
+    ChatCreated,
+    ChatStatusChanged,
+    ChatTitleChanged,
+)
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
-from chatd.store import chats, users
+from chatd.store import chats, inbox, prompts, users
 from chatd.store.database import Database
+from chatd.store.records import InboxNotification, inbox_notification_from_row
+from chatd.tools.dynamic import ToolLimits
+
+T = TypeVar("T")
 
 LOOKUP = ToolSpec(
     "lookup", "Look a word up", {"type": "object", "properties": {"word": {"type": "string"}}}
@@ -58,11 +70,25 @@ class World:
     llm: FakeLLM
     owner: uuid.UUID
 
-    async def create(self, text: str, *, tools: tuple[ToolSpec, ...] = ()) -> uuid.UUID:
+    async def create(
+        self,
+        text: str,
+        *,
+        tools: tuple[ToolSpec, ...] = (),
+        title: str = "",
+        system_prompt: str = "",
+    ) -> uuid.UUID:
         chat_id = uuid.uuid4()
         reply = await self.engine.router.ask(
             chat_id,
-            CreateChatRequest(self.owner, uuid.uuid4(), text, dynamic_tools=tools),
+            CreateChatRequest(
+                self.owner,
+                uuid.uuid4(),
+                text,
+                title=title,
+                system_prompt=system_prompt,
+                dynamic_tools=tools,
+            ),
         )
         assert isinstance(reply, MessageAccepted)
         assert not reply.queued
@@ -412,3 +438,194 @@ async def test_invalid_dynamic_tools_are_refused_and_nothing_is_written(world: W
         )
     assert refused.value.field == "dynamic_tools[0].name"
     assert await chats.get_chat(world.db, chat_id) is None
+
+
+# -- user feeds: inbox notifications and watch events ---------------------------------------
+
+
+class FeedLog(Generic[T]):
+    """Everything a user feed delivers to one subscriber, for a test to wait on."""
+
+    def __init__(self, feed: UserFeed[T], user_id: uuid.UUID) -> None:
+        self.feed = feed
+        self.user_id = user_id
+        self.items: list[T] = []
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.feed.subscribe(self.user_id) as sub:
+            task_status.started()
+            async for batch in sub:
+                self.items.extend(batch)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    async def until(self, predicate: Callable[[list[T]], bool]) -> list[T]:
+        with trio.fail_after(30):
+            while not predicate(self.items):
+                await self._changed.wait()
+        return self.items
+
+
+async def notifications_of(db: Database, chat_id: uuid.UUID) -> list[InboxNotification]:
+    rows = await db.fetch(
+        "SELECT * FROM inbox_notifications WHERE chat_id = $1 ORDER BY created_at, id", chat_id
+    )
+    return [inbox_notification_from_row(row) for row in rows]
+
+
+async def test_inbox_notifications_are_written_with_their_turn_and_published(
+    world: World,
+) -> None:
+    feed = FeedLog(world.engine.inbox, world.owner)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+
+        done = await world.create(f"{marker(chunks=100)} a long answer please")
+        await world.until_status(done, ChatStatus.WAITING)
+        failed = await world.create(f"{marker(fault='auth')} hi")
+        await world.until_status(failed, ChatStatus.ERROR)
+        calls = [{"name": "lookup", "arguments": {"word": "trio"}}]
+        tooled = await world.create(f"{marker(tool_calls=calls)} define", tools=(LOOKUP,))
+        events = await world.until(tooled, lambda e: isinstance(e, ActionRequired))
+        [required] = [e for e in events if isinstance(e, ActionRequired)]
+        await world.engine.router.ask(
+            tooled, SubmitToolResults((ToolResult(required.calls[0].id, "{}"),))
+        )
+        await world.until_status(tooled, ChatStatus.WAITING)
+        await feed.until(lambda items: len(items) >= 4)
+        nursery.cancel_scope.cancel()
+
+    [reply] = await notifications_of(world.db, done)
+    assert (reply.user_id, reply.kind, reply.title) == (world.owner, "turn_finished", "Reply ready")
+    assert reply.body.startswith("w1 w2 w3 ")
+    assert len(reply.body) <= 200
+    assert reply.body.endswith("\u2026")
+    answer = (await chats.list_messages(world.db, done, after_seq=1, limit=1))[0]
+    # Both rows carry the time of their transaction: the notification came with the answer.
+    assert reply.created_at == answer.created_at
+
+    [failure] = await notifications_of(world.db, failed)
+    chat = await chats.get_chat(world.db, failed)
+    assert chat is not None
+    assert chat.last_error is not None
+    assert (failure.kind, failure.title, failure.body) == (
+        "failed",
+        "Chat failed",
+        chat.last_error["message"],
+    )
+    assert failure.created_at == chat.updated_at  # the commit that stopped it in error
+
+    action, finished = await notifications_of(world.db, tooled)
+    assert (action.kind, action.title, action.body) == (
+        "action_required",
+        "Tool results needed",
+        "lookup",
+    )
+    assert (finished.kind, finished.title) == ("turn_finished", "Reply ready")
+    first_answer = (await chats.list_messages(world.db, tooled, after_seq=1, limit=1))[0]
+    assert action.created_at == first_answer.created_at
+
+    # One row per turn, each published once, in commit order, once committed.
+    assert feed.items == [reply, failure, action, finished]
+    page = await inbox.list_notifications(world.db, world.owner)
+    assert page.unread_count == 4
+
+
+async def test_watch_events_go_to_the_owner_only(world: World) -> None:
+    bob = await users.create_user(world.db, "bob")
+    mine = FeedLog(world.engine.watch, world.owner)
+    theirs = FeedLog(world.engine.watch, bob.id)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mine.run)
+        await nursery.start(theirs.run)
+
+        quick = await world.create(f"{marker(chunks=1)} hi", title="Quick one")
+        await world.until_status(quick, ChatStatus.WAITING)
+        await world.engine.router.ask(quick, SetArchived(archived=True))
+        calls = [{"name": "lookup", "arguments": {"word": "trio"}}]
+        tooled = await world.create(f"{marker(tool_calls=calls)} define", tools=(LOOKUP,))
+        events = await world.until(tooled, lambda e: isinstance(e, ActionRequired))
+        [required] = [e for e in events if isinstance(e, ActionRequired)]
+        await mine.until(
+            lambda items: (
+                any(isinstance(e, ChatActionRequired) for e in items)
+                and any(isinstance(e, ChatStatusChanged) and e.archived for e in items)
+            )
+        )
+
+        # Bob's subscriber got nothing of Alice's: the first thing it sees is this.
+        hello = ChatTitleChanged(uuid.uuid4(), "for bob")
+        world.engine.watch.publish(bob.id, hello)
+        await theirs.until(bool)
+        assert theirs.items == [hello]
+        nursery.cancel_scope.cancel()
+
+    assert [e for e in mine.items if e.chat_id == quick] == [
+        ChatCreated(quick, "Quick one", ChatStatus.RUNNING, False),  # created running
+        ChatStatusChanged(quick, ChatStatus.WAITING, False),
+        ChatStatusChanged(quick, ChatStatus.WAITING, True),
+    ]
+    assert [e for e in mine.items if e.chat_id == tooled] == [
+        ChatCreated(tooled, "", ChatStatus.RUNNING, False),
+        ChatStatusChanged(tooled, ChatStatus.REQUIRES_ACTION, False),
+        ChatActionRequired(tooled, required.calls, required.deadline),
+    ]
+
+
+async def test_the_users_prompt_follows_the_chats_system_prompt(world: World) -> None:
+    def system_of(index: int) -> object:
+        first = world.llm.requests[index].body["messages"][0]
+        assert first["role"] == "system"
+        return first["content"]
+
+    await prompts.put_user_prompt(world.db, world.owner, "Answer in French.")
+    chat_id = await world.create(f"{marker(chunks=1)} hi", system_prompt="You are chatd.")
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    assert system_of(0) == "You are chatd.\n\nAnswer in French."
+
+    # Changed behind the cache's back: the next turn still uses the cached prompt ...
+    await prompts.put_user_prompt(world.db, world.owner, "Answer in German.")
+    await world.engine.router.ask(chat_id, SendMessage(uuid.uuid4(), f"{marker(chunks=1)} and?"))
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    assert system_of(1) == "You are chatd.\n\nAnswer in French."
+
+    # ... and the writer's invalidation makes the very next turn see the new one.
+    world.engine.config.invalidate_user_prompt(world.owner)
+    await world.engine.router.ask(chat_id, SendMessage(uuid.uuid4(), f"{marker(chunks=1)} so?"))
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    assert system_of(2) == "You are chatd.\n\nAnswer in German."
+    assert world.engine.config.user_prompts.stats.loads == 2  # once warm, no query per turn
+
+
+def test_system_text_joins_what_is_there() -> None:
+    assert system_text("You are chatd.", "Be brief.") == "You are chatd.\n\nBe brief."
+    assert system_text("", "Be brief.") == "Be brief."
+    assert system_text("You are chatd.", None) == "You are chatd."
+    assert system_text("You are chatd.", "") == "You are chatd."
+    assert system_text("", None) == ""
+
+
+def test_engine_options_take_the_tool_limits_from_settings() -> None:
+    settings = Settings(
+        max_tools_per_chat=3,
+        max_tool_description_chars=10,
+        max_tool_schema_bytes=100,
+        max_tool_schema_depth=4,
+    )
+    options = EngineOptions.from_settings(settings, worker_id="w")
+    assert options.tool_limits == ToolLimits(
+        max_tools=3, max_description_chars=10, max_schema_bytes=100, max_schema_depth=4
+    )
+
+
+async def test_chats_are_created_within_the_engines_tool_limits(db: Database) -> None:
+    owner = await users.create_user(db, "dave")
+    options = EngineOptions(worker_id="w", shard_count=2, tool_limits=ToolLimits(max_tools=1))
+    async with open_engine(db, options) as engine:
+        two = (LOOKUP, ToolSpec("other", "", {"type": "object"}))
+        with pytest.raises(InvalidCommand) as refused:
+            await engine.router.ask(
+                uuid.uuid4(), CreateChatRequest(owner.id, uuid.uuid4(), "hi", dynamic_tools=two)
+            )
+        assert refused.value.field == "dynamic_tools"

@@ -9,6 +9,7 @@ import pytest
 
 from chatd.domain.chat_status import ChatStatus
 from chatd.store.chats import (
+    AddNotification,
     AppendMessage,
     ChatWrite,
     ClearQueue,
@@ -24,9 +25,11 @@ from chatd.store.chats import (
     list_messages,
     list_queue,
     list_resumable_chats,
+    rename_chat,
 )
 from chatd.store.database import Database
 from chatd.store.errors import Conflict, NotFound
+from chatd.store.inbox import list_notifications
 from chatd.store.leases import Fence
 from chatd.store.providers import create_model_config, create_provider
 from chatd.store.records import Chat, PageCursor
@@ -398,6 +401,85 @@ async def test_create_and_first_writes_in_one_commit(db: Database) -> None:
     assert committed.chat.status is ChatStatus.RUNNING
     assert committed.chat.last_message_seq == 1
     assert [m.seq for m in committed.appended] == [1]
+
+
+async def test_notifications_are_written_with_the_commit(db: Database) -> None:
+    user = await make_user(db)
+    fence = await lease(db)
+    chat = await make_chat(db, fence, user.id)
+    assert (await commit(db, fence, chat.id, [UpdateChat()])).notifications == ()
+
+    reply = AddNotification(id=uuid4(), user_id=user.id, kind="turn_finished", title="Reply ready")
+    writes: list[ChatWrite] = [
+        AppendMessage(id=uuid4(), seq=1, role="assistant", content=text("4"), history_version=1),
+        reply,
+        AddNotification(
+            id=uuid4(), user_id=user.id, kind="failed", title="Chat failed", body="Oops ✓"
+        ),
+    ]
+    committed = await commit(db, fence, chat.id, writes)
+    first, second = committed.notifications
+    assert (first.id, first.user_id, first.chat_id, first.kind) == (
+        reply.id,
+        user.id,
+        chat.id,
+        "turn_finished",
+    )
+    assert (first.title, first.body, first.read_at) == ("Reply ready", "", None)
+    assert (second.kind, second.title, second.body) == ("failed", "Chat failed", "Oops ✓")
+    # One transaction, one now(): the notifications are stamped like the message they report.
+    [message] = committed.appended
+    assert first.created_at == second.created_at == message.created_at
+    page = await list_notifications(db, user.id)
+    assert sorted(page.notifications, key=lambda n: n.id) == sorted(
+        committed.notifications, key=lambda n: n.id
+    )
+
+
+async def test_a_failed_commit_writes_no_notification(db: Database) -> None:
+    user = await make_user(db)
+    fence = await lease(db)
+    chat = await make_chat(db, fence, user.id)
+    note = AddNotification(id=uuid4(), user_id=user.id, kind="failed", title="Chat failed")
+    with pytest.raises(NotFound) as missing:
+        await commit(db, fence, chat.id, [note, Dequeue(id=uuid4())])
+    assert missing.value.kind == "queued message"
+    with pytest.raises(NotFound) as no_user:
+        await commit(
+            db,
+            fence,
+            chat.id,
+            [AddNotification(id=uuid4(), user_id=uuid4(), kind="failed", title="Chat failed")],
+        )
+    assert no_user.value.kind == "user"
+    assert await db.fetchval("SELECT count(*) FROM inbox_notifications") == 0
+
+
+async def test_rename_chat_changes_only_the_title(db: Database) -> None:
+    alice, bob = await make_user(db, "alice"), await make_user(db, "bob")
+    fence = await lease(db)
+    chat = await make_chat(db, fence, alice.id, title="old")
+    chat = (await commit(db, fence, chat.id, [UpdateChat(status=ChatStatus.RUNNING)])).chat
+
+    renamed = await rename_chat(db, chat.id, alice.id, "new ✓")
+    assert renamed is not None
+    assert renamed.title == "new ✓"
+    assert renamed.updated_at >= chat.updated_at
+    assert {**_fields(renamed), "title": None, "updated_at": None} == {
+        **_fields(chat),
+        "title": None,
+        "updated_at": None,
+    }
+    assert await get_chat(db, chat.id) == renamed
+
+    # Someone else's chat and a missing one answer alike, and nothing changes.
+    assert await rename_chat(db, chat.id, bob.id, "stolen") is None
+    assert await rename_chat(db, uuid4(), alice.id, "nowhere") is None
+    assert await get_chat(db, chat.id) == renamed
+
+    # The actor's later commits keep the title: they set only what they change.
+    after = await commit(db, fence, chat.id, [UpdateChat(status=ChatStatus.WAITING)])
+    assert after.chat.title == "new ✓"
 
 
 async def _touch_together(db: Database, chats: list[Chat]) -> None:

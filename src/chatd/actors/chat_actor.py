@@ -1,9 +1,11 @@
 """ChatActor: the one writer of a chat's execution state.
 
 For each message: ``decide`` (pure), commit what the decision writes in one fenced
-transaction, then publish, reply and start or stop work. The generation of a model step runs
-as a child task in the actor's nursery: its parts go straight to the hub, and its outcome
-comes back to the actor as a mailbox message (``StepCompleted``, ``GenerationFailed``).
+transaction (inbox notifications included), then publish (the chat's events to the hub, the
+owner's watch events and notifications to the user feeds), reply and start or stop work. The
+generation of a model step runs as a child task in the actor's nursery: its parts go straight
+to the hub, and its outcome comes back to the actor as a mailbox message (``StepCompleted``,
+``GenerationFailed``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 from chatd.actors.behavior import ActorContext
 from chatd.actors.chat_loader import ChatSetup, load_chat
 from chatd.actors.clock import WallClock
+from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
@@ -41,6 +44,7 @@ from chatd.domain.effects import (
     UnknownTarget,
 )
 from chatd.domain.events import (
+    ActionRequired,
     ChatEvent,
     CommittedMessage,
     Episode,
@@ -60,10 +64,18 @@ from chatd.domain.mailbox import (
     StepCompleted,
 )
 from chatd.domain.step_assembler import StepAssembler
+from chatd.domain.watch_events import (
+    ChatActionRequired,
+    ChatCreated,
+    ChatStatusChanged,
+    WatchEvent,
+)
 from chatd.providers.errors import ProviderError
 from chatd.store import chats
-from chatd.store.chats import ChatWrite, CreateChat
+from chatd.store.chats import CreateChat
+from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database
+from chatd.store.records import InboxNotification
 from chatd.tools.builtin import BUILTINS, run_builtin
 from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
 
@@ -90,6 +102,9 @@ class ChatDeps:
     db: Database
     hub: ChatHub
     models: ModelCatalog
+    config: ConfigCache
+    watch: UserFeed[WatchEvent]
+    inbox: UserFeed[InboxNotification]
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     clock: WallClock = field(default_factory=WallClock)
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
@@ -183,21 +198,33 @@ class ChatActor:
         self._state = empty
         self._setup = setup
         try:
-            return await self._apply(decision, first=[create])
+            return await self._apply(decision, create=create)
         except BaseException:
             self._state = None
             self._setup = None
             raise
 
-    async def _apply(self, decision: Decision, *, first: list[ChatWrite] | None = None) -> object:
+    async def _apply(self, decision: Decision, *, create: CreateChat | None = None) -> object:
         assert self._state is not None
+        assert self._setup is not None
         before = self._state
-        writes = [*(first or []), *writes_for(before, decision)]
+        owner = self._setup.owner_id
+        writes = writes_for(before, decision, owner_id=owner)
+        if create is not None:
+            writes.insert(0, create)
+        notifications: tuple[InboxNotification, ...] = ()
         if writes:
-            await chats.commit(self._deps.db, self._ctx.fence, self._ctx.chat_id, writes)
+            committed = await chats.commit(
+                self._deps.db, self._ctx.fence, self._ctx.chat_id, writes
+            )
+            notifications = committed.notifications
         self._state = decision.state
         self._remember(decision)
         self._deps.hub.publish(self._ctx.chat_id, self._events(before, decision))
+        for event in self._watch_events(before, decision, create):
+            self._deps.watch.publish(owner, event)
+        for notification in notifications:
+            self._deps.inbox.publish(owner, notification)
         reply: object = None
         for effect in decision.effects:
             reply = await self._run(effect, reply)
@@ -238,6 +265,27 @@ class ChatActor:
         events += [e for e in explicit if not isinstance(e, HistoryReset)]
         return events
 
+    def _watch_events(
+        self, before: ChatState, decision: Decision, create: CreateChat | None
+    ) -> list[WatchEvent]:
+        """What the owner's chat list must learn: creation (with the status the decision left),
+        a status or archived change, and calls waiting for the owner's tool results."""
+        chat_id = self._ctx.chat_id
+        after = decision.state
+        events: list[WatchEvent] = []
+        if create is not None:
+            events.append(ChatCreated(chat_id, create.title, after.status, after.archived))
+        elif (before.status, before.archived) != (after.status, after.archived):
+            events.append(ChatStatusChanged(chat_id, after.status, after.archived))
+        events += [
+            ChatActionRequired(chat_id, event.calls, event.deadline)
+            for effect in decision.effects
+            if isinstance(effect, Publish)
+            for event in effect.events
+            if isinstance(event, ActionRequired)
+        ]
+        return events
+
     # -- effects -----------------------------------------------------------------------------
 
     async def _run(self, effect: Effect, reply: object) -> object:
@@ -263,7 +311,7 @@ class ChatActor:
                     scope.cancel()
                 self._timers.clear()
             case Notify():
-                pass  # inbox notifications are written by the edge's issue; nothing to do yet
+                pass  # written with the commit (persist.writes_for) and published after it
         return reply
 
     def _arm(self, name: str, at: float, message: MailboxMessage) -> None:
@@ -311,10 +359,11 @@ class ChatActor:
                 except ModelUnavailable as exc:
                     self._finished(GenerationFailed(episode, exc.failure))
                     return
+                user_prompt = await self._deps.config.user_prompt(setup.owner_id)
                 request = ModelRequest(
                     model=model.model,
                     messages=tuple(self._history),
-                    system=setup.system_prompt,
+                    system=system_text(setup.system_prompt, user_prompt),
                     tools=(*(t.spec for t in BUILTINS.values()), *setup.dynamic_tools),
                     options=model.options,
                 )
@@ -347,3 +396,8 @@ class ChatActor:
         # ``self._generation`` stays set until the next start or stop: an interrupt that
         # arrives before this outcome is processed still finds the parts it must keep.
         self._ctx.tell_self(outcome)
+
+
+def system_text(system_prompt: str, user_prompt: str | None) -> str:
+    """The model's system text: the chat's system prompt, then the user's custom prompt."""
+    return "\n\n".join(p for p in (system_prompt, user_prompt or "") if p.strip())

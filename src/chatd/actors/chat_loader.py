@@ -118,3 +118,12 @@ def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[Pending
                 if isinstance(p, ToolCallPart) and p.name in dynamic and p.id not in answered
             )
     return ()
+
+
+async def pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]:
+    """The dynamic calls the chat waits on (read from its last step)."""
+    history = [
+        Message(m.role, parts_from_json(m.content)) for m in await chats.list_last_step(db, chat.id)
+    ]
+    dynamic = {str(tool.get("name")) for tool in chat.dynamic_tools}
+    return unanswered_calls(history, dynamic)

@@ -1,4 +1,5 @@
-"""Assemble the engine of one worker process: hub, model catalog, supervisor, router."""
+"""Assemble the engine of one worker process: hub, user feeds, config cache, model catalog,
+supervisor, router."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import trio
 
 from chatd.actors.behavior import ActorBehavior, ActorContext
 from chatd.actors.chat_actor import ChatActor, ChatDeps
+from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog
 from chatd.actors.router import Router
@@ -22,12 +24,15 @@ from chatd.domain.chat_status import ChatStatus
 from chatd.domain.failure_classifier import scrub_detail
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.retry_policy import RetryPolicy
+from chatd.domain.watch_events import ChatStatusChanged, WatchEvent
 from chatd.providers.base import Timeouts
 from chatd.store import chats
 from chatd.store.chats import UpdateChat
 from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database
 from chatd.store.leases import Fence
+from chatd.store.records import Chat, InboxNotification
+from chatd.tools.dynamic import ToolLimits
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ class EngineOptions:
     subscriber_queue_size: int = 1024
     slow_consumer_timeout_s: float = 10.0
     config_cache_ttl_s: float = 30.0
+    tool_limits: ToolLimits = field(default_factory=ToolLimits)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:
@@ -71,6 +77,12 @@ class EngineOptions:
             subscriber_queue_size=settings.subscriber_queue_size,
             slow_consumer_timeout_s=settings.slow_consumer_timeout_s,
             config_cache_ttl_s=settings.config_cache_ttl_s,
+            tool_limits=ToolLimits(
+                max_tools=settings.max_tools_per_chat,
+                max_description_chars=settings.max_tool_description_chars,
+                max_schema_bytes=settings.max_tool_schema_bytes,
+                max_schema_depth=settings.max_tool_schema_depth,
+            ),
         )
 
 
@@ -80,6 +92,12 @@ class Engine:
     hub: ChatHub
     supervisor: Supervisor
     models: ModelCatalog
+    # The cache the models and the chats read through; call its invalidate_* after each write.
+    config: ConfigCache
+    # Lifecycle events of each user's chats (the watch WebSocket).
+    watch: UserFeed[WatchEvent]
+    # Each user's new inbox notifications, published once committed.
+    inbox: UserFeed[InboxNotification]
 
 
 @contextlib.asynccontextmanager
@@ -89,16 +107,33 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         subscriber_queue_size=options.subscriber_queue_size,
         slow_consumer_timeout_s=options.slow_consumer_timeout_s,
     )
-    models = ModelCatalog(
-        ConfigCache(db, ttl_s=options.config_cache_ttl_s), timeouts=options.timeouts
+    config = ConfigCache(db, ttl_s=options.config_cache_ttl_s)
+    models = ModelCatalog(config, timeouts=options.timeouts)
+    watch: UserFeed[WatchEvent] = UserFeed(
+        queue_size=options.subscriber_queue_size,
+        slow_consumer_timeout_s=options.slow_consumer_timeout_s,
     )
-    deps = ChatDeps(db=db, hub=hub, models=models, policy=options.policy)
+    inbox: UserFeed[InboxNotification] = UserFeed(
+        queue_size=options.subscriber_queue_size,
+        slow_consumer_timeout_s=options.slow_consumer_timeout_s,
+    )
+    deps = ChatDeps(
+        db=db,
+        hub=hub,
+        models=models,
+        config=config,
+        watch=watch,
+        inbox=inbox,
+        policy=options.policy,
+        tool_limits=options.tool_limits,
+    )
 
     def factory(ctx: ActorContext) -> ActorBehavior:
         return ChatActor(ctx, deps)
 
     async def park(chat_id: UUID, fence: Fence, error: BaseException) -> None:
-        await park_chat(db, chat_id, fence, error)
+        chat = await park_chat(db, chat_id, fence, error)
+        watch.publish(chat.owner_id, ChatStatusChanged(chat.id, chat.status, chat.archived))
 
     supervisor = Supervisor(
         db,
@@ -116,15 +151,16 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
-            yield Engine(Router(supervisor), hub, supervisor, models)
+            yield Engine(Router(supervisor), hub, supervisor, models, config, watch, inbox)
             supervisor.shutdown()
     finally:
         with trio.CancelScope(shield=True):
             await models.aclose()
 
 
-async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseException) -> None:
-    """A chat that keeps crashing its actor stops in ``error``, with the reason recorded."""
+async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseException) -> Chat:
+    """A chat that keeps crashing its actor stops in ``error``, with the reason recorded;
+    returns the chat as stored."""
     log.error("chat %s crashed too often; parking it in error", chat_id, exc_info=error)
     failure = ProviderFailure(
         kind=ErrorKind.GENERIC,
@@ -135,7 +171,7 @@ async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseExcept
         message="This chat stopped after repeated internal errors.",
         detail=scrub_detail(f"{type(error).__name__}: {error}"),
     )
-    await chats.commit(
+    committed = await chats.commit(
         db,
         fence,
         chat_id,
@@ -148,3 +184,4 @@ async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseExcept
             )
         ],
     )
+    return committed.chat

@@ -58,10 +58,9 @@ from uuid import UUID
 
 import trio
 
-from chatd.actors.chat_loader import queued_entry, unanswered_calls
+from chatd.actors.chat_loader import pending_calls, queued_entry
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json
-from chatd.domain.conversation import Message
 from chatd.domain.events import (
     ActionRequired,
     ChatEvent,
@@ -70,7 +69,6 @@ from chatd.domain.events import (
     ErrorRaised,
     HistoryReset,
     MessagePart,
-    PendingToolCall,
     PreviewReset,
     QueueUpdated,
     RetryScheduled,
@@ -643,16 +641,8 @@ async def _state_events(db: Database, chat: Chat) -> list[ChatEvent]:
         delay = max(0.0, at - time.time())
         events.append(RetryScheduled(chat.retry_count + 1, delay, failure, at))
     if chat.status is ChatStatus.REQUIRES_ACTION:
-        calls = await _pending_calls(db, chat)
+        calls = await pending_calls(db, chat)
         deadline = 0.0 if chat.action_deadline is None else chat.action_deadline.timestamp()
         if calls:
             events.append(ActionRequired(calls, deadline))
     return events
-
-
-async def _pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]:
-    history = [
-        Message(m.role, parts_from_json(m.content)) for m in await chats.list_last_step(db, chat.id)
-    ]
-    dynamic = {str(tool.get("name")) for tool in chat.dynamic_tools}
-    return unanswered_calls(history, dynamic)

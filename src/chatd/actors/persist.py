@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Final, assert_never
+from uuid import UUID, uuid4
 
 from chatd.actors.clock import to_datetime
 from chatd.domain.chat_state import ChatState
 from chatd.domain.content_json import parts_to_json
-from chatd.domain.effects import Decision, NewMessage
+from chatd.domain.conversation import TextPart
+from chatd.domain.effects import Decision, NewMessage, NotificationKind, Notify
 from chatd.domain.stream_parts import Usage
 from chatd.store.chats import (
+    AddNotification,
     AppendMessage,
     ChatWrite,
     ClearQueue,
@@ -19,9 +22,12 @@ from chatd.store.chats import (
     UpdateChat,
 )
 
+NOTIFICATION_EXCERPT_CHARS: Final = 200
 
-def writes_for(before: ChatState, decision: Decision) -> list[ChatWrite]:
-    """The writes that take the stored chat from ``before`` to ``decision.state``."""
+
+def writes_for(before: ChatState, decision: Decision, *, owner_id: UUID) -> list[ChatWrite]:
+    """The writes that take the stored chat from ``before`` to ``decision.state``, and the
+    owner's inbox notifications the decision asks for (written with it, in its transaction)."""
     after = decision.state
     writes: list[ChatWrite] = []
     if decision.truncate_after_seq is not None:
@@ -37,7 +43,49 @@ def writes_for(before: ChatState, decision: Decision) -> list[ChatWrite]:
     update = _update(before, after)
     if update is not None:
         writes.append(update)
+    for effect in decision.effects:
+        if isinstance(effect, Notify):
+            title, body = notification_text(effect.kind, decision)
+            writes.append(
+                AddNotification(
+                    id=uuid4(),
+                    user_id=owner_id,
+                    kind=effect.kind,
+                    title=_without_nul(title),
+                    body=_without_nul(body),
+                )
+            )
     return writes
+
+
+def notification_text(kind: NotificationKind, decision: Decision) -> tuple[str, str]:
+    """Title and body of an inbox notification: enough to know whether to open the chat."""
+    after = decision.state
+    match kind:
+        case "turn_finished":
+            return "Reply ready", _excerpt(_final_text(decision))
+        case "failed":
+            return "Chat failed", "" if after.last_error is None else after.last_error.message
+        case "action_required":
+            names = dict.fromkeys(call.name for call in after.pending_calls)
+            return "Tool results needed", _excerpt(", ".join(names))
+        case _:
+            assert_never(kind)
+
+
+def _final_text(decision: Decision) -> str:
+    """The text of the decision's last assistant message (the answer that ends the turn)."""
+    for message in reversed(decision.messages):
+        if message.role == "assistant":
+            return "".join(p.text for p in message.parts if isinstance(p, TextPart))
+    return ""
+
+
+def _excerpt(text: str) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= NOTIFICATION_EXCERPT_CHARS:
+        return flat
+    return flat[: NOTIFICATION_EXCERPT_CHARS - 1].rstrip() + "\u2026"
 
 
 def _append(message: NewMessage) -> AppendMessage:

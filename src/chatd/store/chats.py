@@ -19,12 +19,15 @@ import asyncpg
 from chatd.domain.chat_status import ChatStatus
 from chatd.store.database import Connection, Database
 from chatd.store.errors import Conflict, NotFound
+from chatd.store.inbox import insert_notification
 from chatd.store.leases import Fence, check_fence
 from chatd.store.records import (
     UNSET,
     Chat,
     ChatMessage,
+    InboxNotification,
     MessageRole,
+    NotificationKind,
     PageCursor,
     QueuedMessage,
     Unset,
@@ -108,6 +111,18 @@ class ClearQueue:
     pass
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddNotification:
+    """An inbox notification about the chat for ``user_id``, written with the turn it reports
+    (so a reported turn is never lost, and nothing is reported that did not happen)."""
+
+    id: UUID
+    user_id: UUID
+    kind: NotificationKind
+    title: str
+    body: str = ""
+
+
 ChatWrite = (
     CreateChat
     | UpdateChat
@@ -117,17 +132,20 @@ ChatWrite = (
     | Dequeue
     | MoveQueued
     | ClearQueue
+    | AddNotification
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Committed:
     """What a commit left behind: the chat as stored, the messages it appended (in order),
-    and the whole queue when the commit touched it (``None`` when it did not)."""
+    the whole queue when the commit touched it (``None`` when it did not), and the
+    notifications it added (in order)."""
 
     chat: Chat
     appended: tuple[ChatMessage, ...]
     queue: tuple[QueuedMessage, ...] | None
+    notifications: tuple[InboxNotification, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +180,16 @@ async def commit(
 def _missing_reference(
     exc: asyncpg.ForeignKeyViolationError, writes: Sequence[ChatWrite]
 ) -> NotFound:
-    # Only a new chat refers to rows the commit does not hold: its owner and model config.
+    # Only a new chat and a notification refer to rows the commit does not hold: the chat's
+    # owner and model config, the notification's user.
     create = next((w for w in writes if isinstance(w, CreateChat)), None)
     if create is not None and exc.constraint_name == "chats_owner_id_fkey":
         return NotFound("user", create.owner_id)
     if create is not None and exc.constraint_name == "chats_model_config_id_fkey":
         return NotFound("model config", create.model_config_id)
+    notify = next((w for w in writes if isinstance(w, AddNotification)), None)
+    if notify is not None and exc.constraint_name == "inbox_notifications_user_id_fkey":
+        return NotFound("user", notify.user_id)
     return NotFound("row", exc.detail)
 
 
@@ -178,15 +200,18 @@ async def apply_writes(
     await check_fence(conn, fence)
     chat_id, rest = await _open_chat(conn, fence, chat_id, writes)
     appended: list[ChatMessage] = []
+    notifications: list[InboxNotification] = []
     for write in rest:
-        message = await _apply(conn, chat_id, write)
-        if message is not None:
-            appended.append(message)
+        added = await _apply(conn, chat_id, write)
+        if isinstance(added, ChatMessage):
+            appended.append(added)
+        elif isinstance(added, InboxNotification):
+            notifications.append(added)
     row = await conn.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
     assert row is not None
     queue_changed = any(isinstance(w, Enqueue | Dequeue | MoveQueued | ClearQueue) for w in rest)
     queue = tuple(await _list_queue(conn, chat_id)) if queue_changed else None
-    return Committed(chat_from_row(row), tuple(appended), queue)
+    return Committed(chat_from_row(row), tuple(appended), queue, tuple(notifications))
 
 
 async def _open_chat(
@@ -215,8 +240,10 @@ async def _open_chat(
             return chat_id, writes
 
 
-async def _apply(conn: Connection, chat_id: UUID, write: ChatWrite) -> ChatMessage | None:
-    """Apply one write; returns the message an ``AppendMessage`` stored."""
+async def _apply(
+    conn: Connection, chat_id: UUID, write: ChatWrite
+) -> ChatMessage | InboxNotification | None:
+    """Apply one write; returns the row an ``AppendMessage`` or ``AddNotification`` stored."""
     match write:
         case CreateChat():
             raise ValueError("CreateChat must be the first write of its commit")
@@ -260,6 +287,16 @@ async def _apply(conn: Connection, chat_id: UUID, write: ChatWrite) -> ChatMessa
                 raise NotFound("queued message", queued_id)
         case ClearQueue():
             await conn.execute("DELETE FROM queued_messages WHERE chat_id = $1", chat_id)
+        case AddNotification():
+            return await insert_notification(
+                conn,
+                notification_id=write.id,
+                user_id=write.user_id,
+                chat_id=chat_id,
+                kind=write.kind,
+                title=write.title,
+                body=write.body,
+            )
         case _:
             assert_never(write)
     return None
@@ -345,6 +382,21 @@ async def _append_message(conn: Connection, chat_id: UUID, append: AppendMessage
     )
     assert row is not None
     return chat_message_from_row(row)
+
+
+async def rename_chat(db: Database, chat_id: UUID, owner_id: UUID, title: str) -> Chat | None:
+    """Set the chat's title; ``None`` when the chat is missing or someone else's.
+
+    The title is not execution state, so this is neither fenced nor the actor's: its commits
+    leave the title alone unless they set it. ``updated_at`` moves (the table's trigger).
+    """
+    row = await db.fetchrow(
+        "UPDATE chats SET title = $3 WHERE id = $1 AND owner_id = $2 RETURNING *",
+        chat_id,
+        owner_id,
+        title,
+    )
+    return None if row is None else chat_from_row(row)
 
 
 # -- reads ---------------------------------------------------------------------------------

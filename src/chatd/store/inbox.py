@@ -36,19 +36,43 @@ async def create_notification(
     chat_id: UUID | None = None,
 ) -> InboxNotification:
     try:
-        row = await db.fetchrow(
-            "INSERT INTO inbox_notifications (id, user_id, chat_id, kind, title, body)"
-            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
-            uuid4(),
-            user_id,
-            chat_id,
-            kind,
-            title,
-            body,
+        return await db.run(
+            partial(
+                insert_notification,
+                notification_id=uuid4(),
+                user_id=user_id,
+                chat_id=chat_id,
+                kind=kind,
+                title=title,
+                body=body,
+            )
         )
     except asyncpg.ForeignKeyViolationError as exc:
         what = "chat" if exc.constraint_name == "inbox_notifications_chat_id_fkey" else "user"
         raise NotFound(what, chat_id if what == "chat" else user_id) from exc
+
+
+async def insert_notification(
+    conn: Connection,
+    *,
+    notification_id: UUID,
+    user_id: UUID,
+    chat_id: UUID | None,
+    kind: NotificationKind,
+    title: str,
+    body: str,
+) -> InboxNotification:
+    """The one INSERT of a notification: on its own, or within a chat's commit (its turn)."""
+    row = await conn.fetchrow(
+        "INSERT INTO inbox_notifications (id, user_id, chat_id, kind, title, body)"
+        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+        notification_id,
+        user_id,
+        chat_id,
+        kind,
+        title,
+        body,
+    )
     assert row is not None
     return inbox_notification_from_row(row)
 

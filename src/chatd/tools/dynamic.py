@@ -50,7 +50,7 @@ def validate_dynamic_tools(
         schema = tool.get("input_schema", {"type": "object", "properties": {}})
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise InvalidCommand(f"{where}.input_schema", 'a JSON schema with "type": "object"')
-        if len(json.dumps(schema)) > limits.max_schema_bytes:
+        if len(_compact(schema)) > limits.max_schema_bytes:
             raise InvalidCommand(
                 f"{where}.input_schema", f"at most {limits.max_schema_bytes} bytes of JSON"
             )
@@ -60,6 +60,11 @@ def validate_dynamic_tools(
             )
         specs.append(ToolSpec(name, description, schema))
     return tuple(specs)
+
+
+def _compact(schema: Mapping[str, Any]) -> bytes:
+    """The schema's size as the client would count it: compact UTF-8 JSON."""
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _depth(value: object) -> int:

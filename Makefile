@@ -12,7 +12,9 @@ CHATD_HOME ?= .chatd
 .PHONY: help run test lint typecheck pytest postgres bench clean
 
 help:
-	@echo "make run    start chatd on http://127.0.0.1:8080 (embedded PostgreSQL unless CHATD_DATABASE_URL is set)"
+	@echo "make run    start chatd on http://127.0.0.1:8080 with a demo model: a fake one in-process,"
+	@echo "           or OpenAI / Anthropic if OPENAI_API_KEY / ANTHROPIC_API_KEY is set"
+	@echo "           (embedded PostgreSQL unless CHATD_DATABASE_URL is set)"
 	@echo "make test   lint, type-check and run the whole test suite"
 	@echo "make clean  remove .venv and chatd's local data ($(CHATD_HOME))"
 
@@ -28,7 +30,7 @@ postgres:
 
 run: $(STAMP)
 	@if [ -z "$$CHATD_DATABASE_URL" ]; then scripts/ensure-postgres.sh; fi
-	$(BIN)/chatd serve --home "$(CHATD_HOME)" --admin-token-file "$(CHATD_HOME)/admin-token"
+	$(BIN)/chatd serve --demo --home "$(CHATD_HOME)" --admin-token-file "$(CHATD_HOME)/admin-token"
 
 test: $(STAMP) postgres lint typecheck pytest
 

@@ -19,6 +19,7 @@ import trio
 
 from chatd import __version__
 from chatd.config import Settings, SettingsError
+from chatd.demo import DemoError, start_message
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
 from chatd.providers.fake import Scenario, serve_fake_llm
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
@@ -39,6 +40,7 @@ class CliError(Exception):
 _USER_ERRORS = (
     CliError,
     SettingsError,
+    DemoError,
     DatabaseUnavailable,
     EmbeddedPostgresError,
     MigrationError,
@@ -110,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="keep a local admin token in this file (made if missing) and print it on start",
     )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="make a model answer out of the box (what `make run` does): chatd's fake LLM in "
+        "this process, or OpenAI / Anthropic when OPENAI_API_KEY / ANTHROPIC_API_KEY is set",
+    )
     serve.set_defaults(run=_cmd_serve)
 
     migrate_cmd = commands.add_parser(
@@ -177,17 +185,21 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     token_file: Path | None = args.admin_token_file
 
     def on_ready(ready: Ready) -> None:
-        for url in ready.urls:
-            print(f"chatd is serving on {url}", flush=True)
-        if ready.admin_token is not None:
-            print(f"admin API token: {ready.admin_token}  (kept in {token_file})", flush=True)
+        print(
+            start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
+        )
 
     async def serve_until_signal(url: str) -> None:
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_shutdown_on_signal, shutdown, nursery.cancel_scope)
             await run_server(
-                settings, url, shutdown=shutdown, on_ready=on_ready, admin_token_file=token_file
+                settings,
+                url,
+                shutdown=shutdown,
+                on_ready=on_ready,
+                admin_token_file=token_file,
+                demo=args.demo,
             )
             nursery.cancel_scope.cancel()
 

@@ -15,6 +15,7 @@ import trio
 
 from chatd.actors.engine import EngineOptions, open_engine
 from chatd.config import Settings
+from chatd.demo import DemoModel, open_demo_model
 from chatd.providers.base import ProviderKind
 from chatd.store import providers, users
 from chatd.store.database import Database
@@ -38,6 +39,7 @@ class Ready:
 
     urls: list[str]
     admin_token: str | None
+    demo_model: DemoModel | None = None  # with ``demo``: the model that answers
 
 
 @contextlib.contextmanager
@@ -75,9 +77,14 @@ async def run_server(
     shutdown: trio.Event,
     on_ready: Callable[[Ready], None],
     admin_token_file: Path | None = None,
+    demo: bool = False,
 ) -> None:
     """Migrate, start the engine (shard leases, resumed chats), then serve HTTP until
-    ``shutdown`` is set; the engine stops after the last request, releasing its leases."""
+    ``shutdown`` is set; the engine stops after the last request, releasing its leases.
+
+    With ``demo``, a model answers out of the box (``chatd.demo``): the fake provider, served
+    in this process until the engine has stopped, or a real one when its API key is set.
+    """
     async with open_database(settings, url) as db:
         applied = await migrate(db)
         if applied:
@@ -87,7 +94,14 @@ async def run_server(
             token = await ensure_admin_token(db, admin_token_file)
         worker_id = settings.worker_id or default_worker_id()
         options = EngineOptions.from_settings(settings, worker_id=worker_id)
-        async with open_engine(db, options) as engine, trio.open_nursery() as nursery:
+        demo_model: contextlib.AbstractAsyncContextManager[DemoModel | None] = (
+            open_demo_model(db, os.environ) if demo else contextlib.nullcontext()
+        )
+        async with (
+            demo_model as model,
+            open_engine(db, options) as engine,
+            trio.open_nursery() as nursery,
+        ):
             app = create_app(settings, db, engine)
             urls: list[str] = await nursery.start(
                 lambda task_status: serve(
@@ -99,7 +113,7 @@ async def run_server(
                     task_status=task_status,
                 )
             )
-            on_ready(Ready(urls=urls, admin_token=token))
+            on_ready(Ready(urls=urls, admin_token=token, demo_model=model))
             log.info("worker %s owns %d shards", worker_id, len(engine.supervisor.fences))
 
 

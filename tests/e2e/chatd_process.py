@@ -15,11 +15,16 @@ import trio
 
 _SERVING = re.compile(r"chatd is serving on (http://\S+)")
 _TOKEN = re.compile(r"admin API token: (chatd_\S+)")
+# A developer's real provider settings must not reach chatd under test (`serve --demo` uses them).
+_PROVIDER_ENV = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL")
 
 
 def chatd_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test's environment without any CHATD_* setting leaking in from the developer's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    """The test's environment without any CHATD_* setting or provider key leaking in from the
+    developer's."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("CHATD_") and k not in _PROVIDER_ENV
+    }
     env.update(extra or {})
     return env
 
@@ -44,6 +49,19 @@ class ServerProcess:
     admin_token: str | None = None
     output: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
+    _new_line: trio.Event = field(default_factory=trio.Event)
+
+    async def wait_for_line(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
+        """The first line of output (so far or to come) that matches the regex ``pattern``."""
+        regex = re.compile(pattern)
+        seen = 0
+        with trio.fail_after(timeout_s):
+            while True:
+                for line in self.output[seen:]:
+                    if m := regex.search(line):
+                        return m
+                seen = len(self.output)
+                await self._new_line.wait()
 
     async def stop(self, sig: int = signal.SIGINT, timeout_s: float = 30) -> int:
         """Signal the server and wait for it to exit; return its exit code."""
@@ -62,6 +80,8 @@ class ServerProcess:
             for raw in lines:
                 line = raw.decode(errors="replace")
                 self.output.append(line)
+                self._new_line.set()
+                self._new_line = trio.Event()
                 if m := _SERVING.search(line):
                     self.url = m.group(1)
                 if m := _TOKEN.search(line):

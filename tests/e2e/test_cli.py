@@ -11,8 +11,10 @@ import httpx2
 import pytest
 import trio
 
-from chatd.store import users
+from chatd.providers.fake import DEMO_REPLY, knobs_header
+from chatd.store import providers, users
 from chatd.store.database import Database
+from chatd.store.records import ModelConfig, Provider
 from tests.e2e.chatd_process import chatd_server, run_chatd
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,108 @@ async def test_serve_on_a_database_with_an_edited_migration_says_so_in_one_line(
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("chatd: error: migration 0001_initial was already applied")
     assert "Traceback" not in result.stderr
+
+
+# -- chatd serve --demo (make run) ------------------------------------------------------------
+
+
+async def _demo_rows(database_url: str) -> tuple[list[Provider], list[ModelConfig]]:
+    async with Database.connect(database_url, min_size=1, max_size=1) as db:
+        return await providers.list_providers(db), await providers.list_model_configs(db)
+
+
+async def _default_model(database_url: str) -> tuple[ModelConfig, Provider]:
+    async with Database.connect(database_url, min_size=1, max_size=1) as db:
+        config = await providers.get_default_model_config(db)
+        assert config is not None
+        provider = await providers.get_provider(db, config.provider_id)
+        assert provider is not None
+        return config, provider
+
+
+async def _ask_fake(base_url: str) -> str:
+    """A quick (no pauses) non-streaming completion from the OpenAI-style fake at base_url."""
+    async with httpx2.AsyncClient(timeout=10) as client:
+        response = await client.post(
+            f"{base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "Hello!"}]},
+            headers=knobs_header(first_chunk_delay_ms=0, chunk_interval_ms=0),
+        )
+    response.raise_for_status()
+    text: str = response.json()["choices"][0]["message"]["content"]
+    return text
+
+
+def _demo_args(database_url: str, home: Path) -> list[str]:
+    token_file = str(home / "admin-token")
+    return [
+        "--demo",
+        "--database-url",
+        database_url,
+        "--port",
+        "0",
+        "--admin-token-file",
+        token_file,
+    ]
+
+
+async def test_serve_demo_answers_with_the_fake_model_in_process_and_reuses_its_rows(
+    database_url: str, chatd_home: Path
+) -> None:
+    args = _demo_args(database_url, chatd_home)
+    async with chatd_server(args) as first:
+        await first.wait_for_line(r"A first session")
+        curl = (
+            f'  curl -s -X POST {first.url}/api/v1/chats -H "Authorization: Bearer '
+            f"{first.admin_token}\" -H 'Content-Type: application/json'"
+            """ -d '{"text": "Hello!"}'"""
+        )
+        assert curl in first.output
+        config, provider = await _default_model(database_url)
+        assert (config.name, provider.name, provider.kind) == (
+            "demo-fake",
+            "demo-fake",
+            "openai-compatible",
+        )
+        assert provider.base_url is not None
+        assert provider.base_url.startswith("http://127.0.0.1:")
+        model_line = (await first.wait_for_line(r"^model: .*")).group(0)
+        assert "fake" in model_line
+        assert provider.base_url in model_line
+        # The default model config points at a fake that this very process serves.
+        assert await _ask_fake(provider.base_url) == DEMO_REPLY
+    assert first.process.returncode == 0
+
+    async with chatd_server(args) as second:
+        again, again_provider = await _default_model(database_url)
+        assert (again.id, again_provider.id) == (config.id, provider.id)
+        assert again_provider.base_url is not None
+        assert await _ask_fake(again_provider.base_url) == DEMO_REPLY
+    assert second.process.returncode == 0
+    rows = await _demo_rows(database_url)
+    assert ([p.name for p in rows[0]], [c.name for c in rows[1]]) == (["demo-fake"], ["demo-fake"])
+    assert not any("Traceback" in line for line in first.output + second.output)
+
+
+async def test_serve_demo_with_an_openai_key_configures_openai(
+    database_url: str, chatd_home: Path
+) -> None:
+    env = {"OPENAI_API_KEY": "sk-test", "ANTHROPIC_API_KEY": "sk-ant-test"}
+    async with chatd_server(_demo_args(database_url, chatd_home), env=env) as server:
+        model_line = (await server.wait_for_line(r"^model: .*")).group(0)
+        await server.wait_for_line(r"curl -s -X POST")
+        config, provider = await _default_model(database_url)
+    assert server.process.returncode == 0
+    assert model_line.startswith("model: OpenAI gpt-4o-mini")
+    assert "OpenAI wins" in model_line
+    assert (config.name, config.model) == ("demo-openai", "gpt-4o-mini")
+    assert (provider.kind, provider.base_url, provider.api_key) == ("openai", None, "sk-test")
+    assert not any("sk-test" in line or "sk-ant" in line for line in server.output)
+
+
+async def test_serve_without_demo_leaves_the_model_rows_alone(database_url: str) -> None:
+    async with chatd_server(["--database-url", database_url, "--port", "0"]) as server:
+        assert (await _healthz(server.url)).status_code == 200
+    assert server.process.returncode == 0
+    assert await _demo_rows(database_url) == ([], [])
+    assert not any(line.startswith(("model:", "  curl")) for line in server.output)

@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions`` (OpenAI; SDK ``base_url=server.url + "/v1"``) and
 ``POST /v1/messages`` (Anthropic; ``base_url=server.url``), streaming or not, byte-compatible
 enough that the official SDKs parse it as the real thing. Used by the tests, the demo and the
-load test (``chatd fake-llm --port N``).
+load test (``chatd fake-llm --port N``). ``demo_scenario()`` is the demo's reply: a few
+sentences at reading speed, served as the defaults of the fake model of ``chatd serve --demo``.
 
 Knobs come from the server's defaults, then a ``[[fake-llm {...json...}]]`` marker in the last
 user message that has text, then an ``x-fake-llm: {...json...}`` request header; later sources
@@ -80,6 +81,7 @@ no polling, to bound with ``trio.fail_after``: ``wait_for_requests(n)``,
 Pauses are trio timers, so a test on ``trio.testing.MockClock`` skips them.
 """
 
+from chatd.providers.fake.demo import DEMO_REPLY, demo_scenario
 from chatd.providers.fake.scenario import (
     KNOB_HEADER,
     KNOBS,
@@ -93,6 +95,7 @@ from chatd.providers.fake.scenario import (
 from chatd.providers.fake.server import FakeLLM, RecordedRequest, open_fake_llm, serve_fake_llm
 
 __all__ = [
+    "DEMO_REPLY",
     "KNOBS",
     "KNOB_HEADER",
     "FakeLLM",
@@ -101,6 +104,7 @@ __all__ = [
     "RecordedRequest",
     "Scenario",
     "ToolCallSpec",
+    "demo_scenario",
     "knobs_header",
     "knobs_marker",
     "open_fake_llm",

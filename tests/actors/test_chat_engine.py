@@ -30,6 +30,7 @@ from chatd.domain.events import (
     ActionRequired,
     ChatEvent,
     CommittedMessage,
+    ErrorRaised,
     MessagePart,
     RetryScheduled,
     StatusChanged,
@@ -51,7 +52,7 @@ from chatd.domain.watch_events import (
 )
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
-from chatd.store import chats, inbox, prompts, users
+from chatd.store import chats, inbox, prompts, providers, users
 from chatd.store.database import Database
 from chatd.store.records import InboxNotification, inbox_notification_from_row
 from chatd.tools.dynamic import ToolLimits
@@ -629,3 +630,29 @@ async def test_chats_are_created_within_the_engines_tool_limits(db: Database) ->
                 uuid.uuid4(), CreateChatRequest(owner.id, uuid.uuid4(), "hi", dynamic_tools=two)
             )
         assert refused.value.field == "dynamic_tools"
+
+
+async def test_a_chat_whose_model_config_is_deleted_follows_the_default(world: World) -> None:
+    default = await providers.get_default_model_config(world.db)
+    assert default is not None
+    other = await providers.create_model_config(
+        world.db,
+        provider_id=default.provider_id,
+        name="other",
+        model="other-model",
+        context_limit=1000,
+    )
+    chat_id = uuid.uuid4()
+    request = CreateChatRequest(
+        world.owner, uuid.uuid4(), f"{marker(chunks=1)} hi", model_config_id=other.id
+    )
+    await world.engine.router.ask(chat_id, request)
+    await world.until_status(chat_id, ChatStatus.WAITING)
+    assert world.llm.requests[-1].body["model"] == "other-model"
+
+    await providers.delete_model_config(world.db, other.id)
+    world.engine.config.invalidate_model_config(other.id)
+    await world.engine.router.ask(chat_id, SendMessage(uuid.uuid4(), f"{marker(chunks=1)} again"))
+    events = await world.until_status(chat_id, ChatStatus.WAITING)
+    assert not any(isinstance(e, ErrorRaised) for e in events)
+    assert world.llm.requests[-1].body["model"] == default.model

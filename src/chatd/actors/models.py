@@ -52,10 +52,12 @@ class ModelCatalog:
 
     async def resolve(self, model_config_id: UUID | None) -> ResolvedModel:
         config = await self._config.model_config(model_config_id)
+        if config is None and model_config_id is not None:
+            # Deleting a model config sets its chats' config to NULL (the default) in the
+            # database; a live actor still holds the old id, so it follows the default too.
+            config = await self._config.model_config(None)
         if config is None:
-            if model_config_id is None:
-                raise ModelUnavailable("no model config was given and none is the default")
-            raise ModelUnavailable(f"model config {model_config_id} does not exist")
+            raise ModelUnavailable("no model config is set for this chat and none is the default")
         row = await self._config.provider(config.provider_id)
         if row is None or not row.enabled:
             raise ModelUnavailable(f"provider {config.provider_id} is missing or disabled")

@@ -90,6 +90,8 @@ class Settings:
     # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
     ws_allowed_origins: str = ""
     ws_ping_interval_s: float = 20.0
+    # A client that accepts none of our data for this long is disconnected (HTTP and WebSocket).
+    client_send_timeout_s: float = 30.0
     shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -130,6 +132,7 @@ class Settings:
             "max_page_size",
             "default_page_size",
             "ws_ping_interval_s",
+            "client_send_timeout_s",
             "shutdown_grace_s",
         )
         for name in positive:

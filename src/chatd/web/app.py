@@ -7,8 +7,18 @@ from quart_trio import QuartTrio
 from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
-from chatd.web import health
+from chatd.web import admin, chats, errors, health, inbox, me, openapi, streams
 from chatd.web.context import Services, attach
+from chatd.web.routing import ApiRoutes
+
+API: tuple[ApiRoutes, ...] = (
+    chats.routes,
+    streams.routes,
+    inbox.routes,
+    me.routes,
+    admin.routes,
+    openapi.routes,
+)
 
 
 def create_app(settings: Settings, db: Database, engine: Engine) -> QuartTrio:
@@ -18,6 +28,10 @@ def create_app(settings: Settings, db: Database, engine: Engine) -> QuartTrio:
         JSON_SORT_KEYS=False,
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
-    attach(app, Services(settings=settings, db=db, engine=engine))
+    routes = tuple(spec for area in API for spec in area.specs)
+    attach(app, Services(settings=settings, db=db, engine=engine, routes=routes))
+    errors.install(app)
     app.register_blueprint(health.blueprint)
+    for area in API:
+        app.register_blueprint(area.blueprint)
     return app

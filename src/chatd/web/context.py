@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import trio
 from quart import Quart
 
 from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
+
+if TYPE_CHECKING:
+    from chatd.web.routing import RouteSpec
 
 _EXTENSION_KEY = "chatd"
 
@@ -18,6 +23,10 @@ class Services:
     settings: Settings
     db: Database
     engine: Engine
+    # Every API route, for the OpenAPI document.
+    routes: tuple[RouteSpec, ...] = ()
+    # Set when the server begins to shut down: every WebSocket closes with 1001.
+    closing: trio.Event = field(default_factory=trio.Event)
 
 
 def attach(app: Quart, value: Services) -> None:

@@ -1,0 +1,137 @@
+"""Every refusal the edge can answer, mapped to HTTP in this one place.
+
+A 4xx body names what is wrong (``field`` and ``rule`` when one field is at fault); a 5xx body
+carries only a request id, which is also in the log next to the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+
+import msgspec
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from chatd.actors.errors import ActorDead, AskTimeout, MailboxFull, NotOwner
+from chatd.actors.hub import CursorError
+from chatd.domain.effects import InvalidCommand, QueueFull, TransitionNotAllowed, UnknownTarget
+from chatd.store.database import DatabaseUnavailable
+from chatd.store.errors import Conflict, Fenced, NotFound
+
+log = logging.getLogger(__name__)
+
+_RETRY_SOON = {"Retry-After": "1"}
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status; ``code`` is a stable machine-readable name."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        rule: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.rule = rule
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def invalid(cls, field: str, rule: str) -> ApiError:
+        """400: ``field`` breaks ``rule``; nothing was done."""
+        return cls(400, "invalid_request", f"{field}: {rule}", field=field, rule=rule)
+
+    @classmethod
+    def not_found(cls, what: str) -> ApiError:
+        """404, the same for a missing row and for someone else's."""
+        return cls(404, "not_found", f"{what} not found")
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+    rule: str | None = None
+    request_id: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+def api_error_for(exc: BaseException) -> ApiError | None:  # noqa: PLR0911 - one case per kind
+    """The HTTP answer to a known refusal; ``None`` for an unexpected failure (a 500)."""
+    match exc:
+        case ApiError():
+            return exc
+        case InvalidCommand(field=field, rule=rule):
+            return ApiError.invalid(field, rule)
+        case CursorError(field=field):
+            return ApiError.invalid(field, str(exc).removeprefix(f"{field}: "))
+        case TransitionNotAllowed():
+            return ApiError(409, "conflict", str(exc))
+        case QueueFull():
+            return ApiError(429, "queue_full", str(exc))
+        case UnknownTarget(what=what):
+            return ApiError.not_found(what)
+        case NotFound(kind=kind):
+            return ApiError.not_found(kind)
+        case Conflict():
+            return ApiError(409, "conflict", str(exc))
+        case MailboxFull():
+            return ApiError(429, "busy", "the chat is busy; retry shortly", headers=_RETRY_SOON)
+        case AskTimeout():
+            return ApiError(
+                504, "timeout", "the chat did not answer in time; the command may still be done"
+            )
+        case ActorDead() | NotOwner() | Fenced() | DatabaseUnavailable():
+            return ApiError(
+                503, "unavailable", "temporarily unavailable; retry shortly", headers=_RETRY_SOON
+            )
+        case HTTPException(code=int(code)):
+            return ApiError(code, _http_code(code), exc.description or exc.name)
+    return None
+
+
+def _http_code(status: int) -> str:
+    return {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+    }.get(status, "http_error")
+
+
+def error_response(error: ApiError, *, request_id: str | None = None) -> Response:
+    body = ErrorBody(error.code, error.message, error.field, error.rule, request_id)
+    return Response(
+        msgspec.json.encode(ErrorResponse(body)),
+        status=error.status,
+        headers=error.headers,
+        content_type="application/json",
+    )
+
+
+async def _handle(exc: Exception) -> Response:
+    error = api_error_for(exc)
+    if error is not None:
+        return error_response(error)
+    request_id = uuid.uuid4().hex
+    log.error("request %s failed", request_id, exc_info=exc)
+    internal = ApiError(500, "internal", "internal error")
+    response = error_response(internal, request_id=request_id)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def install(app: Quart) -> None:
+    app.register_error_handler(Exception, _handle)

@@ -1,0 +1,167 @@
+"""The caller's inbox: notifications written when a chat's turn finishes, fails or needs tool
+results, read over HTTP and watched live over a WebSocket.
+
+Another user's notification answers like a missing one (404). The watch socket carries only
+notifications created while it is open: a client (re)connecting lists the inbox first.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import trio
+from quart import websocket
+
+from chatd.actors.feeds import FeedSubscription
+from chatd.actors.hub import SlowConsumer
+from chatd.store import inbox
+from chatd.store.records import InboxNotification, NotificationKind
+from chatd.web.decode import parse_uuid
+from chatd.web.routing import ApiRoutes, Call, QueryParam
+
+routes = ApiRoutes("inbox", tag="inbox")
+
+
+class ReadStatusBody(msgspec.Struct, forbid_unknown_fields=True):
+    read: bool
+
+
+class NotificationView(msgspec.Struct):
+    id: UUID
+    chat_id: UUID | None
+    kind: NotificationKind
+    title: str
+    body: str
+    read: bool
+    read_at: datetime | None
+    created_at: datetime
+
+
+class NotificationEvent(NotificationView, tag_field="type", tag="notification"):
+    """A watch socket frame: the notification with ``"type": "notification"``."""
+
+
+class InboxPage(msgspec.Struct):
+    notifications: list[NotificationView]
+    next_cursor: str | None
+    unread_count: int
+    """All the caller's unread notifications, whatever the filter and page."""
+
+
+class MarkedRead(msgspec.Struct):
+    changed: int
+    """How many notifications were unread and are now read."""
+
+
+def _fields(n: InboxNotification) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "chat_id": n.chat_id,
+        "kind": n.kind,
+        "title": n.title,
+        "body": n.body,
+        "read": n.read,
+        "read_at": n.read_at,
+        "created_at": n.created_at,
+    }
+
+
+def notification_view(n: InboxNotification) -> NotificationView:
+    return NotificationView(**_fields(n))
+
+
+def notification_event(n: InboxNotification) -> NotificationEvent:
+    return NotificationEvent(**_fields(n))
+
+
+@routes.http(
+    "GET",
+    "/notifications/inbox",
+    summary="The caller's notifications, newest first, with the count of unread ones",
+    response=InboxPage,
+    query=(
+        QueryParam("read", "boolean", "only read (true) or unread (false) notifications"),
+        QueryParam("limit", "integer", "page size (default_page_size, at most max_page_size)"),
+        QueryParam("cursor", "string", "next_cursor of the previous page"),
+    ),
+)
+async def list_inbox(call: Call[None]) -> InboxPage:
+    settings = call.services.settings
+    limit = call.query.integer(
+        "limit", settings.default_page_size, minimum=1, maximum=settings.max_page_size
+    )
+    page = await inbox.list_notifications(
+        call.services.db,
+        call.user.id,
+        read=call.query.boolean("read"),
+        limit=limit,
+        cursor=call.query.cursor(),
+    )
+    cursor = None if page.next_cursor is None else page.next_cursor.encode()
+    return InboxPage([notification_view(n) for n in page.notifications], cursor, page.unread_count)
+
+
+@routes.http(
+    "PUT",
+    "/notifications/inbox/<notification_id>/read-status",
+    summary="Mark one notification read or unread",
+    body=ReadStatusBody,
+    response=NotificationView,
+    errors=(404,),
+)
+async def put_read_status(call: Call[ReadStatusBody], notification_id: str) -> NotificationView:
+    target = parse_uuid("notification_id", notification_id)
+    found = await inbox.mark_read(call.services.db, call.user.id, target, read=call.body.read)
+    return notification_view(found)
+
+
+@routes.http(
+    "PUT",
+    "/notifications/inbox/mark-all-as-read",
+    summary="Mark every unread notification of the caller read",
+    response=MarkedRead,
+)
+async def mark_all_read(call: Call[None]) -> MarkedRead:
+    return MarkedRead(await inbox.mark_all_read(call.services.db, call.user.id))
+
+
+@routes.websocket(
+    "/notifications/inbox/watch",
+    summary="New notifications of the caller, live: one object per frame, or a batch array",
+)
+async def watch_inbox(call: Call[None]) -> None:
+    feed = call.services.engine.inbox
+    try:
+        # Subscribed before the accept: nothing created after the client is connected is lost.
+        async with feed.subscribe(call.user.id) as sub:
+            await websocket.accept()
+            await _forward(sub)
+    except SlowConsumer as exc:
+        await websocket.close(SlowConsumer.close_code, exc.reason)
+
+
+async def _forward(sub: FeedSubscription[InboxNotification]) -> None:
+    """Send each batch as one frame while discarding what the client sends."""
+    dropped: SlowConsumer | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_discard_incoming)
+        try:
+            async for batch in sub:
+                events = [notification_event(n) for n in batch]
+                frame = events[0] if len(events) == 1 else events
+                await websocket.send(msgspec.json.encode(frame).decode())
+        except SlowConsumer as exc:
+            dropped = exc  # raised past the nursery, not wrapped in an exception group
+        nursery.cancel_scope.cancel()
+    if dropped is not None:
+        raise dropped
+
+
+async def _discard_incoming() -> None:
+    """The socket is one-way; reading keeps a chatty client from filling the receive buffer,
+    which would hold up the server noticing its disconnect."""
+    while True:
+        await websocket.receive()

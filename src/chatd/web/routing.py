@@ -1,0 +1,180 @@
+"""Declaring a route once: its registration, its auth, its input and output, its docs.
+
+Every API route is declared through ``ApiRoutes.http`` or ``ApiRoutes.websocket``, so none can
+skip authentication, and the OpenAPI document is built from the same declarations.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import msgspec
+import trio
+from quart import Blueprint, Response, current_app, request, websocket
+
+from chatd.store.records import User
+from chatd.web.auth import ACCESS_TOKEN_PARAM, authenticate, bearer_token, check_origin
+from chatd.web.auth import require_admin as _require_admin
+from chatd.web.context import Services, services
+from chatd.web.decode import Query, decode_body
+
+API_PREFIX = "/api/v1"
+
+B = TypeVar("B")
+
+HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+ParamType = Literal["string", "integer", "boolean"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParam:
+    name: str
+    type: ParamType
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    method: HttpMethod | Literal["WEBSOCKET"]
+    path: str  # Quart's rule syntax, without the prefix: /chats/<chat_id>
+    summary: str
+    tag: str
+    body: type[Any] | None = None
+    response: Any = None  # a msgspec type (Struct, list[Struct]); None: no body
+    status: int = 200
+    admin: bool = False
+    query: tuple[QueryParam, ...] = ()
+    errors: tuple[int, ...] = ()
+
+    @property
+    def openapi_path(self) -> str:
+        return API_PREFIX + re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[B]):
+    """What a view gets: the authenticated caller, the decoded body and the process's parts."""
+
+    user: User
+    body: B
+    query: Query
+    services: Services
+
+
+View = Callable[..., Awaitable[Any]]
+
+
+class ApiRoutes:
+    """The routes of one area (chats, admin, inbox, ...) on their own blueprint."""
+
+    def __init__(self, name: str, *, tag: str) -> None:
+        self.blueprint = Blueprint(name, __name__, url_prefix=API_PREFIX)
+        self.specs: list[RouteSpec] = []
+        self._tag = tag
+
+    def http(
+        self,
+        method: HttpMethod,
+        path: str,
+        *,
+        summary: str,
+        body: type[Any] | None = None,
+        response: Any = None,
+        status: int = 200,
+        admin: bool = False,
+        query: Sequence[QueryParam] = (),
+        errors: Sequence[int] = (),
+    ) -> Callable[[View], View]:
+        spec = RouteSpec(
+            method,
+            path,
+            summary,
+            self._tag,
+            body,
+            response,
+            status,
+            admin,
+            tuple(query),
+            tuple(errors),
+        )
+        self.specs.append(spec)
+
+        def register(view: View) -> View:
+            @functools.wraps(view)
+            async def endpoint(**params: str) -> Response:
+                svc = services(current_app)
+                user = await authenticate(svc.db, bearer_token(request.headers))
+                if spec.admin:
+                    _require_admin(user)
+                query_args = Query(request.args, (q.name for q in spec.query))
+                decoded: Any = None
+                if spec.body is not None:
+                    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+                    assert isinstance(raw, bytes)
+                    decoded = decode_body(raw, spec.body, max_depth=svc.settings.max_json_depth)
+                result = await view(Call(user, decoded, query_args, svc), **params)
+                if result is None:
+                    return Response(b"", status=204 if spec.status == 200 else spec.status)
+                return Response(
+                    msgspec.json.encode(result),
+                    status=spec.status,
+                    content_type="application/json",
+                )
+
+            self.blueprint.add_url_rule(path, view_func=endpoint, methods=[method])
+            return view
+
+        return register
+
+    def websocket(
+        self,
+        path: str,
+        *,
+        summary: str,
+        query: Sequence[QueryParam] = (),
+        errors: Sequence[int] = (),
+    ) -> Callable[[View], View]:
+        """The view authorises the caller's access, then accepts: a refusal before the accept
+        is an HTTP answer to the handshake, not an upgraded socket that closes at once."""
+        spec = RouteSpec(
+            "WEBSOCKET", path, summary, self._tag, query=tuple(query), errors=tuple(errors)
+        )
+        self.specs.append(spec)
+
+        def register(view: View) -> View:
+            @functools.wraps(view)
+            async def endpoint(**params: str) -> None:
+                svc = services(current_app)
+                check_origin(websocket.headers, svc.settings.ws_allowed_origins)
+                token = bearer_token(websocket.headers, websocket.args.get(ACCESS_TOKEN_PARAM))
+                user = await authenticate(svc.db, token)
+                names = [*(q.name for q in spec.query), ACCESS_TOKEN_PARAM]
+                call = Call(user, None, Query(websocket.args, names), svc)
+                await _until_shutdown(svc, view(call, **params))
+
+            self.blueprint.add_websocket(path, view_func=endpoint)
+            return view
+
+        return register
+
+
+async def _until_shutdown(svc: Services, work: Awaitable[None]) -> None:
+    """Run a WebSocket view; when the server shuts down, close its socket with 1001."""
+    shutting_down = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal shutting_down
+            await svc.closing.wait()
+            shutting_down = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await work
+        nursery.cancel_scope.cancel()
+    if shutting_down:
+        await websocket.close(1001, "server shutting down")

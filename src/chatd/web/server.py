@@ -69,9 +69,7 @@ def listening_sockets(config: Config, settings: Settings) -> Sockets:
     sockets = config.create_sockets()
     timeout_ms = round(settings.client_send_timeout_s * 1000)
     for sock in sockets.insecure_sockets:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(
-            socket, "TCP_USER_TIMEOUT"
-        ):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
         sock.listen(config.backlog)
     return sockets

@@ -89,7 +89,7 @@ class Settings:
 
     # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
     ws_allowed_origins: str = ""
-    ws_ping_interval_s: float = 20.0
+    ws_ping_interval_s: float = 20.0  # 0: no pings
     # A client that accepts none of our data for this long is disconnected (HTTP and WebSocket).
     client_send_timeout_s: float = 30.0
     shutdown_grace_s: float = 5.0
@@ -131,13 +131,14 @@ class Settings:
             "max_tool_schema_depth",
             "max_page_size",
             "default_page_size",
-            "ws_ping_interval_s",
             "client_send_timeout_s",
             "shutdown_grace_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_label(name)} must be greater than 0")
+        if self.ws_ping_interval_s < 0:
+            raise SettingsError(f"{_label('ws_ping_interval_s')} must not be negative (0: off)")
         if self.restart_limit < 0:
             raise SettingsError(f"{_label('restart_limit')} must not be negative")
         if not 0 <= self.port <= 65535:

@@ -147,10 +147,12 @@ class ApiWorld:
 async def serve_api(db: Database, **overrides: Any) -> AsyncIterator[ApiWorld]:
     """Serve chatd on 127.0.0.1 and a free port with ``Settings(**overrides)``.
 
-    Server pings are off unless asked for: Hypercorn's ping task outlives its closed socket
-    until the next ping, which would hold every test's shutdown for the grace period.
+    Server pings are off unless asked for: Hypercorn pings a socket the moment it accepts it,
+    which trio-websocket 0.12 mishandles when it already sent its close (its reader task
+    crashes, python-trio/trio-websocket#184); and the ping task outlives its closed socket
+    until the next ping, holding each test's shutdown for the grace period.
     """
-    defaults = {"shard_count": 4, "port": 0, "ws_ping_interval_s": 3600.0}
+    defaults = {"shard_count": 4, "port": 0, "ws_ping_interval_s": 0.0}
     settings = Settings(**{**defaults, **overrides})
     async with open_fake_llm() as llm:
         await register_default_model(db, base_url=f"{llm.url}/v1")

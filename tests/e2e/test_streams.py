@@ -6,26 +6,19 @@ Waits are on frames the server sends (or on the subscription's own exit) under a
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 from uuid import UUID, uuid4
 
 import pytest
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    open_websocket_url,
-    wrap_client_stream,
-)
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart
@@ -132,33 +125,6 @@ async def stream(client: Client, chat_id: str, **cursor: int) -> AsyncIterator[E
 async def watch(client: Client) -> AsyncIterator[Events]:
     async with client.ws("/api/v1/chats/watch") as conn:
         yield Events(conn)
-
-
-async def rejected(world: ApiWorld, path: str, headers: dict[str, str] | None = None) -> Refusal:
-    """The HTTP answer to a WebSocket handshake that the server must refuse before upgrading.
-
-    Sent with a plain HTTP client: trio-websocket leaves the socket of a refused handshake
-    open (a ResourceWarning), and a plain client shows exactly what came back.
-    """
-    handshake = {
-        "Connection": "Upgrade",
-        "Upgrade": "websocket",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
-    async with world.anonymous() as http:
-        response = await http.get(path, headers={**handshake, **(headers or {})})
-    assert response.status_code != 101, "upgraded instead of refused"
-    error: Event = response.json()["error"] if response.content else {}
-    return Refusal(response.status_code, dict(response.headers), response.content, error)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    status_code: int
-    headers: dict[str, str]
-    body: bytes
-    error: Event
 
 
 def bearer(client: Client) -> dict[str, str]:
@@ -477,9 +443,9 @@ async def test_watch_is_a_route_of_its_own_not_a_chat_id(api: ApiWorld) -> None:
     async with watch(alice) as events:
         chat = await alice.create_chat("hello")
         assert (await events.first())["kind"] == "created"
-    refusal = await rejected(api, "/api/v1/chats/watch/stream", bearer(alice))
+    refusal = await api.refused("/api/v1/chats/watch/stream", bearer(alice))
     assert refusal.status_code == 400
-    assert refusal.error["field"] == "chat_id"
+    assert refusal.json()["error"]["field"] == "chat_id"
     assert chat["id"] != "watch"
 
 
@@ -498,11 +464,11 @@ async def test_users_see_only_their_own_chats(api: ApiWorld) -> None:
         assert (first["kind"], first["chat_id"]) == ("created", bobs_chat["id"])
 
     path = f"/api/v1/chats/{alices_chat['id']}/stream"
-    refusal = await rejected(api, path, bearer(bob))
-    missing = await rejected(api, f"/api/v1/chats/{uuid4()}/stream", bearer(bob))
+    refusal = await api.refused(path, bearer(bob))
+    missing = await api.refused(f"/api/v1/chats/{uuid4()}/stream", bearer(bob))
     assert refusal.status_code == missing.status_code == 404
-    assert refusal.body == missing.body
-    assert refusal.error["code"] == "not_found"
+    assert refusal.content == missing.content
+    assert refusal.json()["error"]["code"] == "not_found"
 
     # Bob reaches his own chat, here with the token in the query as browsers must.
     query = urlencode({"access_token": bob.token})
@@ -518,14 +484,14 @@ async def test_refusals_are_http_answers_to_the_handshake(api: ApiWorld) -> None
     path = f"/api/v1/chats/{chat['id']}/stream"
 
     for no_token in (path, "/api/v1/chats/watch"):
-        refusal = await rejected(api, no_token)
+        refusal = await api.refused(no_token)
         assert refusal.status_code == 401
         assert refusal.headers["www-authenticate"] == "Bearer"
-    wrong = await rejected(api, path, {"Authorization": "Bearer nope"})
+    wrong = await api.refused(path, {"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
 
-    malformed = await rejected(api, "/api/v1/chats/not-a-uuid/stream", bearer(alice))
-    assert (malformed.status_code, malformed.error["field"]) == (400, "chat_id")
+    malformed = await api.refused("/api/v1/chats/not-a-uuid/stream", bearer(alice))
+    assert (malformed.status_code, malformed.json()["error"]["field"]) == (400, "chat_id")
 
     for query, field_name in [
         ("message_seq=abc", "message_seq"),
@@ -536,9 +502,9 @@ async def test_refusals_are_http_answers_to_the_handshake(api: ApiWorld) -> None
         ("colour=blue", "colour"),
         ("message_seq=1&message_seq=2", "message_seq"),
     ]:
-        refusal = await rejected(api, f"{path}?{query}", bearer(alice))
+        refusal = await api.refused(f"{path}?{query}", bearer(alice))
         assert refusal.status_code == 400, query
-        assert refusal.error["field"] == field_name, query
+        assert refusal.json()["error"]["field"] == field_name, query
 
 
 def origin(value: str) -> dict[str, str]:
@@ -554,9 +520,9 @@ async def test_a_foreign_origin_is_refused(api: ApiWorld) -> None:
     chat = await alice.create_chat("hello")
     path = f"/api/v1/chats/{chat['id']}/stream"
     for foreign in ("https://evil.example", "null"):
-        refusal = await rejected(api, path, bearer(alice) | origin(foreign))
+        refusal = await api.refused(path, bearer(alice) | origin(foreign))
         assert refusal.status_code == 403
-        assert refusal.error["code"] == "forbidden_origin"
+        assert refusal.json()["error"]["code"] == "forbidden_origin"
     own = api.url.removesuffix("/")
     for headers in (ws_headers(origin(own)), []):
         async with alice.ws(path, headers=headers) as conn:
@@ -572,8 +538,8 @@ async def test_allowed_origins_are_configurable(db: Database) -> None:
             "/api/v1/chats/watch", headers=ws_headers(origin("https://app.example"))
         ):
             pass
-        refusal = await rejected(
-            world, "/api/v1/chats/watch", bearer(alice) | origin("https://evil.example")
+        refusal = await world.refused(
+            "/api/v1/chats/watch", bearer(alice) | origin("https://evil.example")
         )
         assert refusal.status_code == 403
 
@@ -620,28 +586,6 @@ async def test_a_client_that_leaves_is_unsubscribed_at_once(
     assert (hub.stats.subscribers, feed.stats.subscribers) == (0, 0)
 
 
-async def connect_owned(
-    nursery: trio.Nursery,
-    streams: contextlib.AsyncExitStack,
-    world: ApiWorld,
-    path: str,
-    client: Client,
-) -> WebSocketConnection:
-    """A WebSocket the server will close, on a TCP stream that ``streams`` closes.
-
-    trio-websocket 0.12 never closes the socket of a connection the server closed (``aclose``
-    returns early once a close frame arrived): a ResourceWarning at garbage collection.
-    """
-    address = urlsplit(world.url)
-    assert address.hostname is not None
-    assert address.port is not None
-    tcp = await trio.open_tcp_stream(address.hostname, address.port)
-    streams.push_async_callback(tcp.aclose)
-    return await wrap_client_stream(
-        nursery, tcp, address.netloc, path, extra_headers=ws_headers(bearer(client))
-    )
-
-
 async def closed_with(conn: WebSocketConnection) -> tuple[int, str | None]:
     """Read what is left until the close, and return its code and reason."""
     with trio.fail_after(DEADLINE_S):
@@ -660,9 +604,7 @@ async def test_a_slow_consumer_is_closed_with_4008(api: ApiWorld) -> None:
     hub, feed = api.engine.hub, api.engine.watch
     size = api.settings.subscriber_queue_size
     path = f"/api/v1/chats/{chat_id}/stream"
-    async with contextlib.AsyncExitStack() as streams, trio.open_nursery() as nursery:
-        conn = await connect_owned(nursery, streams, api, path, alice)
-        watching = await connect_owned(nursery, streams, api, "/api/v1/chats/watch", alice)
+    async with alice.ws(path) as conn, alice.ws("/api/v1/chats/watch") as watching:
         await Events(conn).until(is_status("waiting"))
         # Published in one go, faster than any socket can take them: both subscribers overflow.
         hub.publish(chat_id, [QueueUpdated(())] * (2 * size + 1))
@@ -673,21 +615,30 @@ async def test_a_slow_consumer_is_closed_with_4008(api: ApiWorld) -> None:
             assert code == 4008
             assert reason is not None
             assert reason.startswith("slow consumer")
-        nursery.cancel_scope.cancel()
     # The close is sent once the subscription was left.
     assert (hub.stats.subscribers, feed.stats.subscribers) == (0, 0)
     assert (hub.stats.slow_consumers_dropped, feed.stats.slow_consumers_dropped) == (1, 1)
 
 
+async def held_open(
+    client: Client, path: str, *, task_status: trio.TaskStatus[WebSocketConnection]
+) -> None:
+    """``client.ws(path)`` in a task of its own, open until that task is cancelled."""
+    async with client.ws(path) as conn:
+        task_status.started(conn)
+        await trio.sleep_forever()
+
+
 async def test_shutdown_closes_open_sockets_with_1001(db: Database) -> None:
-    async with contextlib.AsyncExitStack() as streams, trio.open_nursery() as nursery:
+    # The sockets are held by tasks of this nursery: they outlive the server's context.
+    async with trio.open_nursery() as nursery:
         async with serve_api(db) as world:
             alice = await world.client("alice")
             chat = await alice.create_chat("hello")
             await alice.wait_status(chat["id"], "waiting")
             path = f"/api/v1/chats/{chat['id']}/stream"
-            conn = await connect_owned(nursery, streams, world, path, alice)
-            watching = await connect_owned(nursery, streams, world, "/api/v1/chats/watch", alice)
+            conn = await nursery.start(held_open, alice, path)
+            watching = await nursery.start(held_open, alice, "/api/v1/chats/watch")
             await Events(conn).until(is_status("waiting"))
         # The server has stopped.
         for socket in (conn, watching):

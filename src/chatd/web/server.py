@@ -26,7 +26,7 @@ def hypercorn_config(settings: Settings, *, host: str, port: int) -> Config:
     # Hypercorn's defaults allow 16 MiB bodies and WebSocket messages.
     config.wsgi_max_body_size = settings.max_body_bytes
     config.websocket_max_message_size = settings.max_body_bytes
-    config.websocket_ping_interval = settings.ws_ping_interval_s
+    config.websocket_ping_interval = settings.ws_ping_interval_s or None
     return config
 
 

@@ -7,20 +7,18 @@ notifications created while it is open: a client (re)connecting lists the inbox 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import msgspec
-import trio
-from quart import websocket
 
-from chatd.actors.feeds import FeedSubscription
-from chatd.actors.hub import SlowConsumer
 from chatd.store import inbox
 from chatd.store.records import InboxNotification, NotificationKind
 from chatd.web.decode import parse_uuid
 from chatd.web.routing import ApiRoutes, Call, QueryParam
+from chatd.web.streams import send_batches
 
 routes = ApiRoutes("inbox", tag="inbox")
 
@@ -133,35 +131,10 @@ async def mark_all_read(call: Call[None]) -> MarkedRead:
     summary="New notifications of the caller, live: one object per frame, or a batch array",
 )
 async def watch_inbox(call: Call[None]) -> None:
-    feed = call.services.engine.inbox
-    try:
-        # Subscribed before the accept: nothing created after the client is connected is lost.
-        async with feed.subscribe(call.user.id) as sub:
-            await websocket.accept()
-            await _forward(sub)
-    except SlowConsumer as exc:
-        await websocket.close(SlowConsumer.close_code, exc.reason)
+    # Subscribed before the accept: nothing created after the client is connected is lost.
+    await send_batches(call.services.engine.inbox.subscribe(call.user.id), _encode)
 
 
-async def _forward(sub: FeedSubscription[InboxNotification]) -> None:
-    """Send each batch as one frame while discarding what the client sends."""
-    dropped: SlowConsumer | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_discard_incoming)
-        try:
-            async for batch in sub:
-                events = [notification_event(n) for n in batch]
-                frame = events[0] if len(events) == 1 else events
-                await websocket.send(msgspec.json.encode(frame).decode())
-        except SlowConsumer as exc:
-            dropped = exc  # raised past the nursery, not wrapped in an exception group
-        nursery.cancel_scope.cancel()
-    if dropped is not None:
-        raise dropped
-
-
-async def _discard_incoming() -> None:
-    """The socket is one-way; reading keeps a chatty client from filling the receive buffer,
-    which would hold up the server noticing its disconnect."""
-    while True:
-        await websocket.receive()
+def _encode(batch: Sequence[InboxNotification]) -> str:
+    events = [notification_event(n) for n in batch]
+    return msgspec.json.encode(events[0] if len(events) == 1 else events).decode()

@@ -11,6 +11,7 @@ unsubscribes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import trio
@@ -41,13 +42,7 @@ _CURSOR = (
     errors=(403,),
 )
 async def watch_chats(call: Call[None]) -> None:
-    feed = call.services.engine.watch
-    try:
-        async with feed.subscribe(call.user.id) as batches:
-            await websocket.accept()
-            await _pump(batches, encode_watch_batch)
-    except* SlowConsumer as dropped:
-        await _close_slow(dropped)
+    await send_batches(call.services.engine.watch.subscribe(call.user.id), encode_watch_batch)
 
 
 @routes.websocket(
@@ -60,22 +55,27 @@ async def stream_chat(call: Call[None], chat_id: str) -> None:
     params = {q.name: value for q in _CURSOR if (value := call.query.get(q.name)) is not None}
     cursor = StreamCursor.from_query(params)
     chat = await owned_chat(call, chat_id)
-    hub = call.services.engine.hub
+    await send_batches(call.services.engine.hub.subscribe(chat.id, cursor), encode_stream_batch)
+
+
+async def send_batches(
+    subscription: AbstractAsyncContextManager[AsyncIterator[Sequence[T]]],
+    encode: Callable[[Sequence[T]], str],
+) -> None:
+    """Subscribe, accept, then send each batch as one frame until the subscription ends or the
+    client leaves; a dropped slow consumer is closed with 4008 (its cursor resumes it)."""
     try:
-        async with hub.subscribe(chat.id, cursor) as batches:
+        async with subscription as batches:
             await websocket.accept()
-            await _pump(batches, encode_stream_batch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_ignore_client_messages)
+                async for batch in batches:
+                    await websocket.send(encode(batch))
+                nursery.cancel_scope.cancel()
     except* SlowConsumer as dropped:
-        await _close_slow(dropped)
-
-
-async def _pump(batches: AsyncIterator[Sequence[T]], encode: Callable[[Sequence[T]], str]) -> None:
-    """Send each batch as one frame, until the subscription ends or the client leaves."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_ignore_client_messages)
-        async for batch in batches:
-            await websocket.send(encode(batch))
-        nursery.cancel_scope.cancel()
+        exc = dropped.exceptions[0]
+        assert isinstance(exc, SlowConsumer)
+        await websocket.close(exc.close_code, exc.reason)
 
 
 async def _ignore_client_messages() -> None:
@@ -83,9 +83,3 @@ async def _ignore_client_messages() -> None:
     them: reading keeps that queue empty, so a close cancels the view at once."""
     while True:
         await websocket.receive()
-
-
-async def _close_slow(dropped: BaseExceptionGroup[SlowConsumer]) -> None:
-    exc = dropped.exceptions[0]
-    assert isinstance(exc, SlowConsumer)
-    await websocket.close(exc.close_code, exc.reason)

@@ -120,8 +120,19 @@ def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[Pending
     return ()
 
 
+async def current_queue(db: Database, chat: Chat) -> tuple[QueuedEntry, ...]:
+    """The chat's queued messages. Only a busy chat (or one stopped in error) has any, so a
+    waiting one costs no query."""
+    if chat.status is ChatStatus.WAITING:
+        return ()
+    return tuple(queued_entry(q) for q in await chats.list_queue(db, chat.id))
+
+
 async def pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]:
-    """The dynamic calls the chat waits on (read from its last step)."""
+    """The dynamic calls the chat waits on (read from its last step); none, without a query,
+    unless it is in requires_action."""
+    if chat.status is not ChatStatus.REQUIRES_ACTION:
+        return ()
     history = [
         Message(m.role, parts_from_json(m.content)) for m in await chats.list_last_step(db, chat.id)
     ]

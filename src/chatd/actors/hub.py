@@ -58,7 +58,7 @@ from uuid import UUID
 
 import trio
 
-from chatd.actors.chat_loader import pending_calls, queued_entry
+from chatd.actors.chat_loader import current_queue, pending_calls
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json
 from chatd.domain.events import (
@@ -630,9 +630,7 @@ async def _state_events(db: Database, chat: Chat) -> list[ChatEvent]:
     events: list[ChatEvent] = [
         StatusChanged(chat.status, chat.archived, chat.history_version, chat.generation_attempt)
     ]
-    # Only a busy chat (or one stopped in error) has queued messages.
-    queue = [] if chat.status is ChatStatus.WAITING else await chats.list_queue(db, chat.id)
-    events.append(QueueUpdated(tuple(queued_entry(q) for q in queue)))
+    events.append(QueueUpdated(await current_queue(db, chat)))
     failure = None if chat.last_error is None else ProviderFailure.from_json(chat.last_error)
     if chat.status is ChatStatus.ERROR and failure is not None:
         events.append(ErrorRaised(failure))
@@ -640,9 +638,7 @@ async def _state_events(db: Database, chat: Chat) -> list[ChatEvent]:
         at = chat.retry_at.timestamp()
         delay = max(0.0, at - time.time())
         events.append(RetryScheduled(chat.retry_count + 1, delay, failure, at))
-    if chat.status is ChatStatus.REQUIRES_ACTION:
-        calls = await pending_calls(db, chat)
+    if calls := await pending_calls(db, chat):
         deadline = 0.0 if chat.action_deadline is None else chat.action_deadline.timestamp()
-        if calls:
-            events.append(ActionRequired(calls, deadline))
+        events.append(ActionRequired(calls, deadline))
     return events

@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 import msgspec
 
 from chatd.actors.chat_actor import CreateChatRequest
-from chatd.actors.chat_loader import pending_calls, queued_entry
+from chatd.actors.chat_loader import current_queue, pending_calls
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import ToolSpec
 from chatd.domain.effects import MessageAccepted
@@ -316,11 +316,11 @@ async def get_chat(call: Call[None], chat_id: str) -> ChatDetail:
 
 async def _detail(call: Call[Any], chat: Chat) -> ChatDetail:
     db = call.services.db
-    queue = [] if chat.status is ChatStatus.WAITING else await chats.list_queue(db, chat.id)
-    calls = await pending_calls(db, chat) if chat.status is ChatStatus.REQUIRES_ACTION else ()
+    queue = await current_queue(db, chat)
+    calls = await pending_calls(db, chat)
     return ChatDetail(
         **_chat_fields(chat),
-        queue=[QueuedView(e.id, e.text) for e in map(queued_entry, queue)],
+        queue=[QueuedView(e.id, e.text) for e in queue],
         pending_tool_calls=[pending_call_view(c) for c in calls],
     )
 

@@ -36,6 +36,7 @@ from chatd.domain.effects import (
     Decision,
     DisarmTimers,
     Effect,
+    MessageAccepted,
     Notify,
     Publish,
     Reply,
@@ -48,9 +49,11 @@ from chatd.domain.events import (
     ChatEvent,
     CommittedMessage,
     Episode,
+    ErrorRaised,
     HistoryReset,
     MessagePart,
     QueueUpdated,
+    RetryScheduled,
     StatusChanged,
 )
 from chatd.domain.mailbox import (
@@ -63,6 +66,7 @@ from chatd.domain.mailbox import (
     SendMessage,
     StepCompleted,
 )
+from chatd.domain.provider_failure import ErrorKind
 from chatd.domain.step_assembler import StepAssembler
 from chatd.domain.watch_events import (
     ChatActionRequired,
@@ -75,7 +79,7 @@ from chatd.store import chats
 from chatd.store.chats import CreateChat
 from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database
-from chatd.store.records import InboxNotification
+from chatd.store.records import Chat, InboxNotification
 from chatd.tools.builtin import BUILTINS, run_builtin
 from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
 
@@ -96,6 +100,33 @@ class CreateChatRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatCreatedReply(MessageAccepted):
+    """The reply to ``CreateChatRequest``: the first message accepted, and the chat as its
+    creation committed it (so the edge answers without reading it back)."""
+
+    chat: Chat
+
+
+def _zero_per_kind() -> dict[ErrorKind, int]:
+    return dict.fromkeys(ErrorKind, 0)
+
+
+@dataclass(slots=True)
+class ChatCounters:
+    """What the chats of this process did, for ``/metrics``: plain ints bumped on the trio
+    thread where each thing happens, so counting costs nothing next to a turn.
+
+    ``turns``: model turns ended by the model's outcome (see ``ends_turn``). ``retries``:
+    provider retries scheduled. ``errors``: chats stopped in ``error``, by the kind of the
+    failure (every kind present from the start, so a series exists before its first error).
+    """
+
+    turns: int = 0
+    retries: int = 0
+    errors: dict[ErrorKind, int] = field(default_factory=_zero_per_kind)
+
+
+@dataclass(frozen=True, slots=True)
 class ChatDeps:
     """What every chat actor of the process shares."""
 
@@ -108,6 +139,7 @@ class ChatDeps:
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     clock: WallClock = field(default_factory=WallClock)
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
+    counters: ChatCounters = field(default_factory=ChatCounters)
     # How long stopping a generation may take before the actor gives up waiting for it.
     cancel_grace_s: float = 10.0
 
@@ -167,10 +199,9 @@ class ChatActor:
 
     async def _decide(self, message: MailboxMessage) -> object:
         assert self._state is not None
-        decision = decide(
-            self._state, message, now=self._deps.clock.now(), policy=self._deps.policy
-        )
-        return await self._apply(decision)
+        before = self._state
+        decision = decide(before, message, now=self._deps.clock.now(), policy=self._deps.policy)
+        return await self._apply(decision, ended_turn=ends_turn(message, before, decision.state))
 
     async def _create(self, request: CreateChatRequest) -> object:
         if self._state is not None:
@@ -204,7 +235,9 @@ class ChatActor:
             self._setup = None
             raise
 
-    async def _apply(self, decision: Decision, *, create: CreateChat | None = None) -> object:
+    async def _apply(
+        self, decision: Decision, *, create: CreateChat | None = None, ended_turn: bool = False
+    ) -> object:
         assert self._state is not None
         assert self._setup is not None
         before = self._state
@@ -213,12 +246,15 @@ class ChatActor:
         if create is not None:
             writes.insert(0, create)
         notifications: tuple[InboxNotification, ...] = ()
+        stored: Chat | None = None
         if writes:
             committed = await chats.commit(
                 self._deps.db, self._ctx.fence, self._ctx.chat_id, writes
             )
             notifications = committed.notifications
+            stored = committed.chat
         self._state = decision.state
+        self._count(decision, ended_turn=ended_turn)
         self._remember(decision)
         self._deps.hub.publish(self._ctx.chat_id, self._events(before, decision))
         for event in self._watch_events(before, decision, create):
@@ -228,7 +264,24 @@ class ChatActor:
         reply: object = None
         for effect in decision.effects:
             reply = await self._run(effect, reply)
+        if create is not None:
+            assert stored is not None
+            assert isinstance(reply, MessageAccepted)
+            return ChatCreatedReply(reply.message_id, reply.queued, stored)
         return reply
+
+    def _count(self, decision: Decision, *, ended_turn: bool) -> None:
+        """Count what the committed decision did (for metrics)."""
+        counters = self._deps.counters
+        if ended_turn:
+            counters.turns += 1
+        for effect in decision.effects:
+            if isinstance(effect, Publish):
+                for event in effect.events:
+                    if isinstance(event, RetryScheduled):
+                        counters.retries += 1
+                    elif isinstance(event, ErrorRaised):
+                        counters.errors[event.failure.kind] += 1
 
     def _remember(self, decision: Decision) -> None:
         """Keep the history the next model request needs, without reading it back."""
@@ -396,6 +449,20 @@ class ChatActor:
         # ``self._generation`` stays set until the next start or stop: an interrupt that
         # arrives before this outcome is processed still finds the parts it must keep.
         self._ctx.tell_self(outcome)
+
+
+def ends_turn(message: MailboxMessage, before: ChatState, after: ChatState) -> bool:
+    """Whether ``message`` ends a model turn: the model's outcome (a step, or a failure) ends
+    the run, because the chat now waits, needs the client's tool results, failed for good, or
+    goes on to its next queued message. A step whose built-in tool results the model goes on
+    with, a retried failure, a stale outcome and a run the user interrupted or edited do not.
+    """
+    if not isinstance(message, StepCompleted | GenerationFailed):
+        return False
+    if before.status is not ChatStatus.RUNNING:
+        return False
+    next_queued = len(after.user_messages) > len(before.user_messages)
+    return after.status is not ChatStatus.RUNNING or next_queued
 
 
 def system_text(system_prompt: str, user_prompt: str | None) -> str:

@@ -12,7 +12,7 @@ from uuid import UUID
 import trio
 
 from chatd.actors.behavior import ActorBehavior, ActorContext
-from chatd.actors.chat_actor import ChatActor, ChatDeps
+from chatd.actors.chat_actor import ChatActor, ChatCounters, ChatDeps
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog
@@ -98,6 +98,8 @@ class Engine:
     watch: UserFeed[WatchEvent]
     # Each user's new inbox notifications, published once committed.
     inbox: UserFeed[InboxNotification]
+    # Turns, retries and errors of the process's chats, counted by their actors (/metrics).
+    counters: ChatCounters = field(default_factory=ChatCounters)
 
 
 @contextlib.asynccontextmanager
@@ -117,6 +119,7 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         queue_size=options.subscriber_queue_size,
         slow_consumer_timeout_s=options.slow_consumer_timeout_s,
     )
+    counters = ChatCounters()
     deps = ChatDeps(
         db=db,
         hub=hub,
@@ -126,6 +129,7 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         inbox=inbox,
         policy=options.policy,
         tool_limits=options.tool_limits,
+        counters=counters,
     )
 
     def factory(ctx: ActorContext) -> ActorBehavior:
@@ -133,6 +137,7 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
 
     async def park(chat_id: UUID, fence: Fence, error: BaseException) -> None:
         chat = await park_chat(db, chat_id, fence, error)
+        counters.errors[ErrorKind.GENERIC] += 1  # parked in error, as park_chat records it
         watch.publish(chat.owner_id, ChatStatusChanged(chat.id, chat.status, chat.archived))
 
     supervisor = Supervisor(
@@ -151,7 +156,9 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
-            yield Engine(Router(supervisor), hub, supervisor, models, config, watch, inbox)
+            yield Engine(
+                Router(supervisor), hub, supervisor, models, config, watch, inbox, counters
+            )
             supervisor.shutdown()
     finally:
         with trio.CancelScope(shield=True):

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -39,6 +39,22 @@ class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached; the message names the server and what to check."""
 
 
+@dataclass(slots=True)
+class DatabaseStats:
+    """Counters of work sent to PostgreSQL by this process (read by metrics and benchmarks).
+
+    Each field has one writing thread, so no increment is lost without a lock: ``statements``
+    is counted by the pooled connections on the asyncio thread, the others on the trio thread.
+    """
+
+    transactions: int = 0
+    # Every statement sent on a pooled connection, whichever way store code sent it (inside
+    # ``run`` and ``transaction`` too); a transaction's BEGIN and COMMIT are one each.
+    statements: int = 0
+    notifications_received: int = 0
+    notifications_dropped: int = 0
+
+
 class _Connection(_BaseConnection):
     """No session state is ever set on pooled connections, so skip asyncpg's reset query.
 
@@ -50,14 +66,45 @@ class _Connection(_BaseConnection):
         return ""
 
 
-@dataclass(slots=True)
-class DatabaseStats:
-    """Counters of work sent to PostgreSQL by this process (read by metrics and benchmarks)."""
+class _CountingConnection(_Connection):
+    """A pooled connection of a ``Database``: every statement it sends is counted.
 
-    transactions: int = 0
-    statements: int = 0
-    notifications_received: int = 0
-    notifications_dropped: int = 0
+    Counted here rather than at ``Database``'s methods because a ``run`` or a ``transaction``
+    job sends any number of statements (a transaction's BEGIN and COMMIT too). asyncpg's public
+    query methods never call one another, so each statement is counted once. ``_stats`` is set
+    on a subclass made per pool (``_counting_connection``).
+    """
+
+    _stats: ClassVar[DatabaseStats]
+
+    async def execute(self, query: str, *args: object, **options: Any) -> str:
+        self._stats.statements += 1
+        return await super().execute(query, *args, **options)
+
+    async def executemany(self, command: str, args: Any, **options: Any) -> None:
+        self._stats.statements += 1
+        await super().executemany(command, args, **options)
+
+    async def fetch(self, query: str, *args: object, **options: Any) -> Any:
+        self._stats.statements += 1
+        return await super().fetch(query, *args, **options)
+
+    async def fetchrow(self, query: str, *args: object, **options: Any) -> Any:
+        self._stats.statements += 1
+        return await super().fetchrow(query, *args, **options)
+
+    async def fetchval(self, query: str, *args: object, **options: Any) -> Any:
+        self._stats.statements += 1
+        return await super().fetchval(query, *args, **options)
+
+    async def fetchmany(self, query: str, args: Any, **options: Any) -> Any:
+        self._stats.statements += 1
+        return await super().fetchmany(query, args, **options)
+
+
+def _counting_connection(stats: DatabaseStats) -> type[_CountingConnection]:
+    """The connection class of one pool, counting into that pool's ``stats``."""
+    return type("_PoolConnection", (_CountingConnection,), {"_stats": stats})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +134,15 @@ class Database:
         url: str,
         *,
         listen_reconnect_delay_s: float = 1.0,
+        stats: DatabaseStats | None = None,
     ) -> None:
         self._bridge = bridge
         self._pool = pool
         self._url = url
         self._listen_reconnect_delay_s = listen_reconnect_delay_s
         self._listener: _Listener | None = None
-        self.stats = DatabaseStats()
+        # The pool's connections count statements into it (see ``_CountingConnection``).
+        self.stats = DatabaseStats() if stats is None else stats
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -109,6 +158,7 @@ class Database:
     ) -> AsyncIterator[Database]:
         bridge = AsyncioBridge(name="chatd-db")
         bridge.start()
+        stats = DatabaseStats()
         try:
             try:
                 pool: asyncpg.Pool[Record] = await bridge.run(
@@ -118,12 +168,18 @@ class Database:
                         max_size=max_size,
                         timeout=connect_timeout_s,
                         command_timeout=command_timeout_s,
-                        connection_class=_Connection,
+                        connection_class=_counting_connection(stats),
                     )
                 )
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise DatabaseUnavailable(describe_failure(url, exc)) from exc
-            db = cls(bridge, pool, url, listen_reconnect_delay_s=listen_reconnect_delay_s)
+            db = cls(
+                bridge,
+                pool,
+                url,
+                listen_reconnect_delay_s=listen_reconnect_delay_s,
+                stats=stats,
+            )
             try:
                 yield db
             finally:
@@ -153,7 +209,6 @@ class Database:
     async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` on a pooled connection, outside any explicit transaction."""
         pool = self._pool
-        self.stats.statements += 1
 
         async def job() -> T:
             async with pool.acquire() as conn:
@@ -173,19 +228,15 @@ class Database:
         return await self._bridge.run(job)
 
     async def fetch(self, query: str, *args: Any) -> list[Record]:
-        self.stats.statements += 1
         return await self._bridge.run(lambda: self._pool.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> Record | None:
-        self.stats.statements += 1
         return await self._bridge.run(lambda: self._pool.fetchrow(query, *args))
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        self.stats.statements += 1
         return await self._bridge.run(lambda: self._pool.fetchval(query, *args))
 
     async def execute(self, query: str, *args: Any) -> str:
-        self.stats.statements += 1
         return await self._bridge.run(lambda: self._pool.execute(query, *args))
 
     async def ping(self) -> None:

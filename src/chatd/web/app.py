@@ -7,7 +7,7 @@ from quart_trio import QuartTrio
 from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
-from chatd.web import admin, chats, errors, health, inbox, me, openapi, streams
+from chatd.web import admin, chats, errors, health, inbox, me, metrics, openapi, streams
 from chatd.web.context import Services, attach
 from chatd.web.routing import ApiRoutes
 
@@ -17,6 +17,7 @@ API: tuple[ApiRoutes, ...] = (
     inbox.routes,
     me.routes,
     admin.routes,
+    metrics.routes,
     openapi.routes,
 )
 

@@ -45,7 +45,7 @@ def document(specs: tuple[RouteSpec, ...]) -> dict[str, Any]:
         else:
             responses[str(spec.status)] = {
                 "description": "success",
-                "content": {"application/json": {"schema": schema_of[id(spec.response)]}},
+                "content": {spec.media_type: {"schema": schema_of[id(spec.response)]}},
             }
         codes = {401, *spec.errors}
         if spec.body is not None or spec.query or "{" in path:

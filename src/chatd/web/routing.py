@@ -23,6 +23,7 @@ from chatd.web.context import Services, services
 from chatd.web.decode import Query, decode_body
 
 API_PREFIX = "/api/v1"
+JSON_MEDIA_TYPE = "application/json"
 
 B = TypeVar("B")
 
@@ -49,6 +50,9 @@ class RouteSpec:
     admin: bool = False
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = ()
+    # The success body's content type. JSON: the view's result encoded by msgspec; anything
+    # else (a text format such as Prometheus exposition): the view returns the body as ``str``.
+    media_type: str = JSON_MEDIA_TYPE
 
     @property
     def openapi_path(self) -> str:
@@ -88,7 +92,10 @@ class ApiRoutes:
         admin: bool = False,
         query: Sequence[QueryParam] = (),
         errors: Sequence[int] = (),
+        media_type: str = JSON_MEDIA_TYPE,
     ) -> Callable[[View], View]:
+        """Declare an HTTP route. With a ``media_type`` other than JSON, the view returns its
+        body as ``str`` (declare ``response=str`` so that the document describes it)."""
         spec = RouteSpec(
             method,
             path,
@@ -100,6 +107,7 @@ class ApiRoutes:
             admin,
             tuple(query),
             tuple(errors),
+            media_type,
         )
         self.specs.append(spec)
 
@@ -107,7 +115,7 @@ class ApiRoutes:
             @functools.wraps(view)
             async def endpoint(**params: str) -> Response:
                 svc = services(current_app)
-                user = await authenticate(svc.db, bearer_token(request.headers))
+                user = await authenticate(svc.tokens, bearer_token(request.headers))
                 if spec.admin:
                     _require_admin(user)
                 query_args = Query(request.args, (q.name for q in spec.query))
@@ -119,11 +127,13 @@ class ApiRoutes:
                 result = await view(Call(user, decoded, query_args, svc), **params)
                 if result is None:
                     return Response(b"", status=204 if spec.status == 200 else spec.status)
-                return Response(
-                    msgspec.json.encode(result),
-                    status=spec.status,
-                    content_type="application/json",
-                )
+                if spec.media_type == JSON_MEDIA_TYPE:
+                    encoded = msgspec.json.encode(result)
+                elif isinstance(result, str):
+                    encoded = result.encode()
+                else:
+                    raise TypeError(f"a {spec.media_type} view must return str, not {result!r}")
+                return Response(encoded, status=spec.status, content_type=spec.media_type)
 
             self.blueprint.add_url_rule(path, view_func=endpoint, methods=[method])
             return view
@@ -151,7 +161,7 @@ class ApiRoutes:
                 svc = services(current_app)
                 check_origin(websocket.headers, svc.settings.ws_allowed_origins)
                 token = bearer_token(websocket.headers, websocket.args.get(ACCESS_TOKEN_PARAM))
-                user = await authenticate(svc.db, token)
+                user = await authenticate(svc.tokens, token)
                 names = [*(q.name for q in spec.query), ACCESS_TOKEN_PARAM]
                 call = Call(user, None, Query(websocket.args, names), svc)
                 await _until_shutdown(svc, view(call, **params))

@@ -59,6 +59,9 @@ class Settings:
 
     # Providers, model configs and user prompts are re-read at most this often.
     config_cache_ttl_s: float = 30.0
+    # A bearer token is re-checked against the database at most this often (0: at every
+    # request). Revoking through this process applies at once; through another, after this.
+    auth_cache_ttl_s: float = 10.0
 
     # Stream subscribers.
     subscriber_queue_size: int = 1024
@@ -93,6 +96,9 @@ class Settings:
     # A client that accepts none of our data for this long is disconnected (HTTP and WebSocket).
     client_send_timeout_s: float = 30.0
     shutdown_grace_s: float = 5.0
+    # Connections the kernel holds for us before accept (capped by net.core.somaxconn): a
+    # burst of clients connecting at once beyond it is dropped and retried a second later.
+    listen_backlog: int = 4096
 
     def __post_init__(self) -> None:
         positive = (
@@ -133,12 +139,15 @@ class Settings:
             "default_page_size",
             "client_send_timeout_s",
             "shutdown_grace_s",
+            "listen_backlog",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_label(name)} must be greater than 0")
         if self.ws_ping_interval_s < 0:
             raise SettingsError(f"{_label('ws_ping_interval_s')} must not be negative (0: off)")
+        if self.auth_cache_ttl_s < 0:
+            raise SettingsError(f"{_label('auth_cache_ttl_s')} must not be negative (0: off)")
         if self.restart_limit < 0:
             raise SettingsError(f"{_label('restart_limit')} must not be negative")
         if not 0 <= self.port <= 65535:

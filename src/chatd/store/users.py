@@ -77,7 +77,18 @@ async def list_api_tokens(db: Database, user_id: UUID) -> list[ApiToken]:
 async def revoke_api_token(
     db: Database, token_id: UUID, *, user_id: UUID | None = None
 ) -> ApiToken:
-    """Revoke a token (of ``user_id`` when given); revoking twice keeps the first time."""
+    """Revoke a token (of ``user_id`` when given); revoking twice keeps the first time.
+
+    A process that caches tokens must use ``TokenCache.revoke`` instead, which also forgets it.
+    """
+    token, _digest = await revoke_api_token_and_hash(db, token_id, user_id=user_id)
+    return token
+
+
+async def revoke_api_token_and_hash(
+    db: Database, token_id: UUID, *, user_id: UUID | None = None
+) -> tuple[ApiToken, bytes]:
+    """``revoke_api_token``, plus the token's hash: the key a token cache must forget."""
     row = await db.fetchrow(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
         " WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING *",
@@ -86,14 +97,24 @@ async def revoke_api_token(
     )
     if row is None:
         raise NotFound("api token", token_id)
-    return api_token_from_row(row)
+    return api_token_from_row(row), bytes(row["token_hash"])
 
 
 async def authenticate(db: Database, secret: str) -> User | None:
     """The user a live token belongs to, or ``None`` for an unknown or revoked secret."""
-    if not secret.startswith(TOKEN_PREFIX):
+    if not is_token_shaped(secret):
         return None
-    return await db.run(partial(_authenticate, digest=hash_token(secret)))
+    return await authenticate_hash(db, hash_token(secret))
+
+
+def is_token_shaped(secret: str) -> bool:
+    """Whether ``secret`` could be a chatd token at all (others are refused without a query)."""
+    return secret.startswith(TOKEN_PREFIX)
+
+
+async def authenticate_hash(db: Database, digest: bytes) -> User | None:
+    """``authenticate`` for a token's hash (``hash_token``): the key of a token cache."""
+    return await db.run(partial(_authenticate, digest=digest))
 
 
 async def _authenticate(conn: Connection, *, digest: bytes) -> User | None:

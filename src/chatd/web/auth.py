@@ -1,5 +1,8 @@
 """Who is calling: a bearer token checked against its stored hash, and the admin flag.
 
+Tokens are checked through the process's ``TokenCache`` (``chatd.store.token_cache``): a warm
+token costs no query, and a revocation elsewhere is seen within ``auth_cache_ttl_s``.
+
 Browsers cannot set headers on a WebSocket, so a WebSocket handshake may carry the token as the
 ``access_token`` query parameter instead (chatd keeps no access log, so it is not written down).
 """
@@ -10,9 +13,8 @@ from urllib.parse import urlsplit
 
 from werkzeug.datastructures import Headers
 
-from chatd.store import users
-from chatd.store.database import Database
 from chatd.store.records import User
+from chatd.store.token_cache import TokenCache
 from chatd.web.errors import ApiError
 
 ACCESS_TOKEN_PARAM = "access_token"  # noqa: S105 - the parameter's name, not a secret
@@ -34,8 +36,8 @@ def bearer_token(headers: Headers, query_token: str | None = None) -> str:
     return token.strip()
 
 
-async def authenticate(db: Database, token: str) -> User:
-    user = await users.authenticate(db, token)
+async def authenticate(tokens: TokenCache, token: str) -> User:
+    user = await tokens.authenticate(token)
     if user is None:
         raise _unauthorized("the token is unknown or revoked")
     return user

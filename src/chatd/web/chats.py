@@ -2,6 +2,10 @@
 
 Every command goes through the Router to the chat's actor and is answered after its commit;
 reads go to the store. Another user's chat is a 404, like a missing one.
+
+Ownership is checked against the process's ``ChatOwners`` (``chatd.store.chat_owners``): an
+owner never changes, so once the edge has seen a chat (created it, read it, or checked it
+once), its commands and stream handshakes reach the actor without a query.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from uuid import UUID, uuid4
 
 import msgspec
 
-from chatd.actors.chat_actor import CreateChatRequest
+from chatd.actors.chat_actor import ChatCreatedReply, CreateChatRequest
 from chatd.actors.chat_loader import current_queue, pending_calls
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import ToolSpec
@@ -216,11 +220,21 @@ def diff_status_view(chat_id: UUID, status: DiffStatus | None) -> DiffStatusView
 
 
 async def owned_chat(call: Call[Any], chat_id: str) -> Chat:
-    """The caller's chat, or the 404 a missing chat gets."""
+    """The caller's chat as stored now, or the 404 a missing chat gets (for the reads)."""
     chat = await chats.get_chat(call.services.db, parse_uuid("chat_id", chat_id), call.user.id)
     if chat is None:
         raise ApiError.not_found("chat")
+    call.services.chat_owners.remember(chat.id, chat.owner_id)
     return chat
+
+
+async def owned_chat_id(call: Call[Any], chat_id: str) -> UUID:
+    """The id of a chat of the caller, or the 404 a missing chat gets; no query once the
+    chat's owner is known (for the commands, which the chat's actor reads from its state)."""
+    ident = parse_uuid("chat_id", chat_id)
+    if await call.services.chat_owners.owner(ident) != call.user.id:
+        raise ApiError.not_found("chat")
+    return ident
 
 
 async def _ask(call: Call[Any], chat_id: UUID, command: object) -> object:
@@ -269,10 +283,11 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
             ToolSpec(t.name, t.description, t.input_schema) for t in body.dynamic_tools
         ),
     )
-    await _ask(call, chat_id, request)
-    chat = await chats.get_chat(call.services.db, chat_id)
-    assert chat is not None  # committed before the reply
-    return ChatDetail(**_chat_fields(chat))
+    reply = await _ask(call, chat_id, request)
+    assert isinstance(reply, ChatCreatedReply)
+    call.services.chat_owners.remember(chat_id, call.user.id)
+    # A new chat has no queue and no pending calls yet.
+    return ChatDetail(**_chat_fields(reply.chat))
 
 
 @routes.http(
@@ -389,9 +404,9 @@ async def list_messages(call: Call[None], chat_id: str) -> MessagePage:
 )
 async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     _check_text(call, call.body.text)
-    chat = await owned_chat(call, chat_id)
+    ident = await owned_chat_id(call, chat_id)
     command = SendMessage(uuid4(), call.body.text, call.body.busy_behavior)
-    return _accepted(await _ask(call, chat.id, command))
+    return _accepted(await _ask(call, ident, command))
 
 
 @routes.http(
@@ -406,9 +421,9 @@ async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
 async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: str) -> Accepted:
     _check_text(call, call.body.text)
     target = parse_uuid("message_id", message_id)
-    chat = await owned_chat(call, chat_id)
+    ident = await owned_chat_id(call, chat_id)
     command = EditMessage(target, uuid4(), call.body.text)
-    return _accepted(await _ask(call, chat.id, command))
+    return _accepted(await _ask(call, ident, command))
 
 
 # -- steering ------------------------------------------------------------------------------
@@ -421,8 +436,7 @@ async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: st
     errors=(404, 409),
 )
 async def interrupt(call: Call[None], chat_id: str) -> None:
-    chat = await owned_chat(call, chat_id)
-    await _ask(call, chat.id, Interrupt())
+    await _ask(call, await owned_chat_id(call, chat_id), Interrupt())
 
 
 @routes.http(
@@ -433,9 +447,9 @@ async def interrupt(call: Call[None], chat_id: str) -> None:
     errors=(404, 409),
 )
 async def submit_tool_results(call: Call[ToolResultsBody], chat_id: str) -> None:
-    chat = await owned_chat(call, chat_id)
+    ident = await owned_chat_id(call, chat_id)
     results = tuple(ToolResult(r.call_id, r.output) for r in call.body.results)
-    await _ask(call, chat.id, SubmitToolResults(results))
+    await _ask(call, ident, SubmitToolResults(results))
 
 
 @routes.http(
@@ -446,8 +460,7 @@ async def submit_tool_results(call: Call[ToolResultsBody], chat_id: str) -> None
 )
 async def delete_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
     target = parse_uuid("queued_id", queued_id)
-    chat = await owned_chat(call, chat_id)
-    await _ask(call, chat.id, DeleteQueued(target))
+    await _ask(call, await owned_chat_id(call, chat_id), DeleteQueued(target))
 
 
 @routes.http(
@@ -458,8 +471,7 @@ async def delete_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
 )
 async def promote_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
     target = parse_uuid("queued_id", queued_id)
-    chat = await owned_chat(call, chat_id)
-    await _ask(call, chat.id, PromoteQueued(target))
+    await _ask(call, await owned_chat_id(call, chat_id), PromoteQueued(target))
 
 
 # -- diff status ---------------------------------------------------------------------------
@@ -476,10 +488,10 @@ async def promote_queued(call: Call[None], chat_id: str, queued_id: str) -> None
 async def put_diff_status(call: Call[DiffStatusBody], chat_id: str) -> DiffStatusView:
     body = call.body
     _check_diff(body)
-    chat = await owned_chat(call, chat_id)
+    ident = await owned_chat_id(call, chat_id)
     status, changed = await diff_status.upsert_diff_status(
         call.services.db,
-        chat.id,
+        ident,
         branch=body.branch,
         remote=body.remote,
         pull_request_url=body.pull_request_url,
@@ -490,7 +502,7 @@ async def put_diff_status(call: Call[DiffStatusBody], chat_id: str) -> DiffStatu
     )
     if changed:
         event = ChatDiffStatusChanged(
-            chat.id,
+            ident,
             status.branch,
             status.remote,
             status.pull_request_url,
@@ -500,7 +512,7 @@ async def put_diff_status(call: Call[DiffStatusBody], chat_id: str) -> DiffStatu
             status.changed_files,
         )
         call.services.engine.watch.publish(call.user.id, event)
-    return diff_status_view(chat.id, status)
+    return diff_status_view(ident, status)
 
 
 def _check_diff(body: DiffStatusBody) -> None:
@@ -526,5 +538,5 @@ def _check_diff(body: DiffStatusBody) -> None:
     errors=(404,),
 )
 async def get_diff_status(call: Call[None], chat_id: str) -> DiffStatusView:
-    chat = await owned_chat(call, chat_id)
-    return diff_status_view(chat.id, await diff_status.get_diff_status(call.services.db, chat.id))
+    ident = await owned_chat_id(call, chat_id)
+    return diff_status_view(ident, await diff_status.get_diff_status(call.services.db, ident))

@@ -10,7 +10,9 @@ from quart import Quart
 
 from chatd.actors.engine import Engine
 from chatd.config import Settings
+from chatd.store.chat_owners import ChatOwners
 from chatd.store.database import Database
+from chatd.store.token_cache import TokenCache
 
 if TYPE_CHECKING:
     from chatd.web.routing import RouteSpec
@@ -27,6 +29,14 @@ class Services:
     routes: tuple[RouteSpec, ...] = ()
     # Set when the server begins to shut down: every WebSocket closes with 1001.
     closing: trio.Event = field(default_factory=trio.Event)
+    # The edge's per-request reads, cached for the process: who a token is, who owns a chat.
+    tokens: TokenCache = field(init=False, repr=False, compare=False)
+    chat_owners: ChatOwners = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tokens = TokenCache(self.db, ttl_s=self.settings.auth_cache_ttl_s)
+        object.__setattr__(self, "tokens", tokens)  # frozen: set once, here
+        object.__setattr__(self, "chat_owners", ChatOwners(self.db))
 
 
 def attach(app: Quart, value: Services) -> None:

@@ -1,4 +1,7 @@
-"""The caller themself: who the token belongs to, and their custom prompt.
+"""The caller themself: who the token belongs to, their API tokens, and their custom prompt.
+
+A token revoked here is refused by this process from the next request on, the one revoking it
+included (``TokenCache.revoke``); other processes refuse it within ``auth_cache_ttl_s``.
 
 The custom prompt is added to the system text of every chat of the user, from the next turn on:
 each write invalidates the config cache's entry at once. ``PUT`` with an empty prompt and
@@ -13,8 +16,9 @@ from uuid import UUID
 
 import msgspec
 
-from chatd.store import prompts
-from chatd.web.decode import check_length
+from chatd.store import prompts, users
+from chatd.store.records import ApiToken
+from chatd.web.decode import check_length, parse_uuid
 from chatd.web.routing import ApiRoutes, Call
 
 routes = ApiRoutes("me", tag="me")
@@ -33,6 +37,20 @@ class MeView(msgspec.Struct):
     is_admin: bool
 
 
+class TokenView(msgspec.Struct):
+    """A token's metadata; its secret was shown once, when it was made."""
+
+    id: UUID
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None  # recorded at most about once a minute
+    revoked_at: datetime | None
+
+
+class TokenList(msgspec.Struct):
+    tokens: list[TokenView]
+
+
 class PromptView(msgspec.Struct):
     """``prompt`` is empty and ``updated_at`` null when the user has no custom prompt."""
 
@@ -43,6 +61,32 @@ class PromptView(msgspec.Struct):
 @routes.http("GET", "/users/me", summary="The caller: id, name, admin flag", response=MeView)
 async def get_me(call: Call[None]) -> MeView:
     return MeView(call.user.id, call.user.name, call.user.is_admin)
+
+
+def token_view(token: ApiToken) -> TokenView:
+    return TokenView(token.id, token.label, token.created_at, token.last_used_at, token.revoked_at)
+
+
+@routes.http(
+    "GET",
+    "/users/me/tokens",
+    summary="The caller's API tokens, revoked ones included (never their secrets)",
+    response=TokenList,
+)
+async def list_tokens(call: Call[None]) -> TokenList:
+    found = await users.list_api_tokens(call.services.db, call.user.id)
+    return TokenList([token_view(t) for t in found])
+
+
+@routes.http(
+    "DELETE",
+    "/users/me/tokens/<token_id>",
+    summary="Revoke one of the caller's API tokens (it may be the one in use); it fails at once",
+    errors=(404,),
+)
+async def revoke_token(call: Call[None], token_id: str) -> None:
+    ident = parse_uuid("token_id", token_id)
+    await call.services.tokens.revoke(ident, user_id=call.user.id)
 
 
 @routes.http(

@@ -18,7 +18,7 @@ import trio
 from quart import websocket
 
 from chatd.actors.hub import SlowConsumer, StreamCursor
-from chatd.web.chats import owned_chat
+from chatd.web.chats import owned_chat_id
 from chatd.web.frames import encode_stream_batch, encode_watch_batch
 from chatd.web.routing import ApiRoutes, Call, QueryParam
 
@@ -54,8 +54,8 @@ async def watch_chats(call: Call[None]) -> None:
 async def stream_chat(call: Call[None], chat_id: str) -> None:
     params = {q.name: value for q in _CURSOR if (value := call.query.get(q.name)) is not None}
     cursor = StreamCursor.from_query(params)
-    chat = await owned_chat(call, chat_id)
-    await send_batches(call.services.engine.hub.subscribe(chat.id, cursor), encode_stream_batch)
+    ident = await owned_chat_id(call, chat_id)
+    await send_batches(call.services.engine.hub.subscribe(ident, cursor), encode_stream_batch)
 
 
 async def send_batches(

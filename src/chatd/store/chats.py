@@ -17,10 +17,10 @@ from uuid import UUID
 import asyncpg
 
 from chatd.domain.chat_status import ChatStatus
-from chatd.store.database import Connection, Database
-from chatd.store.errors import Conflict, NotFound
+from chatd.store.database import Connection, Database, Record
+from chatd.store.errors import Conflict, Fenced, NotFound
 from chatd.store.inbox import insert_notification
-from chatd.store.leases import Fence, check_fence
+from chatd.store.leases import Fence, check_fence, fence_args, fence_subquery
 from chatd.store.records import (
     UNSET,
     Chat,
@@ -196,19 +196,28 @@ def _missing_reference(
 async def apply_writes(
     conn: Connection, *, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
 ) -> Committed:
-    """The asyncio side of ``commit``: run it inside a transaction."""
-    await check_fence(conn, fence)
+    """The asyncio side of ``commit``: run it inside a transaction.
+
+    Round trips are the cost of a commit (each one a wait on the database), so the fence check
+    rides on the chat's lock, an appended message bumps the chat's seq in the same statement,
+    and the chat row comes back from its update when there is one.
+    """
     chat_id, rest = await _open_chat(conn, fence, chat_id, writes)
     appended: list[ChatMessage] = []
     notifications: list[InboxNotification] = []
+    row: Record | None = None
     for write in rest:
         added = await _apply(conn, chat_id, write)
         if isinstance(added, ChatMessage):
             appended.append(added)
+            row = None
         elif isinstance(added, InboxNotification):
             notifications.append(added)
-    row = await conn.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
-    assert row is not None
+        elif added is not None:
+            row = added
+    if row is None:
+        row = await conn.fetchrow("SELECT * FROM chats WHERE id = $1", chat_id)
+        assert row is not None
     queue_changed = any(isinstance(w, Enqueue | Dequeue | MoveQueued | ClearQueue) for w in rest)
     queue = tuple(await _list_queue(conn, chat_id)) if queue_changed else None
     return Committed(chat_from_row(row), tuple(appended), queue, tuple(notifications))
@@ -217,38 +226,49 @@ async def apply_writes(
 async def _open_chat(
     conn: Connection, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
 ) -> tuple[UUID, Sequence[ChatWrite]]:
-    """Create or find the commit's chat, on the fence's shard; returns it and the other writes."""
+    """Check the fence, then create or lock the commit's chat, on the fence's shard; returns
+    it and the other writes."""
     match writes:
         case [CreateChat() as create, *rest]:
             if chat_id is not None and chat_id != create.id:
                 raise ValueError(f"CreateChat is for chat {create.id}, the commit for {chat_id}")
             if create.shard != fence.shard:
                 raise ValueError(f"chat {create.id} is on shard {create.shard}, not {fence.shard}")
+            await check_fence(conn, fence)
             await _create_chat(conn, create)
             return create.id, rest
         case _:
             if chat_id is None:
                 raise ValueError("a commit without a chat id must start with CreateChat")
-            # Locked so that the chat cannot be deleted under the commit.
-            shard = await conn.fetchval(
-                "SELECT shard FROM chats WHERE id = $1 FOR NO KEY UPDATE", chat_id
-            )
-            if shard is None:
+            # Locked so that the chat cannot be deleted under the commit; the lease row is
+            # locked as check_fence does it.
+            found = await conn.fetchrow(_LOCK_CHAT, chat_id, *fence_args(fence))
+            if found is None:
+                await check_fence(conn, fence)  # a lost lease says so before a missing chat
                 raise NotFound("chat", chat_id)
-            if shard != fence.shard:
-                raise ValueError(f"chat {chat_id} is on shard {shard}, not {fence.shard}")
+            if not found["held"]:
+                raise Fenced(fence.shard, fence.epoch)
+            if found["shard"] != fence.shard:
+                raise ValueError(f"chat {chat_id} is on shard {found['shard']}, not {fence.shard}")
             return chat_id, writes
+
+
+_LOCK_CHAT = (
+    f"SELECT c.shard, EXISTS ({fence_subquery(2)}) AS held"  # noqa: S608 - no user input
+    " FROM chats c WHERE c.id = $1 FOR NO KEY UPDATE OF c"
+)
 
 
 async def _apply(
     conn: Connection, chat_id: UUID, write: ChatWrite
-) -> ChatMessage | InboxNotification | None:
-    """Apply one write; returns the row an ``AppendMessage`` or ``AddNotification`` stored."""
+) -> ChatMessage | InboxNotification | Record | None:
+    """Apply one write; returns what an ``AppendMessage`` or ``AddNotification`` stored, or
+    the chat's row an ``UpdateChat`` left."""
     match write:
         case CreateChat():
             raise ValueError("CreateChat must be the first write of its commit")
         case UpdateChat():
-            await _update_chat(conn, chat_id, write)
+            return await _update_chat(conn, chat_id, write)
         case AppendMessage():
             return await _append_message(conn, chat_id, write)
         case SoftDeleteMessagesAfter(seq=seq):
@@ -333,13 +353,15 @@ UPDATE chats SET
     title = CASE WHEN $16 THEN $17::text ELSE title END,
     archived = CASE WHEN $18 THEN $19::boolean ELSE archived END
 WHERE id = $1
+RETURNING *
 """
 
 
-async def _update_chat(conn: Connection, chat_id: UUID, update: UpdateChat) -> None:
+async def _update_chat(conn: Connection, chat_id: UUID, update: UpdateChat) -> Record:
+    """The chat's row as updated: the commit's answer without another read."""
     status_changed, status = change(update.status)
     error_changed, error = change(update.last_error)
-    await conn.execute(
+    row = await conn.fetchrow(
         _UPDATE_CHAT,
         chat_id,
         status_changed,
@@ -354,22 +376,21 @@ async def _update_chat(conn: Connection, chat_id: UUID, update: UpdateChat) -> N
         *change(update.title),
         *change(update.archived),
     )
+    assert row is not None  # the chat is locked by the commit
+    return row
 
 
 async def _append_message(conn: Connection, chat_id: UUID, append: AppendMessage) -> ChatMessage:
     # Seqs only grow: the stream resume cursor relies on it, and soft-deleted ones stay taken.
-    bumped = await conn.fetchval(
-        "UPDATE chats SET last_message_seq = $2 WHERE id = $1 AND last_message_seq < $2"
-        " RETURNING true",
-        chat_id,
-        append.seq,
-    )
-    if bumped is None:
-        raise ValueError(f"message seq {append.seq} of chat {chat_id} is not above the last one")
     row = await conn.fetchrow(
         """
+        WITH bumped AS (
+            UPDATE chats SET last_message_seq = $3
+            WHERE id = $2 AND last_message_seq < $3
+            RETURNING id
+        )
         INSERT INTO chat_messages (id, chat_id, seq, role, content, usage, history_version)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7)
+        SELECT $1, bumped.id, $3, $4, $5::jsonb, $6::jsonb, $7 FROM bumped
         RETURNING *
         """,
         append.id,
@@ -380,7 +401,8 @@ async def _append_message(conn: Connection, chat_id: UUID, append: AppendMessage
         encode_json(append.usage),
         append.history_version,
     )
-    assert row is not None
+    if row is None:
+        raise ValueError(f"message seq {append.seq} of chat {chat_id} is not above the last one")
     return chat_message_from_row(row)
 
 

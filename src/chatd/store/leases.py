@@ -130,6 +130,20 @@ async def list_leases(db: Database) -> list[ShardLease]:
     return [shard_lease_from_row(row) for row in rows]
 
 
+def fence_subquery(first: int) -> str:
+    """The fence check as a subquery for ``EXISTS (...)``, taking ``fence_args`` as its
+    parameters from ``$first`` on; it locks the lease row as ``check_fence`` says."""
+    shard, epoch, worker = (f"${n}" for n in range(first, first + 3))
+    return (
+        f"SELECT FROM shard_leases WHERE shard = {shard} AND epoch = {epoch}"
+        f" AND worker_id = {worker} AND expires_at > now() FOR SHARE"
+    )
+
+
+def fence_args(fence: Fence) -> tuple[int, int, str]:
+    return (fence.shard, fence.epoch, fence.worker_id)
+
+
 async def check_fence(conn: Connection, fence: Fence) -> None:
     """Raise ``Fenced`` unless ``fence`` still holds its shard live; asyncio side, in a transaction.
 
@@ -137,15 +151,6 @@ async def check_fence(conn: Connection, fence: Fence) -> None:
     of that row) waits for our commit: a write that passed this check lands before the new
     owner's epoch begins, and none can land after.
     """
-    held = await conn.fetchval(
-        """
-        SELECT true FROM shard_leases
-        WHERE shard = $1 AND epoch = $2 AND worker_id = $3 AND expires_at > now()
-        FOR SHARE
-        """,
-        fence.shard,
-        fence.epoch,
-        fence.worker_id,
-    )
-    if held is None:
+    held = await conn.fetchval(f"SELECT EXISTS ({fence_subquery(1)})", *fence_args(fence))
+    if not held:
         raise Fenced(fence.shard, fence.epoch)

@@ -63,22 +63,25 @@ class AnthropicMessagesProvider(SdkAdapter):
         return _Step()
 
     def _create_kwargs(self, request: ModelRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": request.model,
-            "max_tokens": request.max_output_tokens,
-            "messages": to_anthropic_messages(request),
-            "stream": True,
-        }
+        body: dict[str, Any] = {"messages": to_anthropic_messages(request)}
         if request.system:
-            kwargs["system"] = request.system
+            body["system"] = request.system
         if request.tools:
-            kwargs["tools"] = [
+            body["tools"] = [
                 {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
                 for t in request.tools
             ]
-        if request.options:
-            kwargs["extra_body"] = dict(request.options)
-        return kwargs
+        body.update(request.options)
+        return {
+            "model": request.model,
+            "max_tokens": request.max_output_tokens,
+            "messages": [],
+            "stream": True,
+            # The history goes as built, past the SDK's per-field transform of typed params:
+            # the body is already plain JSON, and that walk of a long history cost more CPU
+            # than the rest of the request. ``extra_body`` wins over the typed fields.
+            "extra_body": body,
+        }
 
     # -- reading the stream -----------------------------------------------------------------
 

@@ -90,11 +90,15 @@ class OpenAIChatProvider(SdkAdapter):
         return body
 
     def _create_kwargs(self, request: ModelRequest) -> dict[str, Any]:
-        body = self._body(request)
-        known = ("model", "messages", "stream", "stream_options", "tools")
-        kwargs: dict[str, Any] = {k: body.pop(k) for k in known if k in body}
-        kwargs["extra_body"] = body  # token limit and model-config options, sent as given
-        return kwargs
+        # The body goes as built, past the SDK's per-field transform of typed params: it is
+        # already plain JSON, and that walk of a long history cost more CPU than the rest of
+        # the request. ``extra_body`` wins over the typed fields, so ``messages`` is the real one.
+        return {
+            "model": request.model,
+            "messages": [],
+            "stream": True,
+            "extra_body": self._body(request),
+        }
 
     # -- reading the stream -----------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from chatd.demo import DemoError, start_message
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
 from chatd.providers.fake import Scenario, serve_fake_llm
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
+from chatd.scaletest import cli as scaletest
 from chatd.store import users
 from chatd.store.database import DatabaseUnavailable
 from chatd.store.embedded import EmbeddedPostgresError
@@ -45,6 +46,7 @@ _USER_ERRORS = (
     EmbeddedPostgresError,
     MigrationError,
     StartupError,
+    scaletest.ScaletestError,
 )
 
 
@@ -157,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     fake.add_argument("--api-key", help="answer 401 unless requests carry this API key")
     fake.set_defaults(run=_cmd_fake_llm)
+
+    scaletest.add_parser(commands, parents=[])
     return parser
 
 

@@ -23,6 +23,7 @@ def hypercorn_config(settings: Settings, *, host: str, port: int) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     config.graceful_timeout = settings.shutdown_grace_s
+    config.backlog = settings.listen_backlog
     # Hypercorn's defaults allow 16 MiB bodies and WebSocket messages.
     config.wsgi_max_body_size = settings.max_body_bytes
     config.websocket_max_message_size = settings.max_body_bytes

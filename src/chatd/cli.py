@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx2 logs every request at INFO: a line per model step in the server, per message in
+    # the load driver; CPU and noise that say nothing an operator needs.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         settings = Settings.load(overrides=_overrides(args))
         run: Callable[[Settings, argparse.Namespace], int] = args.run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -118,8 +117,6 @@ def load_from_args(args: argparse.Namespace) -> ChatLoad:
 
 def run_chat_command(_settings: object, args: argparse.Namespace) -> int:
     load = load_from_args(args)
-    # One log line per request would drown the progress line and cost the driver CPU.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
     output: Path | None = args.output
     if output is not None and not output.parent.is_dir():
         raise ScaletestError(f"--output {output}: directory {output.parent} does not exist")

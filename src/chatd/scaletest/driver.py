@@ -174,7 +174,8 @@ class ChatLoadRun:
     async def _follow(self, chat: _Chat, offset: float) -> None:
         """Hold the chat's stream open from its setup turn to its last turn."""
         url = f"{self._ws_base}/{chat.id}/stream"
-        async with connect(url, self._headers) as ws, trio.open_nursery() as inner:
+        connection = connect(url, self._headers, timeout_s=self.load.http_timeout_s)
+        async with connection as ws, trio.open_nursery() as inner:
             inner.start_soon(self._read, chat, ws.read)
             ready = await self._await_turn(chat, "setup")
             self._setup_finished(chat, ready=ready)

@@ -50,15 +50,14 @@ class WebSocket:
         self.closed: Closed | None = None
 
     async def read(self, handle: Callable[[str], None]) -> Closed:
-        """Hand each text message to ``handle`` until the server closes; says how it closed."""
+        """Hand each text message to ``handle`` until the server closes; says how it closed.
+
+        Events already buffered are handled before reading more: the first frames can arrive
+        in the same segment as the handshake's answer.
+        """
         parts: list[str] = []
         ws, stream = self._ws, self._stream
-        while self.closed is None:
-            data = await stream.receive_some(_RECEIVE_BYTES)
-            if not data:
-                self.closed = Closed(1006, "connection lost")
-                break
-            ws.receive_data(data)
+        while True:
             for event in ws.events():
                 if isinstance(event, TextMessage):
                     parts.append(event.data)
@@ -71,11 +70,14 @@ class WebSocket:
                     self.closed = Closed(event.code, event.reason or "")
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await stream.send_all(ws.send(event.response()))
-                    break
+                    return self.closed
                 elif isinstance(event, BytesMessage):
                     continue
-        assert self.closed is not None
-        return self.closed
+            data = await stream.receive_some(_RECEIVE_BYTES)
+            if not data:
+                self.closed = Closed(1006, "connection lost")
+                return self.closed
+            ws.receive_data(data)
 
     async def _close(self) -> None:
         if self.closed is not None:
@@ -86,18 +88,28 @@ class WebSocket:
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str, headers: list[tuple[bytes, bytes]]) -> AsyncIterator[WebSocket]:
+async def connect(
+    url: str, headers: list[tuple[bytes, bytes]], *, timeout_s: float = 60.0
+) -> AsyncIterator[WebSocket]:
     """Open ``url`` (``ws://host:port/path?query``); raises ``HandshakeRefused`` on an HTTP
-    answer other than 101."""
+    answer other than 101, or none within ``timeout_s``."""
     address = urlsplit(url)
     if address.hostname is None or address.port is None:
         raise ValueError(f"{url!r} needs a host and a port")
     target = address.path + (f"?{address.query}" if address.query else "")
-    stream = await trio.open_tcp_stream(address.hostname, address.port)
+    stream: trio.SocketStream | None = None
+    with trio.move_on_after(timeout_s):
+        stream = await trio.open_tcp_stream(address.hostname, address.port)
+    if stream is None:
+        raise HandshakeRefused(0, f"no connection in {timeout_s} s")
     async with stream:
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(address.netloc, target, extra_headers=headers)))
-        socket = await _handshake(stream, ws)
+        socket: WebSocket | None = None
+        with trio.move_on_after(timeout_s):
+            await stream.send_all(ws.send(Request(address.netloc, target, extra_headers=headers)))
+            socket = await _handshake(stream, ws)
+        if socket is None:
+            raise HandshakeRefused(0, f"no answer in {timeout_s} s")
         try:
             yield socket
         finally:

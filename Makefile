@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 CHATD_HOME ?= .chatd
 
 .PHONY: help run test lint typecheck pytest postgres bench clean
@@ -16,6 +17,8 @@ help:
 	@echo "           or OpenAI / Anthropic if OPENAI_API_KEY / ANTHROPIC_API_KEY is set"
 	@echo "           (embedded PostgreSQL unless CHATD_DATABASE_URL is set)"
 	@echo "make test   lint, type-check and run the whole test suite"
+	@echo "make bench  the load sweep (shards x concurrent chats) into benchmarks/results;"
+	@echo "           narrow it with BENCH_ARGS, e.g. make bench BENCH_ARGS='--shards 64 --chats 100'"
 	@echo "make clean  remove .venv and chatd's local data ($(CHATD_HOME))"
 
 $(BIN)/python:
@@ -43,6 +46,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP) postgres
 	$(BIN)/pytest
+
+# The sweep draws its charts with matplotlib, the optional `bench` extra.
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[dev,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP) postgres
+	$(BIN)/python -m benchmarks.sweep $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) "$(CHATD_HOME)"

@@ -28,6 +28,7 @@ from chatd.store import users
 from chatd.store.database import DatabaseUnavailable
 from chatd.store.embedded import EmbeddedPostgresError
 from chatd.store.migrate import MigrationError, migrate
+from chatd.tuning import freeze_startup_objects, tune_for_many_connections
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -192,6 +193,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     token_file: Path | None = args.admin_token_file
 
     def on_ready(ready: Ready) -> None:
+        freeze_startup_objects()
         print(
             start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
         )
@@ -210,6 +212,7 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             )
             nursery.cancel_scope.cancel()
 
+    tune_for_many_connections()
     with database_url(settings) as url:
         trio.run(serve_until_signal, url)
     return 0

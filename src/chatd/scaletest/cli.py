@@ -16,6 +16,7 @@ from chatd.scaletest.api import RequestFailed
 from chatd.scaletest.driver import ChatLoadRun, run_chat_load
 from chatd.scaletest.report import progress_line, summary, table
 from chatd.scaletest.run import DEFAULT_PROMPT, ChatLoad
+from chatd.tuning import tune_for_many_connections
 
 TOKEN_ENV = "CHATD_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 EXIT_RUN_ERRORS = 1
@@ -121,6 +122,7 @@ def run_chat_command(_settings: object, args: argparse.Namespace) -> int:
     if output is not None and not output.parent.is_dir():
         raise ScaletestError(f"--output {output}: directory {output.parent} does not exist")
     show = None if args.no_progress else _Progress()
+    tune_for_many_connections()
     try:
         result = trio.run(run_chat_load, load, show)
     except* RequestFailed as failed:  # the setup failed: nothing was measured

@@ -26,6 +26,7 @@ from chatd.scaletest.api import ChatdApi, RequestFailed
 from chatd.scaletest.prometheus import parse_metrics
 from chatd.scaletest.run import ChatLoad, Recorder
 from chatd.scaletest.websocket import HandshakeRefused, connect
+from chatd.tuning import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,13 @@ class ChatLoadRun:
             inner.start_soon(self._read, chat, ws.read)
             ready = await self._await_turn(chat, "setup")
             self._setup_finished(chat, ready=ready)
-            if ready:
+            if ready and self.load.rate is None:
                 await self._go.wait()
-                if self.load.rate is None:
-                    await trio.sleep(offset)
-                    await self._closed_loop(chat)
-                else:
-                    self._idle.append(chat)
-                    await chat.done.wait()
+                await trio.sleep(offset)
+                await self._closed_loop(chat)
+            elif ready:
+                self._idle.append(chat)  # before the first arrival
+                await chat.done.wait()
             inner.cancel_scope.cancel()
 
     def _setup_finished(self, chat: _Chat, *, ready: bool) -> None:
@@ -317,6 +317,9 @@ async def _measure(
     start = time.perf_counter()
 
     async def all_set() -> None:
+        # The clients live until the end: out of the collector's sight, they cannot make
+        # the driver pause (and distort what it measures) during the turns.
+        freeze_startup_objects()
         samples["after_setup"] = await _sample(api)
 
     timed_out = True

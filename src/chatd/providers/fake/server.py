@@ -9,10 +9,8 @@ and one deadline per response bounds every send rather than a cancel scope per c
 from __future__ import annotations
 
 import contextlib
-import gc
 import heapq
 import math
-import resource
 import secrets
 import signal
 import time
@@ -40,6 +38,7 @@ from chatd.providers.fake.scenario import (
     resolve,
     retry_after_headers,
 )
+from chatd.tuning import tune_for_many_connections
 
 _RECEIVE_BYTES = 65536
 # Pauses at least this long read the socket meanwhile (prompt disconnect detection); shorter
@@ -636,11 +635,7 @@ async def serve_fake_llm(
     collector runs every 100,000 allocations instead of 700 (with a thousand streams, that
     saves a quarter of the CPU here).
     """
-    gc.set_threshold(100_000, 50, 100)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 1_048_576 if hard == resource.RLIM_INFINITY else hard
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    tune_for_many_connections()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_fake_llm(
             defaults, host=host, port=port, expected_api_key=expected_api_key, record=False

@@ -100,7 +100,8 @@ async def plain_turns(db: Database, engine: Engine, owner: uuid.UUID, turns: int
     print(f"\nplain turns (20 chunks, no delay), one chat, {turns} turns in a row")
     print(f"  transactions per turn: {tx / turns:.2f}")
     print(
-        f"  other statements per turn (hub reads by the waiting subscriber): "
+        "  statements per turn (the two commits with BEGIN and COMMIT, and the waiting "
+        f"subscriber's hub reads): "
         f"{(db.stats.statements - st0) / turns:.2f}"
     )
     print(
@@ -154,11 +155,13 @@ async def activation(engine: Engine, db: Database, owner: uuid.UUID, n: int) -> 
     gc.collect()
     grown = rss_kib() - rss0
     active = engine.supervisor.active_actors - active0
+    hibernating = engine.supervisor.hibernating_actors
     print(f"\nactivation of {n:,} idle chats (64 at a time; each loads its chat from the DB)")
     print(f"  {n / wall:,.0f} activations/s ({wall / n * 1e3:.2f} ms each)")
     print(
         f"  memory: {grown / 1024:.0f} MiB for {active:,} idle actors, "
         f"{grown * 1024 / max(active, 1) / 1024:.1f} KiB per actor"
+        f" ({hibernating:,} of all the active actors hibernating: state kept, no task)"
     )
 
 

@@ -368,3 +368,72 @@ def test_settings_are_validated() -> None:
         ActorHost(uuid4(), FENCE, registry.factory, mailbox_capacity=0)
     with pytest.raises(ValueError, match="timeouts"):
         ActorHost(uuid4(), FENCE, registry.factory, idle_timeout_s=0)
+
+
+# -- hibernation -------------------------------------------------------------------------------
+
+
+async def test_an_idle_host_hibernates_and_runs_on_with_the_same_behavior() -> None:
+    registry = Registry()
+    woken: list[ActorHost] = []
+    host = ActorHost(uuid4(), FENCE, registry.factory, on_wake=woken.append)
+    async with trio.open_nursery() as nursery:
+        first = await start_ask(nursery, partial(host.ask, Add(2)))
+        with trio.fail_after(DEADLINE_S):
+            assert (await host.run()).reason is ExitReason.HIBERNATED
+            await first.done.wait()
+        assert first.value == 2
+        assert host.hibernating
+        assert not woken
+
+        host.tell(Add(1))  # no task: the message wakes the host through on_wake
+        assert woken == [host]
+        second = await start_ask(nursery, partial(host.ask, Get()))
+        assert woken == [host]  # already awake: one wake per hibernation
+        with trio.fail_after(DEADLINE_S):
+            assert (await host.run()).reason is ExitReason.HIBERNATED
+            await second.done.wait()
+        assert second.value == 3
+        assert len(registry.incarnations[host.chat_id]) == 1  # no restart, no reload
+
+    assert host.passivate_hibernated()
+    assert host.passivated
+    assert not host.accepting
+    with pytest.raises(ActorDead):
+        host.tell(Add(1))
+
+
+async def test_a_host_with_work_in_flight_does_not_hibernate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry = Registry()
+    host = ActorHost(uuid4(), FENCE, registry.factory, on_wake=lambda _: None, idle_timeout_s=60)
+    spawn = SpawnChild(crash=False)
+    async with trio.open_nursery() as nursery:
+        busy = await start_ask(nursery, partial(host.ask, SetBusy(True)))
+        child = await start_ask(nursery, partial(host.ask, spawn))
+        exited: list[ActorExit] = []
+        ended = trio.Event()
+
+        async def go() -> None:
+            exited.append(await host.run())
+            ended.set()
+
+        nursery.start_soon(go)
+        with trio.fail_after(DEADLINE_S):
+            await child.done.wait()
+        assert busy.value is True
+        await trio.sleep(30)  # not passivatable: keeps its task
+        assert not exited
+        host.tell(SetBusy(False))
+        await trio.sleep(5)  # passivatable, but its child still runs
+        assert not exited
+        assert not spawn.cancelled.is_set()
+        spawn.release.set()
+        with trio.fail_after(DEADLINE_S):
+            await ended.wait()
+        assert exited[0].reason is ExitReason.HIBERNATED
+        assert not spawn.cancelled.is_set()
+    host.stop()
+    assert not host.accepting
+    assert not host.hibernating

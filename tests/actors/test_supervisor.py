@@ -534,3 +534,50 @@ async def test_a_supervisor_runs_once_and_validates_its_settings(db: Database) -
         with pytest.raises(RuntimeError, match="once"):
             await sup.run()
         sup.shutdown()
+
+
+async def test_an_idle_actor_hibernates_wakes_with_its_state_and_then_passivates(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with supervising(db, idle_timeout_s=10, **MOCK_CLOCK_OPTIONS) as h:
+        sup = h.supervisor
+        chat = chat_on(0)
+        assert await h.router.ask(chat, Add(3)) == 3
+        await h.until(lambda: sup.hibernating_actors == 1)
+        toy = h.registry.latest(chat)
+        assert sup.behavior(chat) is toy  # no task, the state kept
+
+        await trio.sleep(6)
+        assert await h.router.ask(chat, Add(1)) == 4  # woken: same incarnation, no reload
+        assert h.registry.incarnations[chat] == [toy]
+        assert sup.stats.activations == 1
+        await h.until(lambda: sup.hibernating_actors == 1)
+
+        # The idle time counts from the last message, not from the first hibernation.
+        await trio.sleep(6)
+        assert sup.stats.passivations == 0
+        await trio.sleep(5)
+        await h.until(lambda: sup.stats.passivations == 1)
+        # A passivated chat leaves nothing behind in the Supervisor.
+        assert sup.active_actors == 0
+        assert sup.hibernating_actors == 0
+        assert sup.behavior(chat) is None
+        assert await h.router.ask(chat, Get()) == 0  # reactivated from scratch
+        assert sup.stats.activations == 2
+
+
+async def test_a_hibernating_actor_is_stopped_at_shutdown(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with supervising(db, idle_timeout_s=10, **MOCK_CLOCK_OPTIONS) as h:
+        sup = h.supervisor
+        chat = chat_on(2)
+        assert await h.router.ask(chat, Add(1)) == 1
+        await h.until(lambda: sup.hibernating_actors == 1)
+        toy = h.registry.latest(chat)
+        sup.shutdown()  # stops every actor at once, hibernating ones included
+        assert toy.handled == [Add(1)]
+        assert sup.active_actors == 0
+        assert sup.hibernating_actors == 0
+        with pytest.raises(NotOwner):
+            await h.router.ask(chat, Get())

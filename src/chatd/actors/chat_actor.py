@@ -153,6 +153,10 @@ class _Generation:
 
 
 class ChatActor:
+    # One per active chat, kept while it hibernates: slotted, with no per-actor timer dict
+    # until a timer is armed.
+    __slots__ = ("_ctx", "_deps", "_generation", "_history", "_seqs", "_setup", "_state", "_timers")
+
     def __init__(self, ctx: ActorContext, deps: ChatDeps) -> None:
         self._ctx = ctx
         self._deps = deps

@@ -110,6 +110,8 @@ class UserFeed(Generic[T]):
 class FeedSubscription(Generic[T]):
     """One subscriber: an async iterator of item batches (``list[T]``)."""
 
+    __slots__ = ("_dropped", "_feed", "_queue", "_scope", "_waiting_since", "_wakeup", "user_id")
+
     def __init__(self, feed: UserFeed[T], user_id: UUID) -> None:
         self._feed = feed
         self.user_id = user_id

@@ -10,6 +10,12 @@ When the incarnation ends for any reason (crash, stop, passivation, cancellation
 flight or queued fails at once with ``ActorDead``; no ask ever outlives its actor or its own
 deadline. A crash is returned to the caller of ``run`` (the Supervisor), never raised: one
 actor's failure must not cancel its siblings.
+
+Hibernation (opt-in, with ``on_wake``): an idle actor that could passivate and has no child
+task left ends its task but keeps its behavior (its state), so that an idle chat costs its state
+only, not a task, a nursery and their frames. ``run`` then returns ``HIBERNATED``; the next
+message calls ``on_wake``, whose caller must call ``run`` again, which goes on with the same
+behavior (no ``start``, no reload). Passivating a hibernating host is ``passivate_hibernated``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -37,6 +44,14 @@ class ExitReason(enum.Enum):
     """Idle past the idle timeout and its behavior said it could stop."""
     CRASHED = "crashed"
     """``start``/``handle`` or a child task raised; ``ActorExit.error`` holds what."""
+    HIBERNATED = "hibernated"
+    """Idle and passivatable with no child left: the task ended, the behavior is kept, and the
+    next message calls ``on_wake`` (only with hibernation enabled)."""
+
+
+_CHILD_RECHECK_S = 1.0
+"""How often an idle, passivatable actor whose children are still finishing looks again
+whether it may hibernate (a cancelled timer task is gone by the next look)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +103,10 @@ class _Envelope:
 class _Context:
     """The ``ActorContext`` handed to one incarnation's behavior."""
 
-    __slots__ = ("_host", "_nursery")
+    __slots__ = ("_host",)
 
-    def __init__(self, host: ActorHost, nursery: trio.Nursery) -> None:
+    def __init__(self, host: ActorHost) -> None:
         self._host = host
-        self._nursery = nursery
 
     @property
     def chat_id(self) -> UUID:
@@ -104,7 +118,12 @@ class _Context:
 
     @property
     def nursery(self) -> trio.Nursery:
-        return self._nursery
+        # The nursery of the current run: a hibernated actor gets a new one when it wakes, and
+        # its behavior only runs (and so only spawns children) while awake.
+        nursery = self._host._nursery
+        if nursery is None:
+            raise RuntimeError(f"actor of chat {self._host.chat_id} is not running")
+        return nursery
 
     def tell_self(self, message: object) -> None:
         self._host._tell_self(message)
@@ -114,8 +133,32 @@ class ActorHost:
     """Runs one incarnation of one chat's actor; create a new host to restart it.
 
     Messages may be sent as soon as the host exists: they wait while ``run`` starts the
-    behavior. ``run`` must be called once, in a nursery that outlives it.
+    behavior. ``run`` must be called once, in a nursery that outlives it (again after each
+    ``HIBERNATED`` exit, when ``on_wake`` is called). Per-run objects (mailbox deques, parking
+    lot, cancel scope) exist only while needed: thousands of hosts sit idle at once.
     """
+
+    __slots__ = (
+        "_ask_timeout_s",
+        "_awake",
+        "_behavior",
+        "_capacity",
+        "_closed_reason",
+        "_current",
+        "_factory",
+        "_hibernate_after_s",
+        "_idle_timeout_s",
+        "_internal",
+        "_last_activity",
+        "_mailbox",
+        "_nursery",
+        "_on_wake",
+        "_ran",
+        "_scope",
+        "_wakeup",
+        "chat_id",
+        "fence",
+    )
 
     def __init__(
         self,
@@ -126,24 +169,33 @@ class ActorHost:
         mailbox_capacity: int = 256,
         idle_timeout_s: float = 300.0,
         ask_timeout_s: float = 30.0,
+        on_wake: Callable[[ActorHost], None] | None = None,
+        hibernate_after_s: float = 0.0,
     ) -> None:
         if mailbox_capacity < 1:
             raise ValueError(f"mailbox capacity must be at least 1, got {mailbox_capacity}")
         if not idle_timeout_s > 0 or not ask_timeout_s > 0:
             raise ValueError("idle and ask timeouts must be positive")
+        if hibernate_after_s < 0:
+            raise ValueError("hibernate_after_s must not be negative")
         self.chat_id = chat_id
         self.fence = fence
         self._factory = factory
         self._capacity = mailbox_capacity
         self._idle_timeout_s = idle_timeout_s
         self._ask_timeout_s = ask_timeout_s
-        self._mailbox: deque[_Envelope] = deque()
-        self._internal: deque[object] = deque()
-        self._wakeup = trio.lowlevel.ParkingLot()
-        self._scope = trio.CancelScope()
+        self._on_wake = on_wake  # None: never hibernate
+        self._hibernate_after_s = hibernate_after_s
+        # Created on first use and dropped on hibernation (an empty deque holds a 64-slot block).
+        self._mailbox: deque[_Envelope] | None = None
+        self._internal: deque[object] | None = None
+        self._wakeup: trio.lowlevel.ParkingLot | None = None  # while running
+        self._scope: trio.CancelScope | None = None  # while running
+        self._nursery: trio.Nursery | None = None  # while running
         self._current: _Envelope | None = None
         self._behavior: ActorBehavior | None = None
         self._ran = False
+        self._awake = True  # a run is due or going on: the creator calls ``run``
         self._closed_reason: str | None = None
         self._last_activity = 0.0  # set once the behavior started
 
@@ -177,16 +229,28 @@ class ActorHost:
     def _enqueue(self, envelope: _Envelope) -> None:
         if self._closed_reason is not None:
             raise ActorDead(self.chat_id, self._closed_reason)
-        if len(self._mailbox) >= self._capacity:
+        mailbox = self._mailbox
+        if mailbox is None:
+            mailbox = self._mailbox = deque()
+        elif len(mailbox) >= self._capacity:
             raise MailboxFull(self.chat_id, self._capacity)
-        self._mailbox.append(envelope)
-        self._wakeup.unpark()
+        mailbox.append(envelope)
+        self._wake()
 
     def _tell_self(self, message: object) -> None:
         if self._closed_reason is not None:
             return  # a child finishing during teardown: nobody is left to handle it
+        if self._internal is None:
+            self._internal = deque()
         self._internal.append(message)
-        self._wakeup.unpark()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.unpark()
+        elif not self._awake and self._on_wake is not None:
+            self._awake = True
+            self._on_wake(self)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -200,8 +264,18 @@ class ActorHost:
         return self._closed_reason == ExitReason.PASSIVATED.value
 
     @property
+    def hibernating(self) -> bool:
+        """No task: idle, its behavior kept; the next message wakes it."""
+        return not self._awake and self._closed_reason is None
+
+    @property
+    def idle_since(self) -> float:
+        """When the last message was handled (trio time): idle time counts from there."""
+        return self._last_activity
+
+    @property
     def mailbox_depth(self) -> int:
-        return len(self._mailbox)
+        return 0 if self._mailbox is None else len(self._mailbox)
 
     @property
     def behavior(self) -> ActorBehavior | None:
@@ -212,43 +286,79 @@ class ActorHost:
         """End the incarnation now: queued and in-flight asks fail at once, children are
         cancelled, ``run`` returns ``STOPPED``. Idempotent; safe before ``run``."""
         self._close(ExitReason.STOPPED.value)
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def passivate_hibernated(self) -> bool:
+        """Passivate a hibernating host (it has no task to do it itself); False when it is not
+        hibernating or its behavior says it may not stop."""
+        if not self.hibernating or (
+            self._behavior is not None and not self._behavior.passivatable()
+        ):
+            return False
+        self._close(ExitReason.PASSIVATED.value)
+        return True
 
     # -- running -------------------------------------------------------------------------------
 
     async def run(self) -> ActorExit:
-        """Build the behavior, start it, handle messages until stopped, passivated or crashed.
+        """Build the behavior, start it, handle messages until stopped, passivated, crashed or
+        hibernated (a run after ``HIBERNATED`` goes on with the same behavior).
 
         Returns how it ended (a crash is returned, not raised); only cancellation from outside
-        propagates. Every ask still pending has failed by the time this returns.
+        propagates. Every ask still pending has failed by the time this returns, unless it
+        returns ``HIBERNATED`` (then nothing is pending).
         """
-        if self._ran:
+        if self._ran or not self._awake:
             raise RuntimeError(f"actor host of chat {self.chat_id} already ran")
         self._ran = True
         if self._closed_reason is not None:
             return ActorExit(ExitReason.STOPPED)
         crash: BaseException | None = None
+        hibernate = False
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    await self._body(nursery)
+            while True:
+                self._wakeup = trio.lowlevel.ParkingLot()
+                self._scope = trio.CancelScope()
+                with self._scope:
+                    async with trio.open_nursery() as nursery:
+                        hibernate = await self._body(nursery)
+                self._wakeup = self._scope = None
+                if not hibernate:
+                    break
+                if not self.accepting:  # stopped while the run was ending
+                    hibernate = False
+                    break
+                if not self._mailbox and not self._internal:
+                    self._awake = self._ran = False  # the next message calls on_wake
+                    self._mailbox = self._internal = None
+                    break
+                hibernate = False  # a message came while the run was ending: run on
         except* Exception as group:  # noqa: BLE001 - any crash is returned to the Supervisor
             crash = _single(group)
         finally:
-            self._close(ExitReason.STOPPED.value)
+            self._wakeup = self._scope = self._nursery = None
+            if not hibernate:
+                self._close(ExitReason.STOPPED.value)
         if crash is not None:
             return ActorExit(ExitReason.CRASHED, crash)
         if self.passivated:
             return ActorExit(ExitReason.PASSIVATED)
+        if hibernate:
+            return ActorExit(ExitReason.HIBERNATED)
         return ActorExit(ExitReason.STOPPED)
 
-    async def _body(self, nursery: trio.Nursery) -> None:
+    async def _body(self, nursery: trio.Nursery) -> bool:
+        """One run; True when the actor hibernates, False when it passivated."""
+        self._nursery = nursery
         try:
-            behavior = self._factory(_Context(self, nursery))
-            self._behavior = behavior
-            await behavior.start()
-            self._last_activity = trio.current_time()
-            await self._loop(behavior)
+            behavior = self._behavior
+            if behavior is None:
+                behavior = self._factory(_Context(self))
+                self._behavior = behavior
+                await behavior.start()
+                self._last_activity = trio.current_time()
+            hibernate = await self._loop(behavior, nursery)
         except BaseException as exc:
             # Fail every ask now, not after the children are torn down. Cancelled here with the
             # nursery's own scope cancelled means a child raised.
@@ -256,10 +366,15 @@ class ActorHost:
             reason = ExitReason.CRASHED if crashed else ExitReason.STOPPED
             self._close(reason.value, None if isinstance(exc, trio.Cancelled) else exc)
             raise
-        # Passivated: nothing should be left running, but never leak a child.
-        nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+        if not hibernate:
+            # Passivated: nothing should be left running, but never leak a child.
+            nursery.cancel_scope.cancel()
+        return hibernate
 
-    async def _loop(self, behavior: ActorBehavior) -> None:
+    async def _loop(self, behavior: ActorBehavior, nursery: trio.Nursery) -> bool:
+        """Handle messages until the actor passivates (False) or may hibernate (True)."""
         while True:
             if self._internal:
                 message = self._internal.popleft()
@@ -284,25 +399,42 @@ class ActorHost:
                     if reply is not None:
                         reply.set(result)
                 self._current = None
-            elif await self._idle(behavior):
-                return
             else:
+                outcome = await self._idle(behavior, nursery)
+                if outcome is not None:
+                    return outcome
                 continue
             self._last_activity = trio.current_time()
 
-    async def _idle(self, behavior: ActorBehavior) -> bool:
-        """Wait for a message; True when the idle timeout passed and the actor passivated."""
-        with trio.CancelScope(deadline=self._last_activity + self._idle_timeout_s):
+    async def _idle(self, behavior: ActorBehavior, nursery: trio.Nursery) -> bool | None:
+        """Wait for a message (None); True to hibernate, False once passivated.
+
+        Hibernating needs what passivating needs (``passivatable``) and no child task left, so
+        that nothing can happen to the actor while it has no task of its own.
+        """
+        assert self._wakeup is not None
+        deadline = self._last_activity + self._idle_timeout_s
+        if self._on_wake is not None and behavior.passivatable():
+            if not nursery.child_tasks:
+                at = self._last_activity + self._hibernate_after_s
+                if at <= trio.current_time():
+                    return True
+            else:
+                at = trio.current_time() + _CHILD_RECHECK_S
+            deadline = min(deadline, at)
+        with trio.CancelScope(deadline=deadline):
             await self._wakeup.park()
-            return False
+            return None
         if self._mailbox or self._internal:
-            return False
+            return None
+        if trio.current_time() < self._last_activity + self._idle_timeout_s:
+            return None  # time to look at hibernating again
         if behavior.passivatable():
             self._close(ExitReason.PASSIVATED.value)
-            return True
+            return False
         # Busy with work in flight (a generation, a timer): look again one idle period later.
         self._last_activity = trio.current_time()
-        return False
+        return None
 
     def _close(self, reason: str, cause: BaseException | None = None) -> None:
         """Refuse new messages and fail every pending ask; the first reason sticks."""
@@ -314,12 +446,12 @@ class ActorHost:
             dead = ActorDead(self.chat_id, f"{reason} while handling the message")
             dead.__cause__ = cause
             current.reply.fail(dead)
-        for envelope in self._mailbox:
+        for envelope in self._mailbox or ():
             if envelope.reply is not None:
                 envelope.reply.fail(ActorDead(self.chat_id, f"{reason} before handling it"))
-        self._mailbox.clear()
-        self._internal.clear()
-        self._wakeup.unpark_all()
+        self._mailbox = self._internal = None
+        if self._wakeup is not None:
+            self._wakeup.unpark_all()
 
 
 def _single(error: BaseException) -> BaseException:

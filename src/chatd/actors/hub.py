@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -383,7 +383,32 @@ class ChatHub:
 
 
 class Subscription:
-    """One subscriber's stream: an async iterator of event batches (``list[ChatEvent]``)."""
+    """One subscriber's stream: an async iterator of event batches (``list[ChatEvent]``).
+
+    Slotted, with a list for its queue (drained whole, never popped from the front): one exists
+    per open stream WebSocket.
+    """
+
+    __slots__ = (
+        "_channel",
+        "_cursor",
+        "_dropped",
+        "_episode",
+        "_episode_closed",
+        "_full_since",
+        "_hub",
+        "_last_seq",
+        "_next_part",
+        "_out",
+        "_paging",
+        "_queue",
+        "_scope",
+        "_skipped",
+        "_status_floor",
+        "_version_floor",
+        "_wakeup",
+        "chat_id",
+    )
 
     def __init__(self, hub: ChatHub, channel: _Channel, cursor: StreamCursor) -> None:
         self._hub = hub
@@ -391,7 +416,7 @@ class Subscription:
         self._cursor = cursor
         self.chat_id = channel.chat_id
         # Publisher side: events queued since the subscriber was registered.
-        self._queue: deque[_Item] = deque()
+        self._queue: list[_Item] = []
         self._wakeup = trio.Event()
         self._full_since: float | None = None
         self._skipped = False  # parts were left out of a full queue since the last marker
@@ -467,7 +492,7 @@ class Subscription:
 
     def _release(self) -> None:
         """Dropped: free the queue and wake or cancel the consumer."""
-        self._queue.clear()
+        self._queue = []
         self._out = []
         self._wakeup.set()
         if self._scope is not None:
@@ -527,9 +552,9 @@ class Subscription:
             self._drain()
 
     def _drain(self) -> None:
-        queue = self._queue
-        while queue:
-            self._accept(queue.popleft())
+        queue, self._queue = self._queue, []
+        for item in queue:
+            self._accept(item)
         if self._episode is not None:
             self._fill(self._episode, sys.maxsize)
         self._skipped = False

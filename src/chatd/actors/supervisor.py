@@ -12,6 +12,11 @@ restarted from the database after a crash, at most ``restart_limit`` times in
 next message activates it afresh (from its ``error`` state, with a fresh budget). Each actor runs
 in its own task whose crash is caught and handled here: it never reaches a sibling or the
 Supervisor.
+
+An idle actor hibernates (``chatd.actors.host``): its task ends, its state stays, and its next
+message starts a task again; so an idle chat costs its state, not a task. Hibernating actors
+are passivated by one task of the Supervisor, oldest first, ``idle_timeout_s`` after they
+went idle.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from uuid import UUID
 
 import trio
@@ -62,7 +67,7 @@ class _Slot:
     chat_id: UUID
     fence: Fence
     host: ActorHost
-    crashes: deque[float] = field(default_factory=deque)
+    crashes: deque[float] | None = None  # recent crash times; made at the first crash
     parking: bool = False
 
 
@@ -88,6 +93,7 @@ class Supervisor:
         ask_timeout_s: float = 30.0,
         park_timeout_s: float = 10.0,
         release_timeout_s: float = 5.0,
+        hibernate_after_s: float | None = 0.0,
     ) -> None:
         if shard_count < 1:
             raise ValueError(f"shard count must be at least 1, got {shard_count}")
@@ -123,6 +129,10 @@ class Supervisor:
         self._ask_timeout_s = ask_timeout_s
         self._park_timeout_s = park_timeout_s
         self._release_timeout_s = release_timeout_s
+        if hibernate_after_s is not None and hibernate_after_s < 0:
+            raise ValueError(f"hibernate_after_s must not be negative, got {hibernate_after_s}")
+        self._hibernate_after_s = hibernate_after_s  # None: actors keep their task while idle
+        self._wake_host = self._wake  # one bound method shared by every host
 
         self.stats = SupervisorStats()
         self._fences: dict[int, Fence] = {}
@@ -136,6 +146,9 @@ class Supervisor:
         self._next_check = -math.inf
         self._valid_until = -math.inf
         self._changed: trio.Event | None = None
+        # Hibernating actors by the time of their last message, in the order they hibernated.
+        self._hibernating: OrderedDict[UUID, float] = OrderedDict()
+        self._hibernation_changed = trio.Event()
 
     # -- the edge's entry points (through the Router) -----------------------------------------
 
@@ -190,6 +203,11 @@ class Supervisor:
         return len(self._slots)
 
     @property
+    def hibernating_actors(self) -> int:
+        """Active actors without a task of their own right now (idle; state kept)."""
+        return len(self._hibernating)
+
+    @property
     def mailbox_depth(self) -> int:
         """Messages queued across every actor (computed on demand: O(actors))."""
         return sum(slot.host.mailbox_depth for slot in self._slots.values())
@@ -242,6 +260,7 @@ class Supervisor:
                     for fence in gained:
                         await self._resume(fence)
                     nursery.start_soon(self._lease_loop)
+                    nursery.start_soon(self._passivation_loop)
                     task_status.started()
         finally:
             self._leave()
@@ -261,6 +280,7 @@ class Supervisor:
         self._fences = {}
         for slot in list(self._slots.values()):
             self._stop(slot)
+        self._hibernating.clear()
         self._notify()
 
     async def _release(self) -> None:
@@ -373,6 +393,7 @@ class Supervisor:
         return self._nursery
 
     def _new_host(self, chat_id: UUID, fence: Fence) -> ActorHost:
+        hibernating = self._hibernate_after_s is not None
         return ActorHost(
             chat_id,
             fence,
@@ -380,6 +401,8 @@ class Supervisor:
             mailbox_capacity=self._mailbox_capacity,
             idle_timeout_s=self._idle_timeout_s,
             ask_timeout_s=self._ask_timeout_s,
+            on_wake=self._wake_host if hibernating else None,
+            hibernate_after_s=self._hibernate_after_s or 0.0,
         )
 
     def _activate(self, chat_id: UUID, fence: Fence) -> _Slot:
@@ -395,12 +418,63 @@ class Supervisor:
     def _stop(self, slot: _Slot) -> None:
         if self._slots.get(slot.chat_id) is slot:
             del self._slots[slot.chat_id]
+            self._hibernating.pop(slot.chat_id, None)
             self.stats.stopped += 1
         slot.host.stop()
 
     def _forget(self, slot: _Slot) -> None:
         if self._slots.get(slot.chat_id) is slot:
             del self._slots[slot.chat_id]
+            self._hibernating.pop(slot.chat_id, None)
+
+    def _wake(self, host: ActorHost) -> None:
+        """A hibernating actor got a message: give it a task again (synchronous, so that a
+        second message finds it awake)."""
+        slot = self._slots.get(host.chat_id)
+        if slot is None or slot.host is not host or self._nursery is None:
+            host.stop()  # not ours any more (it would have been stopped): refuse the message
+            return
+        self._hibernating.pop(host.chat_id, None)
+        self._nursery.start_soon(self._supervise, slot)
+
+    def _hibernated(self, slot: _Slot) -> None:
+        if not self._current(slot):
+            self._stop(slot)
+            return
+        # Idle time counts from the last message handled, as for an actor with a task. Entries
+        # go in the order the actors hibernated, which is almost that of their last messages; one
+        # older than the first goes first, one out of order behind it may passivate a bit late.
+        since = slot.host.idle_since
+        hibernating = self._hibernating
+        first = next(iter(hibernating.values()), math.inf)
+        hibernating[slot.chat_id] = since
+        hibernating.move_to_end(slot.chat_id)
+        if since < first:
+            hibernating.move_to_end(slot.chat_id, last=False)
+            self._hibernation_changed.set()  # the passivation loop's next deadline moved
+        self._notify()
+
+    async def _passivation_loop(self) -> None:
+        """Passivate hibernating actors idle for ``idle_timeout_s`` (they have no task to do it
+        themselves); one task for all of them, woken at the oldest one's deadline."""
+        while True:
+            now = trio.current_time()
+            while self._hibernating:
+                chat_id, since = next(iter(self._hibernating.items()))
+                if now < since + self._idle_timeout_s:
+                    break
+                del self._hibernating[chat_id]
+                slot = self._slots.get(chat_id)
+                if slot is not None and slot.host.passivate_hibernated():
+                    self.stats.passivations += 1
+                    self._forget(slot)
+                    self._notify()
+            deadline = math.inf
+            if self._hibernating:
+                deadline = next(iter(self._hibernating.values())) + self._idle_timeout_s
+            self._hibernation_changed = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._hibernation_changed.wait()
 
     def _current(self, slot: _Slot) -> bool:
         return (
@@ -413,6 +487,9 @@ class Supervisor:
         parked. Only cancellation escapes; every other outcome is handled here."""
         while True:
             exit_ = await slot.host.run()
+            if exit_.reason is ExitReason.HIBERNATED:
+                self._hibernated(slot)
+                return
             if exit_.reason is ExitReason.PASSIVATED:
                 self.stats.passivations += 1
             if exit_.reason is not ExitReason.CRASHED or not self._current(slot):
@@ -437,6 +514,8 @@ class Supervisor:
             return False
         log.error("actor of chat %s crashed", slot.chat_id, exc_info=error)
         now = trio.current_time()
+        if slot.crashes is None:
+            slot.crashes = deque()
         while slot.crashes and slot.crashes[0] <= now - self._restart_window_s:
             slot.crashes.popleft()
         slot.crashes.append(now)
@@ -458,7 +537,7 @@ class Supervisor:
         log.error(
             "chat %s crashed %d times within %g s; parking it",
             slot.chat_id,
-            len(slot.crashes),
+            len(slot.crashes or ()),
             self._restart_window_s,
         )
         try:

@@ -252,6 +252,12 @@ def run_one(
             "CHATD_SHARD_COUNT": str(spec.shards),
         }
         llm_port, port = free_port(), free_port()
+        # The fake LLM's defaults and the driver's markers say the same reply shape.
+        reply_shape = [
+            *("--chunks", str(options.chunks)),
+            *("--first-chunk-delay-ms", f"{options.first_chunk_delay_ms:g}"),
+            *("--chunk-interval-ms", f"{options.chunk_interval_ms:g}"),
+        ]
         llm_argv = [
             *chatd,
             "fake-llm",
@@ -259,12 +265,7 @@ def run_one(
             HOST,
             "--port",
             str(llm_port),
-            "--chunks",
-            str(options.chunks),
-            "--first-chunk-delay-ms",
-            f"{options.first_chunk_delay_ms:g}",
-            "--chunk-interval-ms",
-            f"{options.chunk_interval_ms:g}",
+            *reply_shape,
         ]
         serve_argv = [*chatd, "serve", "--host", HOST, "--port", str(port)]
         llm_log, server_log = logs / f"{name}.llm.log", logs / f"{name}.server.log"
@@ -288,12 +289,7 @@ def run_one(
                 str(spec.turns),
                 "--llm-url",
                 f"http://{HOST}:{llm_port}",
-                "--chunks",
-                str(options.chunks),
-                "--first-chunk-delay-ms",
-                f"{options.first_chunk_delay_ms:g}",
-                "--chunk-interval-ms",
-                f"{options.chunk_interval_ms:g}",
+                *reply_shape,
                 "--run-id",
                 name,
                 "--output",

@@ -303,7 +303,11 @@ async def test_an_answer_streams_token_by_token(api: ApiWorld) -> None:
     alice = await api.client("alice")
     chat = await alice.create_chat("hello")
     chat_id = chat["id"]
-    async with stream(alice, chat_id) as events:
+    # Resume after the first turn: a stream from the start sends the snapshot's status before
+    # the committed messages, so a "waiting" seen first says nothing of them.
+    await alice.wait_status(chat_id, "waiting")
+    first_turn = (await alice.http.get(f"/api/v1/chats/{chat_id}")).json()
+    async with stream(alice, chat_id, message_seq=first_turn["last_message_seq"]) as events:
         await events.until(is_status("waiting"))
         marker = knobs_marker(chunks=5, chunk_interval_ms=20)
         response = await alice.http.post(

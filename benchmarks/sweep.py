@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
-import resource
 import shutil
 import signal
 import socket
@@ -60,6 +58,7 @@ from benchmarks.report import (
     open_loop_spec,
     progress_line,
 )
+from chatd.scaletest.report import machine
 from chatd.store.embedded import EmbeddedPostgres
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -67,8 +66,6 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL: the server closes every WebSocket first
 DRIVER_GRACE_S = 120.0  # past the driver's own --timeout-s before it is killed
-FDS_PER_CHAT = 2  # a WebSocket, plus room for HTTP connections and the rest
-FD_SLACK = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -361,36 +358,6 @@ def save(result: Result, out_dir: Path) -> Path:
 # -- the sweep -----------------------------------------------------------------------------
 
 
-def machine_info(postgresql: str) -> dict[str, Any]:
-    cpu_model = None
-    with contextlib.suppress(OSError), Path("/proc/cpuinfo").open() as info:
-        for line in info:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(pages * page_size / 2**30, 1),
-        "python": platform.python_version(),
-        "postgresql": postgresql,
-        "platform": platform.platform(),
-    }
-
-
-def raise_fd_limit(chats: int) -> None:
-    """Children inherit the soft limit: one WebSocket per chat on each side needs it raised."""
-    need = chats * FDS_PER_CHAT + FD_SLACK
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    ceiling = need if hard == resource.RLIM_INFINITY else hard
-    if soft < need:
-        soft = min(need, ceiling)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft < need:
-        print(f"warning: open files limited to {soft} (hard limit), {chats} chats want {need}")
-
-
 def load_results(out_dir: Path) -> list[Result]:
     """Every run summary in ``out_dir`` the sweep wrote (files with a ``sweep`` section)."""
     results = []
@@ -425,7 +392,7 @@ class Sweep:
     def __init__(self, pg: EmbeddedPostgres, options: Options, logs: Path) -> None:
         self.pg, self.options, self.logs = pg, options, logs
         self.chatd = chatd_command()
-        self.machine = machine_info(postgres_version(pg))
+        self.machine = {**machine(), "postgresql": postgres_version(pg)}
         self.runs = 0
         self.failures = 0
 
@@ -467,7 +434,6 @@ def run_all(
     specs: list[RunSpec], options: Options, *, open_loop: bool, max_rate: float | None
 ) -> bool:
     """Every configuration in order, then the open-loop run; True when none failed."""
-    raise_fd_limit(max([s.chats for s in specs] + ([OPEN_LOOP_CHATS] if open_loop else [])))
     work = Path(tempfile.mkdtemp(prefix="chatd-sweep-"))
     work.chmod(0o711)  # PostgreSQL runs as the postgres user when this runs as root
     logs = work / "logs"

@@ -36,7 +36,37 @@ else:
 
 
 class DatabaseUnavailable(RuntimeError):
-    """PostgreSQL cannot be reached; the message names the server and what to check."""
+    """PostgreSQL cannot be reached, or dropped the connection mid-statement; the message names
+    the server and what to check.
+
+    An outage, not a bug: whoever gets it waits and retries (the edge answers 503 with
+    Retry-After, an actor backs off without spending its restart budget). Whether a write that
+    failed this way was committed is unknown to the caller; chat writes are fenced and
+    idempotent by their sequence numbers, so a retry after reloading is safe.
+    """
+
+
+# Failures that say "the server or the link to it is gone", not "this statement is wrong":
+# connection refused or reset, a connection closed under a query, the server shutting down or
+# starting up, no connection slot free, a timeout waiting for a connection or an answer.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for a failure of the database itself or of the link to it (see ``_UNAVAILABLE``)."""
+    if isinstance(exc, (DatabaseUnavailable, *_UNAVAILABLE)):
+        return True
+    # asyncpg reports "connection was closed in the middle of operation" as a bare InterfaceError.
+    return isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower()
 
 
 @dataclass(slots=True)
@@ -214,7 +244,7 @@ class Database:
             async with pool.acquire() as conn:
                 return await fn(conn)
 
-        return await self._bridge.run(job)
+        return await self._crossing(job)
 
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` inside one transaction: committed if it returns, rolled back if not."""
@@ -225,19 +255,30 @@ class Database:
             async with pool.acquire() as conn, conn.transaction():
                 return await fn(conn)
 
-        return await self._bridge.run(job)
+        return await self._crossing(job)
+
+    async def _crossing(self, job: Callable[[], Awaitable[T]]) -> T:
+        """Run ``job`` on the asyncio thread; an outage comes back as ``DatabaseUnavailable``."""
+        try:
+            return await self._bridge.run(job)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise DatabaseUnavailable(describe_failure(self._url, exc)) from exc
+            raise
 
     async def fetch(self, query: str, *args: Any) -> list[Record]:
-        return await self._bridge.run(lambda: self._pool.fetch(query, *args))
+        return await self._crossing(lambda: self._pool.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> Record | None:
-        return await self._bridge.run(lambda: self._pool.fetchrow(query, *args))
+        return await self._crossing(lambda: self._pool.fetchrow(query, *args))
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        return await self._bridge.run(lambda: self._pool.fetchval(query, *args))
+        return await self._crossing(lambda: self._pool.fetchval(query, *args))
 
     async def execute(self, query: str, *args: Any) -> str:
-        return await self._bridge.run(lambda: self._pool.execute(query, *args))
+        return await self._crossing(lambda: self._pool.execute(query, *args))
 
     async def ping(self) -> None:
         """Raise unless the database answers a trivial query."""

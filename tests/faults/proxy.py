@@ -20,7 +20,8 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import trio
@@ -95,6 +96,23 @@ class _Link:
         self.scope = trio.CancelScope()
 
 
+@dataclass(eq=False)
+class Trigger:
+    """A fault armed on one transaction: once a client sends ``marker`` (a bind parameter of a
+    statement, such as a message's unique text), the next ``then`` it sends on the same
+    connection (``COMMIT``) sets off ``action`` (``cut`` or ``pause``), either before those bytes
+    reach the server (``at="request"``: the commit is lost) or once the server answered them
+    (``at="reply"``: the commit is done, its acknowledgement is lost)."""
+
+    marker: bytes
+    then: bytes
+    action: Literal["cut", "pause"]
+    at: Literal["request", "reply"]
+    fired: trio.Event = field(default_factory=trio.Event)
+    _link: _Link | None = None
+    _awaiting_reply: bool = False
+
+
 class PgProxy:
     """The proxy; start it with ``open_pg_proxy`` (or ``nursery.start(proxy.serve)``)."""
 
@@ -113,6 +131,7 @@ class PgProxy:
         self._flowing.set()
         self._cut = False
         self._changed = trio.Event()
+        self._triggers: list[Trigger] = []
 
     # -- control ---------------------------------------------------------------------------
 
@@ -154,6 +173,20 @@ class PgProxy:
         self._cut = False
         self._notify()
 
+    def arm(
+        self,
+        marker: bytes,
+        *,
+        then: bytes = b"COMMIT",
+        action: Literal["cut", "pause"] = "cut",
+        at: Literal["request", "reply"] = "request",
+    ) -> Trigger:
+        """Set off ``action`` at the commit of the transaction that sends ``marker`` (see
+        ``Trigger``); ``trigger.fired`` is set when it struck. One shot."""
+        trigger = Trigger(marker, then, action, at)
+        self._triggers.append(trigger)
+        return trigger
+
     def url_for(self, url: str) -> str:
         """``url`` (of the proxied server) through this proxy."""
         return proxied_url(url, self.address)
@@ -193,19 +226,25 @@ class PgProxy:
                 except OSError:
                     return  # the server itself is down: the client sees its connection close
                 async with trio.open_nursery() as pumps:
-                    pumps.start_soon(self._pump, link, client, link.upstream)
-                    pumps.start_soon(self._pump, link, link.upstream, client)
+                    pumps.start_soon(self._pump, link, client, link.upstream, True)
+                    pumps.start_soon(self._pump, link, link.upstream, client, False)
         finally:
             self._links.discard(link)
             self._close_link(link)
             self._notify()
 
-    async def _pump(self, link: _Link, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async def _pump(
+        self, link: _Link, source: trio.SocketStream, sink: trio.SocketStream, upstream: bool
+    ) -> None:
         try:
             while chunk := await source.receive_some(_CHUNK_BYTES):
                 self.bytes_held += len(chunk)
                 self._notify()
                 try:
+                    if self._triggers:
+                        self._check_triggers(link, chunk, upstream=upstream)
+                    if self._cut:
+                        return
                     if self.delay_s > 0:
                         await trio.sleep(self.delay_s)
                     await self._flowing.wait()
@@ -218,6 +257,32 @@ class PgProxy:
             pass
         # One side ended or broke: so does the whole link, as when a real server goes away.
         link.scope.cancel()
+
+    def _check_triggers(self, link: _Link, chunk: bytes, *, upstream: bool) -> None:
+        for trigger in list(self._triggers):
+            if upstream:
+                start = 0
+                if trigger._link is None:
+                    found = chunk.find(trigger.marker)
+                    if found < 0:
+                        continue
+                    trigger._link = link
+                    start = found + len(trigger.marker)
+                if trigger._link is not link or trigger._awaiting_reply:
+                    continue
+                if chunk.find(trigger.then, start) < 0:
+                    continue
+                if trigger.at == "reply":
+                    trigger._awaiting_reply = True
+                    continue
+            elif not (trigger._link is link and trigger._awaiting_reply):
+                continue
+            self._triggers.remove(trigger)
+            if trigger.action == "cut":
+                self.cut()
+            else:
+                self.pause()
+            trigger.fired.set()
 
     def _close_link(self, link: _Link) -> None:
         link.scope.cancel()

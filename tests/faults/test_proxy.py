@@ -11,11 +11,12 @@ import tempfile
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import trio
 
-from chatd.store.database import Database, is_unavailable
+from chatd.store.database import Connection, Database, is_unavailable
 from tests.conftest import PgServer
 from tests.faults.proxy import (
     PgProxy,
@@ -284,3 +285,56 @@ async def test_in_front_of_postgresql_pause_stalls_a_query_until_resume(
                 assert answer == []
                 proxy.resume()
             assert answer == [7]
+
+
+# -- triggers: a fault at one transaction's commit -------------------------------------------
+
+
+async def _insert_in_transaction(db: Database, marker: str) -> None:
+    async def write(conn: Connection) -> None:
+        await conn.execute("INSERT INTO proxy_probe (note) VALUES ($1)", marker)
+
+    await db.transaction(write)
+
+
+async def _notes(database_url: str) -> list[str]:
+    async with Database.connect(database_url, min_size=1, max_size=1) as direct:
+        return [r["note"] for r in await direct.fetch("SELECT note FROM proxy_probe ORDER BY 1")]
+
+
+@pytest.mark.parametrize(("at", "committed"), [("request", False), ("reply", True)])
+async def test_a_trigger_cuts_at_the_commit_of_the_marked_transaction(
+    database_url: str, at: Literal["request", "reply"], committed: bool
+) -> None:
+    async with open_pg_proxy(database_url) as proxy:
+        url = proxy.url_for(database_url)
+        async with Database.connect(url, min_size=1, max_size=1, command_timeout_s=5) as db:
+            await db.execute("CREATE TABLE proxy_probe (note text)")
+            await _insert_in_transaction(db, "unmarked")
+            trigger = proxy.arm(b"marked-7f3a", action="cut", at=at)
+            with pytest.raises(Exception) as failure:  # noqa: PT011 - checked just below
+                await _insert_in_transaction(db, "marked-7f3a")
+            assert is_unavailable(failure.value), repr(failure.value)
+            assert trigger.fired.is_set()
+            assert proxy.is_cut
+            proxy.restore()
+    expected = ["marked-7f3a", "unmarked"] if committed else ["unmarked"]
+    assert await _notes(database_url) == expected
+
+
+async def test_a_pause_trigger_holds_the_commits_answer_after_the_commit(
+    database_url: str,
+) -> None:
+    async with open_pg_proxy(database_url) as proxy:
+        url = proxy.url_for(database_url)
+        async with Database.connect(url, min_size=1, max_size=1, command_timeout_s=5) as db:
+            await db.execute("CREATE TABLE proxy_probe (note text)")
+            trigger = proxy.arm(b"held-91c2", action="pause", at="reply")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_insert_in_transaction, db, "held-91c2")
+                with trio.fail_after(DEADLINE_S):
+                    await trigger.fired.wait()
+                assert proxy.paused
+                # Committed while its caller still waits for the answer.
+                assert await _notes(database_url) == ["held-91c2"]
+                proxy.resume()

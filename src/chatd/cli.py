@@ -21,6 +21,7 @@ from chatd import __version__
 from chatd.config import Settings, SettingsError
 from chatd.demo import DemoError, start_message
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
+from chatd.identity import IdentityError
 from chatd.providers.fake import Scenario, serve_fake_llm
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
 from chatd.scaletest import cli as scaletest
@@ -45,6 +46,7 @@ _USER_ERRORS = (
     DemoError,
     DatabaseUnavailable,
     EmbeddedPostgresError,
+    IdentityError,
     MigrationError,
     StartupError,
     scaletest.ScaletestError,

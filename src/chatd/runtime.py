@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +14,12 @@ import trio
 from chatd.actors.engine import EngineOptions, open_engine
 from chatd.config import Settings
 from chatd.demo import DemoModel, open_demo_model
+from chatd.identity import claim_identity
 from chatd.providers.base import ProviderKind
 from chatd.store import providers, users
 from chatd.store.database import Database
 from chatd.store.embedded import EmbeddedPostgres
+from chatd.store.leases import reclaim_leases
 from chatd.store.migrate import migrate
 from chatd.web.app import create_app
 from chatd.web.server import serve
@@ -82,9 +82,35 @@ async def run_server(
     """Migrate, start the engine (shard leases, resumed chats), then serve HTTP until
     ``shutdown`` is set; the engine stops after the last request, releasing its leases.
 
+    The worker id is this process's identity in ``settings.home`` (``chatd.identity``), held
+    until it returns: after a crash, the next process on the home is the same worker and takes
+    its leases back at once (under a new epoch) instead of waiting ``lease_ttl_s`` for them.
+
     With ``demo``, a model answers out of the box (``chatd.demo``): the fake provider, served
     in this process until the engine has stopped, or a real one when its API key is set.
     """
+    with claim_identity(settings.home, explicit_id=settings.worker_id) as identity:
+        await _serve_as(
+            settings,
+            url,
+            identity.worker_id,
+            shutdown=shutdown,
+            on_ready=on_ready,
+            admin_token_file=admin_token_file,
+            demo=demo,
+        )
+
+
+async def _serve_as(
+    settings: Settings,
+    url: str,
+    worker_id: str,
+    *,
+    shutdown: trio.Event,
+    on_ready: Callable[[Ready], None],
+    admin_token_file: Path | None,
+    demo: bool,
+) -> None:
     async with open_database(settings, url) as db:
         applied = await migrate(db)
         if applied:
@@ -92,7 +118,15 @@ async def run_server(
         token = None
         if admin_token_file is not None:
             token = await ensure_admin_token(db, admin_token_file)
-        worker_id = settings.worker_id or default_worker_id()
+        # Leases still live under our id were left by our previous run, which died (its lock
+        # on the identity is gone): ours again now, under a new epoch that fences its writes.
+        reclaimed = await reclaim_leases(db, worker_id, settings.lease_ttl_s)
+        if reclaimed:
+            log.info(
+                "worker %s took back %d shard leases left by its previous run",
+                worker_id,
+                len(reclaimed),
+            )
         options = EngineOptions.from_settings(settings, worker_id=worker_id)
         demo_model: contextlib.AbstractAsyncContextManager[DemoModel | None] = (
             open_demo_model(db, os.environ) if demo else contextlib.nullcontext()
@@ -115,10 +149,6 @@ async def run_server(
             )
             on_ready(Ready(urls=urls, admin_token=token, demo_model=model))
             log.info("worker %s owns %d shards", worker_id, len(engine.supervisor.fences))
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 async def ensure_admin_token(db: Database, path: Path) -> str:

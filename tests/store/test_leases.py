@@ -31,6 +31,7 @@ from chatd.store.leases import (
     acquire_shards,
     check_fence,
     list_leases,
+    reclaim_leases,
     release_leases,
     renew_leases,
 )
@@ -192,6 +193,74 @@ async def test_release_lets_another_worker_take_over_at_once(db: Database) -> No
         Fence(0, fence_a.epoch + 1, "worker-b")
     ]
     assert await renew_leases(db, "worker-a", [fence_a, other], LEASE_TTL_S) == [other]
+
+
+async def test_reclaim_takes_our_live_leases_back_under_a_new_epoch(db: Database) -> None:
+    """A restarted worker (same identity) takes its leases back at once, and the writes of its
+    dead incarnation stay fenced."""
+    user = await make_user(db)
+    old = await lease(db, 0, "worker-a")
+    also_old = await lease(db, 1, "worker-a")
+    theirs = await lease(db, 2, "worker-b")
+    lapsed = await lease(db, 3, "worker-a")
+    chat = await make_chat(db, old, user.id, title="before")
+    await expire(db, 3)
+
+    reclaimed = await reclaim_leases(db, "worker-a", LEASE_TTL_S)
+
+    assert reclaimed == [
+        Fence(0, old.epoch + 1, "worker-a"),
+        Fence(1, also_old.epoch + 1, "worker-a"),
+    ]
+    with pytest.raises(Fenced):
+        await commit(db, old, chat.id, [UpdateChat(title="by the dead incarnation")])
+    committed = await commit(db, reclaimed[0], chat.id, [UpdateChat(title="by the new one")])
+    assert committed.chat.title == "by the new one"
+    # Held live: renewing keeps the new epoch; another worker's lease and a lapsed one are
+    # untouched (the lapsed one is taken again the usual way, by acquire_shards).
+    assert await renew_leases(db, "worker-a", reclaimed, LEASE_TTL_S) == reclaimed
+    assert await renew_leases(db, "worker-b", [theirs], LEASE_TTL_S) == [theirs]
+    assert await acquire_shards(db, "worker-a", [3], LEASE_TTL_S) == [
+        Fence(3, lapsed.epoch + 1, "worker-a")
+    ]
+    assert await reclaim_leases(db, "worker-c", LEASE_TTL_S) == []
+
+
+async def test_reclaim_waits_for_a_write_of_the_old_incarnation_in_flight(db: Database) -> None:
+    """The epoch bump waits for a transaction that passed the old fence: that write lands
+    before the new epoch, and none of the old epoch can land after it."""
+    user = await make_user(db)
+    fence = await lease(db, 0, "worker-a")
+    chat = await make_chat(db, fence, user.id, title="before")
+    checked, reclaimed = Signal(), Signal()
+    may_commit = Gate()
+
+    async def dead_incarnation(conn: Connection) -> Committed:
+        done = await apply_writes(
+            conn, fence=fence, chat_id=chat.id, writes=[UpdateChat(title="in flight")]
+        )
+        checked.set(await conn.fetchval("SELECT pg_backend_pid()"))
+        await may_commit.wait()
+        return done
+
+    async def restarted() -> None:
+        reclaimed.set(await reclaim_leases(db, "worker-a", LEASE_TTL_S))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.transaction, dead_incarnation)
+        pid: int = await checked.wait()
+        nursery.start_soon(restarted)
+        await wait_until_blocked_by(db, pid)
+        assert not reclaimed.is_set()
+        may_commit.open()
+        fences: list[Fence] = await reclaimed.wait()
+
+    assert fences == [Fence(0, fence.epoch + 1, "worker-a")]
+    stored = await get_chat(db, chat.id)
+    assert stored is not None
+    assert stored.title == "in flight"
+    with pytest.raises(Fenced):
+        await commit(db, fence, chat.id, [UpdateChat(title="too late")])
 
 
 async def test_concurrent_acquirers_split_the_shards(db: Database) -> None:

@@ -74,6 +74,39 @@ async def acquire_shards(
     )
 
 
+async def reclaim_leases(db: Database, worker_id: str, ttl_s: float) -> list[Fence]:
+    """Take back, at once and under a new epoch, the live leases an earlier incarnation of
+    ``worker_id`` left behind (a crash); returns them (ordered by shard).
+
+    Only a process that proved it is that worker may call this (``chatd.identity``: the
+    identity's lock is free only once its last holder died). The epoch moves on so that a
+    write the dead incarnation still had in flight stays fenced: the UPDATE waits for any
+    transaction holding the lease row (``check_fence``'s FOR SHARE), and none can pass the
+    fence after it.
+    """
+    rows = await db.fetch(
+        """
+        WITH mine AS (
+            -- Locked in shard order, as acquire_shards locks them: no deadlock between the two.
+            SELECT shard FROM shard_leases WHERE worker_id = $1 AND expires_at > now()
+            ORDER BY shard FOR UPDATE
+        )
+        UPDATE shard_leases AS l
+        SET epoch = l.epoch + 1, expires_at = now() + make_interval(secs => $2),
+            updated_at = now()
+        FROM mine
+        WHERE l.shard = mine.shard
+        RETURNING l.shard, l.epoch, l.worker_id
+        """,
+        worker_id,
+        _ttl(ttl_s),
+    )
+    return sorted(
+        (Fence(row["shard"], row["epoch"], row["worker_id"]) for row in rows),
+        key=lambda f: f.shard,
+    )
+
+
 async def renew_leases(
     db: Database, worker_id: str, fences: Iterable[Fence], ttl_s: float
 ) -> list[Fence]:

@@ -82,7 +82,10 @@ class ScriptedChat:
     generation_attempt: int = 0
     last_seq: int = 0
     part_seq: int = 0
+    retry_count: int = 0
     streamed: list[str] = field(default_factory=list)
+    queue: list[QueuedEntry] = field(default_factory=list)
+    xid: int = 0  # of the last commit
 
     @property
     def episode(self) -> Episode:
@@ -92,13 +95,13 @@ class ScriptedChat:
         return StatusChanged(status, False, self.history_version, self.generation_attempt)
 
     async def _commit(self, writes: list[ChatWrite]) -> None:
-        await commit(self.db, self.fence, self.id, writes)
+        self.xid = (await commit(self.db, self.fence, self.id, writes)).xid
 
     def _new_episode(self) -> None:
         self.part_seq = 0
         self.streamed = []
 
-    async def user_turn(self, text: str, *, publish: bool = True) -> list[ChatEvent]:
+    async def user_turn(self, text: str, *, publish: bool = True) -> Held:
         seq = self.last_seq + 1
         self.history_version += 1
         message = CommittedMessage(uuid4(), seq, "user", (TextPart(text),), self.history_version)
@@ -124,7 +127,7 @@ class ScriptedChat:
             part = MessagePart(self.episode, self.part_seq, TextDelta(text))
             self.hub.publish(self.id, (part,))
 
-    async def finish(self) -> list[ChatEvent]:
+    async def finish(self) -> Held:
         seq = self.last_seq + 1
         self.history_version += 1
         text = "".join(self.streamed)
@@ -147,7 +150,7 @@ class ScriptedChat:
         self._new_episode()
         self._publish([self.status(ChatStatus.RUNNING), PreviewReset(self.episode)], True)
 
-    async def edit(self, target_seq: int, text: str, *, publish: bool = True) -> list[ChatEvent]:
+    async def edit(self, target_seq: int, text: str, *, publish: bool = True) -> Held:
         self.history_version += 1
         reset = HistoryReset(self.history_version, target_seq - 1)
         seq = self.last_seq + 1
@@ -175,10 +178,51 @@ class ScriptedChat:
         ]
         return self._publish(events, publish)
 
-    def _publish(self, events: list[ChatEvent], publish: bool) -> list[ChatEvent]:
+    async def fail(self, failure: ProviderFailure, *, publish: bool = True) -> Held:
+        """A retryable failure: the chat stays running and waits for its next attempt."""
+        self.retry_count += 1
+        at = datetime.now(UTC) + timedelta(seconds=30)
+        await self._commit(
+            [UpdateChat(retry_count=self.retry_count, retry_at=at, last_error=failure.to_json())]
+        )
+        retry = RetryScheduled(self.retry_count + 1, 30.0, failure, at.timestamp())
+        return self._publish([retry], publish)
+
+    async def give_up(self, failure: ProviderFailure, *, publish: bool = True) -> Held:
+        """A failure for good: the details, then the status they explain."""
+        await self._commit(
+            [UpdateChat(status=ChatStatus.ERROR, retry_at=None, last_error=failure.to_json())]
+        )
+        return self._publish([ErrorRaised(failure), self.status(ChatStatus.ERROR)], publish)
+
+    async def enqueue(self, text: str, *, publish: bool = True) -> Held:
+        entry = QueuedEntry(uuid4(), text)
+        self.queue.append(entry)
+        await self._commit(
+            [
+                Enqueue(
+                    id=entry.id, position=len(self.queue), content=[{"type": "text", "text": text}]
+                )
+            ]
+        )
+        return self._publish([QueueUpdated(tuple(self.queue))], publish)
+
+    def _publish(self, events: list[ChatEvent], publish: bool) -> Held:
+        held = Held(events, self.xid)
         if publish:
-            self.hub.publish(self.id, events)
-        return events
+            held.publish(self.hub, self.id)
+        return held
+
+
+@dataclass
+class Held:
+    """The events of one commit, published with the commit's id (now, or later)."""
+
+    events: list[ChatEvent]
+    xid: int
+
+    def publish(self, hub: ChatHub, chat_id: UUID) -> None:
+        hub.publish(chat_id, self.events, commit=self.xid)
 
 
 def _append(message: CommittedMessage) -> AppendMessage:
@@ -529,7 +573,7 @@ async def test_a_message_committed_during_the_history_read_is_delivered_once(
     assert reader.client.messages[6] == "xyz"
 
 
-async def test_a_commit_read_by_the_catch_up_and_published_later_is_delivered_once(
+async def test_a_commit_during_the_catch_up_published_later_is_delivered_once(
     db: Database,
 ) -> None:
     paused, proceed = trio.Event(), trio.Event()
@@ -550,8 +594,10 @@ async def test_a_commit_read_by_the_catch_up_and_published_later_is_delivered_on
             await paused.wait()
         held = await chat.user_turn("q2", publish=False)  # committed; the actor publishes later
         proceed.set()
+        # The catch-up stops at the snapshot's read: the later commit comes with its events.
+        await reader.wait_for(lambda: 2 in reader.client.messages)
+        held.publish(hub, chat.id)
         await reader.wait_for(lambda: 3 in reader.client.messages)
-        hub.publish(chat.id, held)
         chat.stream("a")
         await reader.wait_for(lambda: reader.client.preview_text == "a")
         nursery.cancel_scope.cancel()
@@ -559,7 +605,7 @@ async def test_a_commit_read_by_the_catch_up_and_published_later_is_delivered_on
     assert reader.client.status is ChatStatus.RUNNING
 
 
-async def test_parts_of_an_answer_committed_during_the_history_read_are_superseded(
+async def test_an_answer_streamed_and_committed_during_the_history_read_comes_once(
     db: Database,
 ) -> None:
     paused, proceed = trio.Event(), trio.Event()
@@ -578,7 +624,7 @@ async def test_parts_of_an_answer_committed_during_the_history_read_are_supersed
         with trio.fail_after(DEADLINE_S):
             await paused.wait()
         chat.stream("x", "y")
-        await chat.finish()  # the history read sees the answer: its parts are not needed
+        await chat.finish()  # after the snapshot's read: its parts, then its message, live
         proceed.set()
         await reader.wait_for(lambda: 2 in reader.client.messages)
         await chat.user_turn("next")
@@ -587,7 +633,8 @@ async def test_parts_of_an_answer_committed_during_the_history_read_are_supersed
         nursery.cancel_scope.cancel()
     assert reader.committed_seqs() == [1, 2, 3]
     assert reader.client.messages[2] == "xy"
-    assert [e.seq for e in reader.events if isinstance(e, MessagePart)] == [1]
+    parts = [(e.episode, e.seq) for e in reader.events if isinstance(e, MessagePart)]
+    assert parts == [(Episode(1, 1), 1), (Episode(1, 1), 2), (chat.episode, 1)]
 
 
 async def test_events_the_snapshot_already_reflects_are_not_repeated(db: Database) -> None:
@@ -601,21 +648,66 @@ async def test_events_the_snapshot_already_reflects_are_not_repeated(db: Databas
     async with hub.subscribe(chat.id) as events:
         snapshot = await next_batch(events)
         assert snapshot == [chat.status(ChatStatus.RUNNING), QueueUpdated(())]
-        hub.publish(chat.id, turn)
-        hub.publish(chat.id, edit)
+        turn.publish(hub, chat.id)
+        edit.publish(hub, chat.id)
         chat.stream("a")
         batch = await next_batch(events)
-    # The older status and the reset are dropped; the newest status is harmlessly repeated.
-    assert [type(e) for e in batch] == [
-        CommittedMessage,
-        CommittedMessage,
-        CommittedMessage,
-        StatusChanged,
-        PreviewReset,
-        MessagePart,
-    ]
+    # The snapshot read both commits: nothing of theirs is repeated, the part follows.
+    assert [type(e) for e in batch] == [CommittedMessage] * 3 + [MessagePart]
     assert [e.seq for e in batch if isinstance(e, CommittedMessage)] == [1, 2, 4]
-    assert batch[3] == chat.status(ChatStatus.RUNNING)
+    assert batch[-1] == part(chat.episode, 1, "a")
+
+
+FAILURE = ProviderFailure(ErrorKind.RATE_LIMIT, "openai", 429, True, 30.0, "Slow down", "")
+
+
+async def test_a_retry_committed_before_the_snapshot_and_published_after_comes_once(
+    db: Database,
+) -> None:
+    """Issue 11: a stream opened while the chat waits on a retry got the retry event twice."""
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    held = await chat.fail(FAILURE, publish=False)  # committed; the actor publishes next
+    async with hub.subscribe(chat.id, StreamCursor(1)) as events:
+        snapshot = await next_batch(events)
+        held.publish(hub, chat.id)
+        chat.stream("a")  # something later, so that the read below returns
+        later = await next_batch(events)
+    retries = [e for e in snapshot + later if isinstance(e, RetryScheduled)]
+    assert len(retries) == 1, snapshot + later
+    assert retries[0].attempt == 2
+    assert [type(e) for e in later] == [MessagePart]
+
+
+async def test_state_events_read_by_the_snapshot_are_not_repeated_live(db: Database) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    queued = await chat.enqueue("next", publish=False)
+    failed = await chat.give_up(FAILURE, publish=False)
+    async with hub.subscribe(chat.id, StreamCursor(1)) as events:
+        snapshot = await next_batch(events)
+        queued.publish(hub, chat.id)
+        failed.publish(hub, chat.id)
+        await chat.user_turn("again")  # the next commit is delivered, once
+        later = await next_batch(events)
+    assert [type(e) for e in snapshot] == [ErrorRaised, StatusChanged, QueueUpdated]
+    assert [type(e) for e in later] == [CommittedMessage, StatusChanged]
+
+
+async def test_the_error_comes_before_the_status_it_explains(db: Database) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    async with hub.subscribe(chat.id, StreamCursor(1)) as events:
+        await next_batch(events)
+        await chat.give_up(FAILURE)
+        live = await next_batch(events)
+    assert live == [ErrorRaised(FAILURE), chat.status(ChatStatus.ERROR)]
+    async with hub.subscribe(chat.id, StreamCursor(1)) as events:
+        snapshot = await next_batch(events)
+    assert snapshot == [ErrorRaised(FAILURE), chat.status(ChatStatus.ERROR), QueueUpdated(())]
 
 
 async def test_an_edit_during_the_history_read_leaves_the_right_history(db: Database) -> None:
@@ -707,7 +799,12 @@ async def test_the_snapshot_carries_queue_error_retry_and_pending_calls(db: Data
     )
     async with hub.subscribe(chat.id) as events:
         batch = await next_batch(events)
-    assert batch[2:] == [ErrorRaised(failure)]
+    # The error before the status it explains; the queue stays for when the chat goes on.
+    assert batch == [
+        ErrorRaised(failure),
+        chat.status(ChatStatus.ERROR),
+        QueueUpdated((QueuedEntry(queued_id, "next"),)),
+    ]
 
 
 async def test_a_missing_chat_is_not_found(db: Database) -> None:

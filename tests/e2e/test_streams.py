@@ -373,6 +373,56 @@ async def test_a_reconnect_mid_answer_resumes_with_no_gap_and_no_repeat(api: Api
     assert message_text(messages[0]) == "".join(f"w{i} " for i in range(1, 9))
 
 
+async def test_a_stream_opened_during_a_retry_wait_gets_each_event_once(api: ApiWorld) -> None:
+    """Issue 11: the retry of the attempt came twice (the snapshot's, then the live one)."""
+    alice = await api.client("alice")
+    marker = knobs_marker(fault="rate_limit", fault_times=1, retry_after_s=600)
+    async with watch(alice) as watched:
+        chat = await alice.create_chat(f"fail once {marker}")
+        chat_id = chat["id"]
+        async with stream(alice, chat_id) as early:
+            before = await early.until(lambda e: e["type"] == "retry")
+            # Opened during the wait: its snapshot tells of the retry, and nothing repeats it.
+            async with stream(alice, chat_id) as late:
+                during = await late.until(lambda e: e["type"] == "retry")
+                stopped = await alice.http.post(f"/api/v1/chats/{chat_id}/interrupt")
+                assert stopped.status_code in (200, 202, 204), stopped.text
+                during += await late.until(is_status("waiting"))
+            before += await early.until(is_status("waiting"))
+        await watched.until(is_watch("status_change", chat_id, status="waiting"))
+
+    for seen in (before, during):
+        assert [e["attempt"] for e in seen if e["type"] == "retry"] == [2]
+        assert [e["status"] for e in seen if e["type"] == "status"] == ["running", "waiting"]
+        wire = [json.dumps(e, sort_keys=True) for e in seen]
+        assert len(wire) == len(set(wire)), seen
+
+
+async def test_a_failure_tells_its_error_before_its_status(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat = await alice.create_chat("hello")
+    chat_id = chat["id"]
+    await alice.wait_status(chat_id, "waiting")
+    async with stream(alice, chat_id, message_seq=2) as events:
+        await events.until(is_status("waiting"))
+        marker = knobs_marker(fault="auth")
+        response = await alice.http.post(
+            f"/api/v1/chats/{chat_id}/messages", json={"text": f"fail {marker}"}
+        )
+        assert response.status_code == 202, response.text
+        live = await events.until(is_status("error"))
+    async with stream(alice, chat_id, message_seq=3) as events:
+        snapshot = await events.until(is_status("error"))
+        snapshot += await events.until(lambda e: e["type"] == "queue_update")
+
+    # The terminal status comes with (after) the error that explains it, live and on resume.
+    assert [e["type"] for e in live][-2:] == ["error", "status"], live
+    assert [e["type"] for e in snapshot] == ["error", "status", "queue_update"], snapshot
+    for seen in (live, snapshot):
+        error = next(e for e in seen if e["type"] == "error")
+        assert error["error"]["kind"] == "auth"
+
+
 # -- watch -------------------------------------------------------------------------------------
 
 

@@ -251,16 +251,19 @@ class ChatActor:
             writes.insert(0, create)
         notifications: tuple[InboxNotification, ...] = ()
         stored: Chat | None = None
+        xid: int | None = None
         if writes:
             committed = await chats.commit(
                 self._deps.db, self._ctx.fence, self._ctx.chat_id, writes
             )
             notifications = committed.notifications
             stored = committed.chat
+            xid = committed.xid
         self._state = decision.state
         self._count(decision, ended_turn=ended_turn)
         self._remember(decision)
-        self._deps.hub.publish(self._ctx.chat_id, self._events(before, decision))
+        # With the commit's id: a subscriber whose snapshot read this commit skips its events.
+        self._deps.hub.publish(self._ctx.chat_id, self._events(before, decision), commit=xid)
         for event in self._watch_events(before, decision, create):
             self._deps.watch.publish(owner, event)
         for notification in notifications:
@@ -297,7 +300,9 @@ class ChatActor:
             self._seqs.append(m.seq)
 
     def _events(self, before: ChatState, decision: Decision) -> list[ChatEvent]:
-        """Resets first, then the new messages, then status and queue, then the rest."""
+        """Resets first, then the new messages, then an error (before the status it explains,
+        so that a client never sees ``error`` without its details), then status and queue, then
+        the rest."""
         after = decision.state
         explicit = [
             e for effect in decision.effects if isinstance(effect, Publish) for e in effect.events
@@ -307,6 +312,7 @@ class ChatActor:
             CommittedMessage(m.id, m.seq, m.role, m.parts, m.history_version)
             for m in decision.messages
         ]
+        events += [e for e in explicit if isinstance(e, ErrorRaised)]
         if (before.status, before.archived, before.episode) != (
             after.status,
             after.archived,
@@ -319,7 +325,7 @@ class ChatActor:
             )
         if before.queue != after.queue:
             events.append(QueueUpdated(after.queue))
-        events += [e for e in explicit if not isinstance(e, HistoryReset)]
+        events += [e for e in explicit if not isinstance(e, HistoryReset | ErrorRaised)]
         return events
 
     def _watch_events(

@@ -140,12 +140,17 @@ ChatWrite = (
 class Committed:
     """What a commit left behind: the chat as stored, the messages it appended (in order),
     the whole queue when the commit touched it (``None`` when it did not), and the
-    notifications it added (in order)."""
+    notifications it added (in order).
+
+    ``xid`` is the commit's transaction id: a stream subscriber's read tells by it whether it
+    saw this commit (``chatd.store.visibility``), so the events published for it reach the
+    subscriber once."""
 
     chat: Chat
     appended: tuple[ChatMessage, ...]
     queue: tuple[QueuedMessage, ...] | None
     notifications: tuple[InboxNotification, ...] = ()
+    xid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +207,7 @@ async def apply_writes(
     rides on the chat's lock, an appended message bumps the chat's seq in the same statement,
     and the chat row comes back from its update when there is one.
     """
-    chat_id, rest = await _open_chat(conn, fence, chat_id, writes)
+    chat_id, xid, rest = await _open_chat(conn, fence, chat_id, writes)
     appended: list[ChatMessage] = []
     notifications: list[InboxNotification] = []
     row: Record | None = None
@@ -220,14 +225,14 @@ async def apply_writes(
         assert row is not None
     queue_changed = any(isinstance(w, Enqueue | Dequeue | MoveQueued | ClearQueue) for w in rest)
     queue = tuple(await _list_queue(conn, chat_id)) if queue_changed else None
-    return Committed(chat_from_row(row), tuple(appended), queue, tuple(notifications))
+    return Committed(chat_from_row(row), tuple(appended), queue, tuple(notifications), xid)
 
 
 async def _open_chat(
     conn: Connection, fence: Fence, chat_id: UUID | None, writes: Sequence[ChatWrite]
-) -> tuple[UUID, Sequence[ChatWrite]]:
+) -> tuple[UUID, int, Sequence[ChatWrite]]:
     """Check the fence, then create or lock the commit's chat, on the fence's shard; returns
-    it and the other writes."""
+    it, the transaction's id and the other writes."""
     match writes:
         case [CreateChat() as create, *rest]:
             if chat_id is not None and chat_id != create.id:
@@ -235,8 +240,7 @@ async def _open_chat(
             if create.shard != fence.shard:
                 raise ValueError(f"chat {create.id} is on shard {create.shard}, not {fence.shard}")
             await check_fence(conn, fence)
-            await _create_chat(conn, create)
-            return create.id, rest
+            return create.id, await _create_chat(conn, create), rest
         case _:
             if chat_id is None:
                 raise ValueError("a commit without a chat id must start with CreateChat")
@@ -250,12 +254,16 @@ async def _open_chat(
                 raise Fenced(fence.shard, fence.epoch)
             if found["shard"] != fence.shard:
                 raise ValueError(f"chat {chat_id} is on shard {found['shard']}, not {fence.shard}")
-            return chat_id, writes
+            return chat_id, found["xid"], writes
 
+
+# The transaction's id (xid8, as a bigint): free in a transaction that locks or writes a row,
+# which has one already.
+_XID = "pg_current_xact_id()::text::bigint"
 
 _LOCK_CHAT = (
-    f"SELECT c.shard, EXISTS ({fence_subquery(2)}) AS held"  # noqa: S608 - no user input
-    " FROM chats c WHERE c.id = $1 FOR NO KEY UPDATE OF c"
+    f"SELECT c.shard, EXISTS ({fence_subquery(2)}) AS held,"  # noqa: S608 - no user input
+    f" {_XID} AS xid FROM chats c WHERE c.id = $1 FOR NO KEY UPDATE OF c"
 )
 
 
@@ -322,13 +330,15 @@ async def _apply(
     return None
 
 
-async def _create_chat(conn: Connection, create: CreateChat) -> None:
-    await conn.execute(
-        """
+async def _create_chat(conn: Connection, create: CreateChat) -> int:
+    """Insert the chat; returns the transaction's id."""
+    xid: int = await conn.fetchval(
+        f"""
         INSERT INTO chats (id, owner_id, shard, title, system_prompt, model_config_id,
                            dynamic_tools)
         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
-        """,
+        RETURNING {_XID}
+        """,  # noqa: S608 - no user input
         create.id,
         create.owner_id,
         create.shard,
@@ -337,6 +347,7 @@ async def _create_chat(conn: Connection, create: CreateChat) -> None:
         create.model_config_id,
         encode_json(create.dynamic_tools),
     )
+    return xid
 
 
 # One static statement for every combination of changed fields: each column is a

@@ -54,6 +54,13 @@ class Settings:
     restart_limit: int = 3
     restart_window_s: float = 60.0
     ask_timeout_s: float = 30.0
+    # A database outage is waited out, never counted as a crash: an actor it stopped restarts
+    # after min(base * 2^n, max) seconds (jittered), and a failed lease check is retried as
+    # often; the held shards are swept for runnable chats with no actor after an outage, and
+    # every resume_sweep_interval_s.
+    db_retry_base_delay_s: float = 0.25
+    db_retry_max_delay_s: float = 2.0
+    resume_sweep_interval_s: float = 60.0
     max_queue_length: int = 16
     action_timeout_s: float = 300.0
 
@@ -115,6 +122,9 @@ class Settings:
             "actor_idle_timeout_s",
             "restart_window_s",
             "ask_timeout_s",
+            "db_retry_base_delay_s",
+            "db_retry_max_delay_s",
+            "resume_sweep_interval_s",
             "max_queue_length",
             "action_timeout_s",
             "subscriber_queue_size",
@@ -155,6 +165,11 @@ class Settings:
         if self.default_page_size > self.max_page_size:
             raise SettingsError(
                 f"{_label('default_page_size')} must not exceed {_label('max_page_size')}"
+            )
+        if self.db_retry_base_delay_s > self.db_retry_max_delay_s:
+            raise SettingsError(
+                f"{_label('db_retry_base_delay_s')} must not exceed "
+                f"{_label('db_retry_max_delay_s')}"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise SettingsError(

@@ -22,14 +22,16 @@ import pytest
 import trio
 import trio.testing
 
+from chatd.actors.behavior import ActorContext
 from chatd.actors.errors import ActorDead, MailboxFull, NotOwner
 from chatd.actors.router import Router
 from chatd.actors.supervisor import Supervisor
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.sharding import shard_of
 from chatd.store.chats import CreateChat, UpdateChat, commit
-from chatd.store.database import Database
+from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.leases import Fence, acquire_shards, list_leases
+from tests.actors.pg_proxy import pg_proxy
 from tests.actors.toy import (
     Add,
     Block,
@@ -40,6 +42,7 @@ from tests.actors.toy import (
     Registry,
     SetBusy,
     SpawnChild,
+    Toy,
     start_ask,
 )
 from tests.store.helpers import make_user
@@ -78,15 +81,19 @@ async def supervising(
     *,
     worker_id: str = "worker-a",
     park_gate: trio.Event | None = None,
+    registry: Registry | None = None,
+    park_outages: int = 0,
     **options: Any,
 ) -> AsyncIterator[Harness]:
-    registry = Registry()
+    registry = Registry() if registry is None else registry
     parked: list[tuple[UUID, Fence, BaseException]] = []
 
     async def park(chat_id: UUID, fence: Fence, error: BaseException) -> None:
         parked.append((chat_id, fence, error))
         if park_gate is not None:
             await park_gate.wait()
+        if len(parked) <= park_outages:  # the park hook's write meets a database outage
+            raise DatabaseUnavailable("cannot reach PostgreSQL (test)")
 
     options.setdefault("lease_ttl_s", 30.0)
     supervisor = Supervisor(db, worker_id, registry.factory, park, shard_count=SHARDS, **options)
@@ -581,3 +588,185 @@ async def test_a_hibernating_actor_is_stopped_at_shutdown(
         assert sup.hibernating_actors == 0
         with pytest.raises(NotOwner):
             await h.router.ask(chat, Get())
+
+
+# -- database outages ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoseDatabase:
+    """Handling it fails as a statement does when PostgreSQL goes away."""
+
+
+class OutageToy(Toy):
+    """A toy whose start fails on the database while its registry says the database is down."""
+
+    registry: OutageRegistry
+
+    async def start(self) -> None:
+        if self.registry.down_for_starts > 0:
+            self.registry.down_for_starts -= 1
+            raise DatabaseUnavailable("cannot reach PostgreSQL (test)")
+        await super().start()
+
+    async def _handle(self, message: object) -> object:
+        if isinstance(message, LoseDatabase):
+            raise DatabaseUnavailable("connection lost mid-statement (test)")
+        return await super()._handle(message)
+
+
+class OutageRegistry(Registry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down_for_starts = 0  # how many starts still fail on the database
+
+    def factory(self, ctx: ActorContext) -> Toy:
+        toy = OutageToy(ctx, self)
+        self.incarnations[ctx.chat_id].append(toy)
+        return toy
+
+
+async def test_a_database_outage_is_waited_out_with_backoff_and_never_spends_the_budget(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = OutageRegistry()
+    delays: dict[str, Any] = {"db_retry_base_delay_s": 1.0, "db_retry_max_delay_s": 8.0}
+    async with supervising(
+        db, registry=registry, restart_limit=1, **delays, **MOCK_CLOCK_OPTIONS
+    ) as h:
+        sup = h.supervisor
+        chat, other = chat_on(1), chat_on(1)
+        assert await h.router.ask(other, Add(3)) == 3
+        assert await h.router.ask(chat, Add(2)) == 2
+
+        # The database goes away mid-message, and stays away for the next five reloads.
+        registry.down_for_starts = 5
+        lost_at = trio.current_time()
+        with pytest.raises(ActorDead):
+            await h.router.ask(chat, LoseDatabase())
+        await h.until(lambda: sup.stats.outages >= 1)
+        # Meanwhile its messages are refused at once, not left waiting for the reload.
+        with pytest.raises(ActorDead, match="waiting for the database"):
+            await h.router.ask(chat, Get())
+
+        await h.until(
+            lambda: registry.down_for_starts == 0 and registry.latest(chat).started,
+            deadline_s=60,
+        )
+        assert await h.router.ask(chat, Get()) == 0  # reloaded: its state is the stored one
+        back_after = trio.current_time() - lost_at
+        # Waits of min(1 * 2^n, 8) s, each drawn from its upper half: 1, 2, 4, 8, 8, 8.
+        assert 31 / 2 <= back_after <= 31 + 1, back_after
+        assert sup.stats.outages == 6
+        assert sup.stats.outage_restarts == 6
+        assert (sup.stats.crashes, sup.stats.restarts, sup.stats.parked) == (0, 0, 0)
+        assert not h.parked
+        assert len(registry.incarnations[chat]) == 7
+        # The other chat of the shard never noticed.
+        assert await h.router.ask(other, Get()) == 3
+        assert len(registry.incarnations[other]) == 1
+
+        # The budget is whole: one real crash restarts it, the second parks it.
+        for crash in (1, 2):
+            with pytest.raises(ActorDead):
+                await h.router.ask(chat, Crash())
+            await h.until(lambda n=crash: sup.stats.crashes == n)  # type: ignore[misc]
+        await h.until(lambda: sup.stats.parked == 1)
+        assert sup.stats.restarts == 1
+
+
+async def test_an_outage_after_a_long_healthy_run_starts_its_backoff_afresh(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    registry = OutageRegistry()
+    delays: dict[str, Any] = {"db_retry_base_delay_s": 1.0, "db_retry_max_delay_s": 8.0}
+    async with supervising(db, registry=registry, **delays, **MOCK_CLOCK_OPTIONS) as h:
+        sup = h.supervisor
+        chat = chat_on(2)
+        registry.down_for_starts = 3
+        with pytest.raises(ActorDead):
+            await h.router.ask(chat, Get())
+        await h.until(
+            lambda: registry.down_for_starts == 0 and registry.latest(chat).started,
+            deadline_s=60,
+        )
+        await trio.sleep(60)  # healthy for a good while
+        lost_at = trio.current_time()
+        with pytest.raises(ActorDead):
+            await h.router.ask(chat, LoseDatabase())
+        await h.until(lambda: sup.stats.outage_restarts == 4)
+        assert trio.current_time() - lost_at <= 1.0  # the base delay, not the grown one
+
+
+async def test_a_park_that_meets_a_database_outage_is_retried_not_forgotten(
+    db: Database, autojump_clock: trio.testing.MockClock
+) -> None:
+    delays: dict[str, Any] = {"db_retry_base_delay_s": 1.0, "db_retry_max_delay_s": 4.0}
+    async with supervising(
+        db, restart_limit=0, park_outages=3, **delays, **MOCK_CLOCK_OPTIONS
+    ) as h:
+        sup = h.supervisor
+        chat = chat_on(0)
+        with pytest.raises(ActorDead):
+            await h.router.ask(chat, Crash())
+        await h.until(lambda: len(h.parked) == 2)
+        # Still being parked: refused at once, and not activated afresh by a message.
+        with pytest.raises(ActorDead, match="parked"):
+            await h.router.ask(chat, Get())
+        await h.until(lambda: sup.stats.parked == 1, deadline_s=60)
+        assert len(h.parked) == 4
+        assert sup.stats.park_retries == 3
+        assert sup.active_actors == 0
+        assert all(isinstance(error, Boom) for _, _, error in h.parked)
+        assert await h.router.ask(chat, Get()) == 0  # the next message starts it afresh
+
+
+async def test_every_runnable_chat_of_a_held_shard_is_resumed_once_the_database_is_back(
+    db: Database, database_url: str
+) -> None:
+    owner = (await make_user(db)).id
+    registry = OutageRegistry()
+    delays: dict[str, Any] = {"db_retry_base_delay_s": 0.05, "db_retry_max_delay_s": 0.3}
+    async with (
+        pg_proxy(database_url) as (proxy, url),
+        Database.connect(url, min_size=1, max_size=2, connect_timeout_s=5) as proxied,
+        supervising(proxied, registry=registry, lease_ttl_s=30, **delays) as h,
+    ):
+        sup = h.supervisor
+        kept = chat_on(2)
+        with trio.fail_after(DEADLINE_S):
+            assert await h.router.ask(kept, Add(4)) == 4
+        epochs = sup.fences
+        # A chat left running with no actor here (its actor was lost to an earlier outage, or
+        # its parking failed): nothing but a sweep would ever activate it.
+        stranded = await _make_chat(db, sup.fences[1], owner, ChatStatus.RUNNING)
+        assert stranded not in registry.incarnations
+
+        proxy.cut()
+        sup.request_lease_check()
+        await h.until(lambda: sup.stats.lease_failures >= 2)
+        # Leases still valid by the last renewal are kept: their actors live on.
+        assert sup.fences == epochs
+        assert sup.active_actors == 1
+
+        await proxy.restore()
+        await h.until(lambda: stranded in registry.incarnations, deadline_s=5)
+        assert sup.fences == epochs
+        assert sup.stats.sweeps >= 1
+        with trio.fail_after(DEADLINE_S):
+            assert await h.router.ask(stranded, Get()) == 0
+            assert await h.router.ask(kept, Get()) == 4  # never stopped
+        assert len(registry.incarnations[kept]) == 1
+
+
+async def test_a_periodic_sweep_resumes_runnable_chats_without_an_actor(db: Database) -> None:
+    owner = (await make_user(db)).id
+    async with supervising(db, lease_ttl_s=3.0, resume_sweep_interval_s=0.1) as h:
+        sup = h.supervisor
+        sweeps = sup.stats.sweeps
+        stranded = await _make_chat(db, sup.fences[3], owner, ChatStatus.RUNNING)
+        waiting = await _make_chat(db, sup.fences[3], owner, ChatStatus.WAITING)
+        await h.until(lambda: stranded in h.registry.incarnations)
+        assert sup.stats.sweeps > sweeps
+        assert waiting not in h.registry.incarnations  # only chats with work left to do
+        assert sup.active_actors == 1

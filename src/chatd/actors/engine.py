@@ -47,6 +47,10 @@ class EngineOptions:
     restart_limit: int = 3
     restart_window_s: float = 60.0
     ask_timeout_s: float = 30.0
+    # Database outages (see chatd.actors.supervisor): restart backoff and the resume sweep.
+    db_retry_base_delay_s: float = 0.25
+    db_retry_max_delay_s: float = 2.0
+    resume_sweep_interval_s: float = 60.0
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     subscriber_queue_size: int = 1024
@@ -65,6 +69,9 @@ class EngineOptions:
             restart_limit=settings.restart_limit,
             restart_window_s=settings.restart_window_s,
             ask_timeout_s=settings.ask_timeout_s,
+            db_retry_base_delay_s=settings.db_retry_base_delay_s,
+            db_retry_max_delay_s=settings.db_retry_max_delay_s,
+            resume_sweep_interval_s=settings.resume_sweep_interval_s,
             policy=ChatPolicy(
                 max_queue_length=settings.max_queue_length,
                 action_timeout_s=settings.action_timeout_s,
@@ -152,6 +159,9 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         restart_limit=options.restart_limit,
         restart_window_s=options.restart_window_s,
         ask_timeout_s=options.ask_timeout_s,
+        db_retry_base_delay_s=options.db_retry_base_delay_s,
+        db_retry_max_delay_s=options.db_retry_max_delay_s,
+        resume_sweep_interval_s=options.resume_sweep_interval_s,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -167,8 +177,11 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
 
 async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseException) -> Chat:
     """A chat that keeps crashing its actor stops in ``error``, with the reason recorded;
-    returns the chat as stored."""
-    log.error("chat %s crashed too often; parking it in error", chat_id, exc_info=error)
+    returns the chat as stored.
+
+    Raises ``DatabaseUnavailable`` when the write cannot be made: the Supervisor retries it
+    after a backoff, so the failure is logged once it is recorded, not at every attempt.
+    """
     failure = ProviderFailure(
         kind=ErrorKind.GENERIC,
         provider="chatd",
@@ -191,4 +204,5 @@ async def park_chat(db: Database, chat_id: UUID, fence: Fence, error: BaseExcept
             )
         ],
     )
+    log.error("chat %s crashed too often; parked it in error", chat_id, exc_info=error)
     return committed.chat

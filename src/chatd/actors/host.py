@@ -155,6 +155,7 @@ class ActorHost:
         "_on_wake",
         "_ran",
         "_scope",
+        "_started",
         "_wakeup",
         "chat_id",
         "fence",
@@ -195,6 +196,7 @@ class ActorHost:
         self._current: _Envelope | None = None
         self._behavior: ActorBehavior | None = None
         self._ran = False
+        self._started = False
         self._awake = True  # a run is due or going on: the creator calls ``run``
         self._closed_reason: str | None = None
         self._last_activity = 0.0  # set once the behavior started
@@ -278,6 +280,12 @@ class ActorHost:
         return 0 if self._mailbox is None else len(self._mailbox)
 
     @property
+    def started(self) -> bool:
+        """True once the behavior's ``start`` returned (its state was loaded): a failure after
+        that happened to a running actor, not to one that could not even begin."""
+        return self._started
+
+    @property
     def behavior(self) -> ActorBehavior | None:
         """The running behavior (for inspection in tests and tools), once ``run`` built it."""
         return self._behavior
@@ -357,6 +365,7 @@ class ActorHost:
                 behavior = self._factory(_Context(self))
                 self._behavior = behavior
                 await behavior.start()
+                self._started = True
                 self._last_activity = trio.current_time()
             hibernate = await self._loop(behavior, nursery)
         except BaseException as exc:

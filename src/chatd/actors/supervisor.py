@@ -17,6 +17,33 @@ An idle actor hibernates (``chatd.actors.host``): its task ends, its state stays
 message starts a task again; so an idle chat costs its state, not a task. Hibernating actors
 are passivated by one task of the Supervisor, oldest first, ``idle_timeout_s`` after they
 went idle.
+
+Database outages. An unreachable PostgreSQL (or a connection lost under a statement) reaches
+the code as ``DatabaseUnavailable``; it is an outage, not a bug, and is handled apart from
+crashes, so that a blip never strands or parks a chat (DESIGN.md section 4):
+
+- An incarnation that ends with ``DatabaseUnavailable`` anywhere in its exception group is not
+  a crash: it spends nothing of the restart budget and is restarted after a capped exponential
+  backoff with jitter (``db_retry_base_delay_s`` doubling up to ``db_retry_max_delay_s``, each
+  wait drawn from the upper half of that, so thousands of actors do not reconnect in step),
+  for as long as its shard is held. Its restart reloads the chat from the database; while that
+  still fails, the backoff grows. Messages for it meanwhile are refused at once with
+  ``ActorDead`` (the edge answers 503 with Retry-After) instead of waiting for an ask timeout.
+  A step whose commit failed is not lost work to recover: the chat is still ``running`` in the
+  database, so its restart runs that step again (a new generation attempt, ``preview_reset``).
+- The lease loop doubles as the outage detector: a failed lease check is retried after the same
+  backoff (never later than the regular check interval) instead of a third of the ttl later,
+  and leases are kept as long as they are valid by the last successful check (a lower bound of
+  the database's expiry); only past that are the shards dropped, and when they are taken back
+  (under a new epoch) their chats are resumed, as for any gained shard.
+- Resume sweep: after any failed database call seen here (a lease check, an actor's outage),
+  the next successful lease check is followed by one query for the runnable chats of every held
+  shard, and each one without an actor here is activated, so that a chat whose actor was lost
+  to the outage in any way continues with no user action. The sweep also runs every
+  ``resume_sweep_interval_s`` as a safety net, since it costs one indexed query.
+- Parking writes to the database too: when the park hook fails with ``DatabaseUnavailable`` (or
+  does not finish within ``park_timeout_s``), parking is retried after the backoff while the
+  shard is held, rather than forgotten with the chat left ``running``.
 """
 
 from __future__ import annotations
@@ -24,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,8 +63,8 @@ from chatd.actors.behavior import ActorBehavior, ActorFactory, ParkHook
 from chatd.actors.errors import ActorDead, NotOwner
 from chatd.actors.host import ActorHost, ExitReason
 from chatd.domain.sharding import shard_of
-from chatd.store.chats import list_resumable_chats
-from chatd.store.database import Database
+from chatd.store.chats import list_resumable_chats, list_resumable_chats_in
+from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.errors import Fenced
 from chatd.store.leases import Fence, acquire_shards, release_leases
 
@@ -53,6 +81,10 @@ class SupervisorStats:
     crashes: int = 0
     restarts: int = 0
     parked: int = 0  # chats handed to the park hook, counted once the hook returned
+    outages: int = 0  # incarnations ended by a database outage (not crashes)
+    outage_restarts: int = 0  # of which restarted after their backoff
+    park_retries: int = 0  # park hook calls retried because the database was unavailable
+    sweeps: int = 0  # resume sweeps of the held shards that completed
     stopped: int = 0  # actors stopped because their shard was lost, or at shutdown
     lease_renewals: int = 0  # successful lease checks
     lease_failures: int = 0
@@ -69,6 +101,11 @@ class _Slot:
     host: ActorHost
     crashes: deque[float] | None = None  # recent crash times; made at the first crash
     parking: bool = False
+    # Database outages: consecutive outage exits (the backoff's exponent), when the current
+    # incarnation began, and whether the slot is waiting out its backoff now.
+    outages: int = 0
+    began_at: float = 0.0
+    waiting_out: bool = False
 
 
 class Supervisor:
@@ -94,6 +131,9 @@ class Supervisor:
         park_timeout_s: float = 10.0,
         release_timeout_s: float = 5.0,
         hibernate_after_s: float | None = 0.0,
+        db_retry_base_delay_s: float = 0.25,
+        db_retry_max_delay_s: float = 2.0,
+        resume_sweep_interval_s: float = 60.0,
     ) -> None:
         if shard_count < 1:
             raise ValueError(f"shard count must be at least 1, got {shard_count}")
@@ -111,6 +151,9 @@ class Supervisor:
             ("restart window", restart_window_s),
             ("park timeout", park_timeout_s),
             ("release timeout", release_timeout_s),
+            ("database retry base delay", db_retry_base_delay_s),
+            ("database retry max delay", db_retry_max_delay_s),
+            ("resume sweep interval", resume_sweep_interval_s),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value} s")
@@ -129,8 +172,10 @@ class Supervisor:
         self._ask_timeout_s = ask_timeout_s
         self._park_timeout_s = park_timeout_s
         self._release_timeout_s = release_timeout_s
-        if hibernate_after_s is not None and hibernate_after_s < 0:
-            raise ValueError(f"hibernate_after_s must not be negative, got {hibernate_after_s}")
+        _check_options(hibernate_after_s, db_retry_base_delay_s, db_retry_max_delay_s)
+        self._db_retry_base_delay_s = db_retry_base_delay_s
+        self._db_retry_max_delay_s = db_retry_max_delay_s
+        self._resume_sweep_interval_s = resume_sweep_interval_s
         self._hibernate_after_s = hibernate_after_s  # None: actors keep their task while idle
         self._wake_host = self._wake  # one bound method shared by every host
 
@@ -145,6 +190,9 @@ class Supervisor:
         self._check_requested = trio.Event()
         self._next_check = -math.inf
         self._valid_until = -math.inf
+        self._check_failures = 0  # lease checks failed in a row
+        self._sweep_due = False  # a database call failed since the last sweep
+        self._next_sweep = math.inf  # set once running
         self._changed: trio.Event | None = None
         # Hibernating actors by the time of their last message, in the order they hibernated.
         self._hibernating: OrderedDict[UUID, float] = OrderedDict()
@@ -181,6 +229,9 @@ class Supervisor:
         slot = self._slots.get(chat_id)
         if slot is not None and slot.parking:
             raise ActorDead(chat_id, "being parked after repeated crashes")
+        if slot is not None and slot.waiting_out:
+            # Quick refusal (503 at the edge): it would only wait for the restart's reload.
+            raise ActorDead(chat_id, "waiting for the database to come back")
         if slot is None or slot.host.passivated:
             slot = self._activate(chat_id, fence)
         return slot.host
@@ -259,6 +310,7 @@ class Supervisor:
                     gained = await self._check_leases(initial=True)
                     for fence in gained:
                         await self._resume(fence)
+                    self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
                     nursery.start_soon(self._lease_loop)
                     nursery.start_soon(self._passivation_loop)
                     task_status.started()
@@ -307,6 +359,10 @@ class Supervisor:
             gained = await self._check_leases()
             if gained:
                 self._nursery_or_fail().start_soon(self._resume_soon, gained)
+            if self._check_failures == 0 and (
+                self._sweep_due or trio.current_time() >= self._next_sweep
+            ):
+                await self._sweep()
 
     async def _check_leases(self, *, initial: bool = False) -> list[Fence]:
         """Renew held leases and take free or expired wanted ones; returns the fences gained.
@@ -322,27 +378,55 @@ class Supervisor:
         # one is bounded by the database's own timeouts only: its failure fails the start.
         deadline = math.inf if initial else max(self._valid_until, sent_at + self._check_interval_s)
         fences: list[Fence] | None = None
+        failure: Exception | None = None
         try:
             with trio.move_on_at(deadline):
                 fences = await acquire_shards(
                     self._db, self.worker_id, self._wanted, self._lease_ttl_s
                 )
-        except Exception:
+        except Exception as exc:
             if initial:
                 raise
-            log.warning("shard lease check failed; retrying", exc_info=True)
+            failure = exc
         if fences is None:
-            self.stats.lease_failures += 1
+            self._lease_check_failed(sent_at, failure)
             if self._fences and trio.current_time() >= self._valid_until:
                 log.error("shard leases not renewed within their ttl; dropping every shard")
                 self._apply_fences([])
             self._notify()
             return []
+        if self._check_failures:
+            log.warning(
+                "the database answers again after %d failed lease checks", self._check_failures
+            )
+            self._check_failures = 0
         self._valid_until = sent_at + self._lease_ttl_s
         self.stats.lease_renewals += 1
         gained = self._apply_fences(fences)
         self._notify()
         return gained
+
+    def _lease_check_failed(self, sent_at: float, failure: Exception | None) -> None:
+        """Count a failed (or timed out) check and retry it after the outage backoff, sooner
+        than the regular interval: the lease loop is what notices the database is back."""
+        self.stats.lease_failures += 1
+        self._sweep_due = True  # whatever ran meanwhile may have lost its actor
+        delay = min(self._check_interval_s, self._outage_delay(self._check_failures))
+        self._check_failures += 1
+        self._next_check = sent_at + delay
+        if failure is not None and not _contains(failure, DatabaseUnavailable):
+            log.warning("shard lease check failed; retrying in %.2f s", delay, exc_info=failure)
+        elif self._check_failures == 1:  # one line per outage, not one per probe
+            what = "timed out" if failure is None else str(failure)
+            log.warning("shard lease check failed (%s); retrying every %g s at most", what, delay)
+
+    def _outage_delay(self, attempt: int) -> float:
+        """The wait before retry ``attempt`` (0, 1, ...) after a database outage: the capped
+        exponential ``min(base * 2^attempt, max)``, drawn from its upper half (jitter)."""
+        capped = min(
+            self._db_retry_max_delay_s, self._db_retry_base_delay_s * 2.0 ** min(attempt, 32)
+        )
+        return capped * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
     def _apply_fences(self, fences: list[Fence]) -> list[Fence]:
         """Adopt the leases now held: stop the actors of lost (or re-epoched) shards."""
@@ -385,6 +469,37 @@ class Supervisor:
                     log.warning("resuming shard %d failed; retrying", fence.shard, exc_info=True)
                     await trio.sleep(self._check_interval_s)
 
+    async def _sweep(self) -> None:
+        """Activate every runnable chat of the held shards that has no actor here (one query);
+        called by the lease loop after a successful check. A failure leaves it due."""
+        fences = dict(self._fences)
+        self._sweep_due = False
+        self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
+        if not fences:
+            return
+        try:
+            with trio.fail_after(self._check_interval_s):
+                rows = await list_resumable_chats_in(self._db, sorted(fences))
+        except Exception as exc:
+            self._sweep_due = True
+            outage = _contains(exc, DatabaseUnavailable) or isinstance(exc, trio.TooSlowError)
+            log.warning(
+                "resume sweep failed (%s); retrying after the next lease check",
+                exc,
+                exc_info=not outage,
+            )
+            return
+        self.stats.sweeps += 1
+        activated = 0
+        for shard, chat_id in rows:
+            if self._fences.get(shard) == fences[shard] and chat_id not in self._slots:
+                self._activate(chat_id, fences[shard])
+                self.stats.resumed += 1
+                activated += 1
+        if activated:
+            log.info("resume sweep: %d runnable chats had no actor; activated them", activated)
+        self._notify()
+
     # -- actors --------------------------------------------------------------------------------
 
     def _nursery_or_fail(self) -> trio.Nursery:
@@ -409,6 +524,7 @@ class Supervisor:
         """Synchronous, so two messages racing for a new chat share one actor."""
         nursery = self._nursery_or_fail()
         slot = _Slot(chat_id, fence, self._new_host(chat_id, fence))
+        slot.began_at = trio.current_time()
         self._slots[chat_id] = slot
         nursery.start_soon(self._supervise, slot)
         self.stats.activations += 1
@@ -504,14 +620,17 @@ class Supervisor:
 
     async def _after_crash(self, slot: _Slot, error: BaseException) -> bool:
         """Count the crash; True when the chat was given a new incarnation to run."""
-        self.stats.crashes += 1
-        self._notify()
         if _contains(error, Fenced):
             # Deposed, not broken: no restart (it would be fenced again), check the leases now.
+            self.stats.crashes += 1
             log.warning("actor of chat %s was fenced; checking the leases", slot.chat_id)
             self._forget(slot)
             self.request_lease_check()
             return False
+        if _contains(error, DatabaseUnavailable):
+            return await self._wait_out_outage(slot, error)
+        self.stats.crashes += 1
+        self._notify()
         log.error("actor of chat %s crashed", slot.chat_id, exc_info=error)
         now = trio.current_time()
         if slot.crashes is None:
@@ -522,9 +641,42 @@ class Supervisor:
         if len(slot.crashes) <= self._restart_limit:
             self.stats.restarts += 1
             slot.host = self._new_host(slot.chat_id, slot.fence)
+            slot.began_at = now
             return True
         await self._park_chat(slot, error)
         return False
+
+    async def _wait_out_outage(self, slot: _Slot, error: BaseException) -> bool:
+        """An incarnation ended because the database is unavailable: not a crash. Restart it
+        after the backoff while its shard is held; True when it was given a new incarnation."""
+        self.stats.outages += 1
+        now = trio.current_time()
+        if slot.host.started and now - slot.began_at >= self._db_retry_max_delay_s:
+            slot.outages = 0  # it ran a good while since the last one: a new outage
+        delay = self._outage_delay(slot.outages)
+        slot.outages += 1
+        log.warning(
+            "actor of chat %s stopped: %s; restarting it in %.2f s",
+            slot.chat_id,
+            _first(error, DatabaseUnavailable),
+            delay,
+        )
+        self._sweep_due = True
+        if self._check_failures == 0:
+            self.request_lease_check()  # the lease loop probes the database from now on
+        slot.waiting_out = True
+        self._notify()
+        try:
+            await trio.sleep(delay)
+        finally:
+            slot.waiting_out = False
+        if not self._current(slot):
+            self._forget(slot)  # its shard was lost meanwhile (or the chat has a new actor)
+            return False
+        self.stats.outage_restarts += 1
+        slot.host = self._new_host(slot.chat_id, slot.fence)
+        slot.began_at = trio.current_time()
+        return True
 
     async def _park_chat(self, slot: _Slot, error: BaseException) -> None:
         """Out of restarts: let the park hook record the failure, then forget the chat so that
@@ -540,23 +692,60 @@ class Supervisor:
             len(slot.crashes or ()),
             self._restart_window_s,
         )
+        attempt = 0
         try:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._park_timeout_s) as scope,
-            ):
-                await self._park(slot.chat_id, slot.fence, error)
-            if scope.cancelled_caught:
-                log.error("parking chat %s took too long; given up", slot.chat_id)
-        except Exception:
-            log.exception("parking chat %s failed", slot.chat_id)
-        finally:
+            while True:
+                try:
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(self._park_timeout_s) as scope,
+                    ):
+                        await self._park(slot.chat_id, slot.fence, error)
+                    if not scope.cancelled_caught:
+                        break
+                    cause = f"no answer within {self._park_timeout_s:g} s"
+                except Exception as exc:
+                    if not _contains(exc, DatabaseUnavailable):
+                        log.exception("parking chat %s failed", slot.chat_id)
+                        break
+                    cause = str(_first(exc, DatabaseUnavailable))
+                # An outage: the chat would stay `running` with nobody on it. Try again later,
+                # as long as the shard is ours (a new owner resumes it, crashes and parks it).
+                if not self._current(slot):
+                    log.warning("parking chat %s left to the shard's next owner", slot.chat_id)
+                    return
+                delay = self._outage_delay(attempt)
+                attempt += 1
+                self.stats.park_retries += 1
+                self._notify()
+                log.warning(
+                    "parking chat %s failed (%s); retrying in %.2f s", slot.chat_id, cause, delay
+                )
+                await trio.sleep(delay)
             self.stats.parked += 1
+        finally:
             self._forget(slot)
             self._notify()
 
 
+def _check_options(hibernate_after_s: float | None, base_s: float, max_s: float) -> None:
+    if hibernate_after_s is not None and hibernate_after_s < 0:
+        raise ValueError(f"hibernate_after_s must not be negative, got {hibernate_after_s}")
+    if base_s > max_s:
+        raise ValueError(
+            f"the database retry base delay ({base_s} s) must not exceed the max delay ({max_s} s)"
+        )
+
+
 def _contains(error: BaseException, kind: type[BaseException]) -> bool:
+    return _first(error, kind) is not None
+
+
+def _first(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``error`` or, for a group, anywhere inside it."""
     if isinstance(error, BaseExceptionGroup):
-        return any(_contains(e, kind) for e in error.exceptions)
-    return isinstance(error, kind)
+        for inner in error.exceptions:
+            if (found := _first(inner, kind)) is not None:
+                return found
+        return None
+    return error if isinstance(error, kind) else None

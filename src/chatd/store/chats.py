@@ -538,3 +538,17 @@ async def list_resumable_chats(db: Database, shard: int) -> list[UUID]:
         shard,
     )
     return [row["id"] for row in rows]
+
+
+async def list_resumable_chats_in(db: Database, shards: Sequence[int]) -> list[tuple[int, UUID]]:
+    """``(shard, chat id)`` of every chat of ``shards`` with work left to do, in one query: the
+    supervisor's periodic sweep of its held shards (and the one after a database outage)."""
+    if not shards:
+        return []
+    # The same literal list as list_resumable_chats (the partial index chats_runnable).
+    rows = await db.fetch(
+        "SELECT shard, id FROM chats WHERE shard = ANY($1::integer[])"
+        " AND status IN ('running', 'interrupting', 'requires_action') ORDER BY shard, id",
+        list(shards),
+    )
+    return [(row["shard"], row["id"]) for row in rows]

@@ -1,0 +1,134 @@
+"""The engine through a PostgreSQL outage: real PostgreSQL behind a TCP proxy the test cuts.
+
+The outage strikes mid-turn: the answer streams on (the provider is up) but its commit fails;
+the actor must wait the outage out without spending its restart budget or parking the chat,
+and the turn must complete once the database answers again, with no user action. Real time
+(the fake provider streams over real sockets) with small retry delays; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from chatd.actors.chat_actor import CreateChatRequest
+from chatd.actors.engine import Engine, EngineOptions, open_engine
+from chatd.actors.errors import ActorDead
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.conversation import TextPart
+from chatd.domain.events import (
+    ChatEvent,
+    CommittedMessage,
+    MessagePart,
+    PreviewReset,
+    StatusChanged,
+)
+from chatd.domain.mailbox import SetArchived
+from chatd.domain.stream_parts import TextDelta
+from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
+from chatd.runtime import register_default_model
+from chatd.store import chats, users
+from chatd.store.database import Database
+from tests.actors.pg_proxy import PgProxy, pg_proxy
+
+DEADLINE_S = 20
+ANSWER = "".join(f"w{i} " for i in range(1, 41))
+
+
+@dataclass
+class Outage:
+    db: Database  # direct: what the test reads and writes, never cut
+    proxied: Database  # through the proxy: what the engine uses
+    proxy: PgProxy
+    engine: Engine
+    llm: FakeLLM
+    owner: uuid.UUID
+
+
+@pytest.fixture
+async def outage(db: Database, database_url: str) -> AsyncIterator[Outage]:
+    owner = await users.create_user(db, "olga")
+    async with (
+        open_fake_llm() as llm,
+        pg_proxy(database_url) as (proxy, url),
+        Database.connect(url, min_size=1, max_size=4, connect_timeout_s=5) as proxied,
+    ):
+        await register_default_model(db, base_url=f"{llm.url}/v1")
+        options = EngineOptions(
+            worker_id="worker-o",
+            shard_count=4,
+            lease_ttl_s=30.0,
+            restart_limit=1,  # two crashes would park the chat
+            db_retry_base_delay_s=0.05,
+            db_retry_max_delay_s=0.4,
+        )
+        async with open_engine(proxied, options) as engine:
+            yield Outage(db, proxied, proxy, engine, llm, owner.id)
+
+
+async def test_a_database_outage_mid_turn_is_waited_out_and_the_turn_completes(
+    outage: Outage,
+) -> None:
+    sup = outage.engine.supervisor
+    chat_id = uuid.uuid4()
+    text = f"{knobs_marker(chunks=40, chunk_interval_ms=25)} tell me"
+    seen: list[ChatEvent] = []
+    await outage.engine.router.ask(chat_id, CreateChatRequest(outage.owner, uuid.uuid4(), text))
+    async with outage.engine.hub.subscribe(chat_id, None) as events:
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(isinstance(e, MessagePart) for e in batch):
+                    break
+        outage.proxy.cut()  # mid-stream: the answer goes on, its commit will fail
+
+        # The step's commit fails, and so does every reload while the database is away.
+        with trio.fail_after(DEADLINE_S):
+            await sup.wait_until(lambda: sup.stats.outages >= 3)
+        # A message meanwhile is refused at once (the edge answers 503), not left hanging.
+        with trio.fail_after(2), pytest.raises(ActorDead, match="database"):
+            await outage.engine.router.ask(chat_id, SetArchived(archived=True))
+        assert (sup.stats.crashes, sup.stats.restarts, sup.stats.parked) == (0, 0, 0)
+
+        await outage.proxy.restore()
+        back = trio.current_time()
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(
+                    isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING for e in batch
+                ):
+                    break
+        recovery_s = trio.current_time() - back
+
+    # Waited out, never counted as a crash nor parked; the answer is committed once.
+    assert (sup.stats.crashes, sup.stats.restarts, sup.stats.parked) == (0, 0, 0)
+    assert sup.stats.outage_restarts >= 1
+    chat = await chats.get_chat(outage.db, chat_id)
+    assert chat is not None
+    assert chat.status is ChatStatus.WAITING
+    assert chat.generation_attempt == 2, "the step whose commit failed runs again"
+    messages = await chats.list_messages(outage.db, chat_id, after_seq=0, limit=10)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert "".join(str(p.get("text")) for p in messages[1].content) == ANSWER
+
+    # From the outside: the first attempt's preview is reset, the answer arrives once.
+    resets = [(i, e) for i, e in enumerate(seen) if isinstance(e, PreviewReset)]
+    assert [e.episode.generation_attempt for _, e in resets] == [2]
+    answers = [e for e in seen if isinstance(e, CommittedMessage) and e.role == "assistant"]
+    assert len(answers) == 1
+    assert "".join(p.text for p in answers[0].content if isinstance(p, TextPart)) == ANSWER
+    second = [
+        e.part.text
+        for e in seen[resets[0][0] :]
+        if isinstance(e, MessagePart)
+        and e.episode.generation_attempt == 2
+        and isinstance(e.part, TextDelta)
+    ]
+    assert "".join(second) == ANSWER
+    # The restart after the outage is bounded by the retry delay, plus the 1 s answer again.
+    assert recovery_s < 5, f"the turn completed {recovery_s:.1f} s after the database came back"

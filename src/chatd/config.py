@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CHATD_"
+# The idempotency_keys table's bound on a key's length (migration 0002).
+IDEMPOTENCY_KEY_MAX_CHARS_LIMIT = 1024
 
 
 class SettingsError(ValueError):
@@ -97,6 +99,16 @@ class Settings:
     max_page_size: int = 200
     default_page_size: int = 50
 
+    # Idempotency-Key on mutating requests: a key and its first result are kept this long
+    # per user; keys are 1..idempotency_key_max_chars of [A-Za-z0-9._:~+/=-]. A retry that
+    # finds the first attempt still running waits for it up to idempotency_wait_s (then 409);
+    # a pending key whose attempt has not answered after idempotency_pending_timeout_s is
+    # presumed dead (crashed) and a retry takes it over (it must exceed ask_timeout_s).
+    idempotency_key_ttl_s: float = 86_400.0
+    idempotency_key_max_chars: int = 255
+    idempotency_wait_s: float = 10.0
+    idempotency_pending_timeout_s: float = 60.0
+
     # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
     ws_allowed_origins: str = ""
     ws_ping_interval_s: float = 20.0  # 0: no pings
@@ -147,6 +159,10 @@ class Settings:
             "max_tool_schema_depth",
             "max_page_size",
             "default_page_size",
+            "idempotency_key_ttl_s",
+            "idempotency_key_max_chars",
+            "idempotency_wait_s",
+            "idempotency_pending_timeout_s",
             "client_send_timeout_s",
             "shutdown_grace_s",
             "listen_backlog",
@@ -170,6 +186,15 @@ class Settings:
             raise SettingsError(
                 f"{_label('db_retry_base_delay_s')} must not exceed "
                 f"{_label('db_retry_max_delay_s')}"
+            )
+        if self.idempotency_key_max_chars > IDEMPOTENCY_KEY_MAX_CHARS_LIMIT:
+            raise SettingsError(
+                f"{_label('idempotency_key_max_chars')} must not exceed "
+                f"{IDEMPOTENCY_KEY_MAX_CHARS_LIMIT} (the database's bound)"
+            )
+        if self.idempotency_pending_timeout_s <= self.ask_timeout_s:
+            raise SettingsError(
+                f"{_label('idempotency_pending_timeout_s')} must exceed {_label('ask_timeout_s')}"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise SettingsError(

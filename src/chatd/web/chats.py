@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import msgspec
 
@@ -32,11 +32,11 @@ from chatd.domain.mailbox import (
     ToolResult,
 )
 from chatd.domain.watch_events import ChatDiffStatusChanged, ChatTitleChanged
-from chatd.store import chats, diff_status
+from chatd.store import chats, diff_status, idempotency
 from chatd.store.records import Chat, ChatMessage, DiffStatus, PullRequestState
 from chatd.web.decode import check_length, parse_uuid
 from chatd.web.errors import ApiError
-from chatd.web.routing import ApiRoutes, Call, QueryParam
+from chatd.web.routing import NOT_DONE, ApiRoutes, Call, QueryParam
 from chatd.web.views import PendingCallView, QueuedView, pending_call_view
 
 routes = ApiRoutes("chats", tag="chats")
@@ -253,6 +253,15 @@ def _check_text(call: Call[Any], text: str) -> None:
 # -- chats ---------------------------------------------------------------------------------
 
 
+async def _recover_create(call: Call[CreateChat]) -> object:
+    """A take-over of an Idempotency-Key: the chat as stored if its creation committed."""
+    chat = await chats.get_chat(call.services.db, call.new_id("chat"), call.user.id)
+    if chat is None:
+        return NOT_DONE
+    call.services.chat_owners.remember(chat.id, chat.owner_id)
+    return await _detail(call, chat)
+
+
 @routes.http(
     "POST",
     "/chats",
@@ -261,6 +270,7 @@ def _check_text(call: Call[Any], text: str) -> None:
     response=ChatDetail,
     status=201,
     errors=(429, 503),
+    recover=_recover_create,
 )
 async def create_chat(call: Call[CreateChat]) -> ChatDetail:
     body, settings = call.body, call.services.settings
@@ -271,10 +281,10 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
         config = await call.services.engine.config.model_config(body.model_config_id)
         if config is None:
             raise ApiError.invalid("model_config_id", "must name an existing model config")
-    chat_id = uuid4()
+    chat_id = call.new_id("chat")
     request = CreateChatRequest(
         owner_id=call.user.id,
-        message_id=uuid4(),
+        message_id=call.new_id("message"),
         text=body.text,
         title=body.title,
         system_prompt=body.system_prompt,
@@ -393,6 +403,20 @@ async def list_messages(call: Call[None], chat_id: str) -> MessagePage:
     return MessagePage([message_view(m) for m in found], found[-1].seq if more else None)
 
 
+async def _recover_message(call: Call[Any], chat_id: str, **_target: str) -> object:
+    """A take-over of an Idempotency-Key: the sent (or edited-in) message if it committed,
+    queued or in the history."""
+    ident = await owned_chat_id(call, chat_id)
+    message_id = call.new_id("message")
+    queue = await chats.list_queue(call.services.db, ident)
+    if any(q.id == message_id for q in queue):
+        return Accepted(message_id, queued=True)
+    db, owner = call.services.db, call.user.id
+    if await idempotency.effect_exists(db, owner_id=owner, ids=[message_id]):
+        return Accepted(message_id, queued=False)
+    return NOT_DONE
+
+
 @routes.http(
     "POST",
     "/chats/<chat_id>/messages",
@@ -401,11 +425,12 @@ async def list_messages(call: Call[None], chat_id: str) -> MessagePage:
     response=Accepted,
     status=202,
     errors=(404, 409, 429),
+    recover=_recover_message,
 )
 async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     _check_text(call, call.body.text)
     ident = await owned_chat_id(call, chat_id)
-    command = SendMessage(uuid4(), call.body.text, call.body.busy_behavior)
+    command = SendMessage(call.new_id("message"), call.body.text, call.body.busy_behavior)
     return _accepted(await _ask(call, ident, command))
 
 
@@ -417,12 +442,13 @@ async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     response=Accepted,
     status=202,
     errors=(404, 409),
+    recover=_recover_message,
 )
 async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: str) -> Accepted:
     _check_text(call, call.body.text)
     target = parse_uuid("message_id", message_id)
     ident = await owned_chat_id(call, chat_id)
-    command = EditMessage(target, uuid4(), call.body.text)
+    command = EditMessage(target, call.new_id("message"), call.body.text)
     return _accepted(await _ask(call, ident, command))
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from chatd.web import idempotency
 from chatd.web.errors import ErrorResponse
 from chatd.web.routing import ApiRoutes, Call, RouteSpec
 
@@ -19,15 +20,45 @@ _REASONS = {
     401: "missing, unknown or revoked token",
     403: "the token is not an admin's (or the WebSocket's Origin is not allowed)",
     404: "not found, or not the caller's",
-    409: "not allowed in the chat's current status, or a conflict with existing data",
+    409: (
+        "not allowed in the chat's current status, a conflict with existing data, or a "
+        "request with the same Idempotency-Key still in progress"
+    ),
     413: "the body is larger than max_body_bytes",
+    422: "the Idempotency-Key was used for another request (method, path or body)",
     429: "the chat's queue or mailbox is full",
     503: "temporarily unavailable; retry",
     504: "the chat did not answer in time",
 }
 
 
-def document(specs: tuple[RouteSpec, ...]) -> dict[str, Any]:
+_IDEMPOTENCY_DOC = (
+    "Makes a retry safe: the first request with this key is done and its 2xx answer kept "
+    "for idempotency_key_ttl_s; the same request again gets that answer (with "
+    "Idempotent-Replayed: true) and nothing is done twice. Another request with the key: "
+    "422. While the first one runs: the retry waits for its answer (same process, at most "
+    "idempotency_wait_s) or gets 409 with Retry-After. A refused (4xx) request frees its key."
+)
+
+
+def _idempotency_header(max_chars: int) -> dict[str, Any]:
+    return {
+        "name": idempotency.HEADER,
+        "in": "header",
+        "required": False,
+        "description": _IDEMPOTENCY_DOC,
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": max_chars,
+            "pattern": f"^[{idempotency.KEY_CHARSET}]+$",
+        },
+    }
+
+
+def document(
+    specs: tuple[RouteSpec, ...], *, idempotency_key_max_chars: int = 255
+) -> dict[str, Any]:
     types: list[Any] = [ErrorResponse]
     for spec in specs:
         types += [t for t in (spec.body, spec.response) if t is not None]
@@ -50,6 +81,8 @@ def document(specs: tuple[RouteSpec, ...]) -> dict[str, Any]:
         codes = {401, *spec.errors}
         if spec.body is not None or spec.query or "{" in path:
             codes.add(400)
+        if spec.idempotent:
+            codes |= {400, 409, 422}
         if spec.admin:
             codes.add(403)
         for code in sorted(codes):
@@ -68,6 +101,8 @@ def document(specs: tuple[RouteSpec, ...]) -> dict[str, Any]:
             }
             for q in spec.query
         ]
+        if spec.idempotent:
+            parameters.append(_idempotency_header(idempotency_key_max_chars))
         operation: dict[str, Any] = {
             "summary": spec.summary,
             "tags": [spec.tag],
@@ -97,4 +132,8 @@ def document(specs: tuple[RouteSpec, ...]) -> dict[str, Any]:
 
 @routes.http("GET", "/openapi.json", summary="This API's OpenAPI document", response=dict[str, Any])
 async def openapi_json(call: Call[None]) -> msgspec.Raw:
-    return msgspec.Raw(msgspec.json.encode(document(call.services.routes)))
+    settings = call.services.settings
+    doc = document(
+        call.services.routes, idempotency_key_max_chars=settings.idempotency_key_max_chars
+    )
+    return msgspec.Raw(msgspec.json.encode(doc))

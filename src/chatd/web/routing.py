@@ -11,12 +11,15 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
+from uuid import UUID, uuid4
 
 import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request, websocket
 
+from chatd.store.idempotency import Claimed, derived_id
 from chatd.store.records import User
+from chatd.web import idempotency
 from chatd.web.auth import ACCESS_TOKEN_PARAM, authenticate, bearer_token, check_origin
 from chatd.web.auth import require_admin as _require_admin
 from chatd.web.context import Services, services
@@ -53,6 +56,15 @@ class RouteSpec:
     # The success body's content type. JSON: the view's result encoded by msgspec; anything
     # else (a text format such as Prometheus exposition): the view returns the body as ``str``.
     media_type: str = JSON_MEDIA_TYPE
+    # Mutating routes only: when a retry takes over an Idempotency-Key whose first attempt
+    # died without an answer, ``recover(call, **params)`` looks for the rows the command
+    # creates (ids from ``Call.new_id``) and returns the answer they give, or ``NOT_DONE``.
+    recover: View | None = None
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the route accepts an ``Idempotency-Key`` (every mutating one does)."""
+        return self.method in ("POST", "PUT", "PATCH", "DELETE")
 
     @property
     def openapi_path(self) -> str:
@@ -67,9 +79,21 @@ class Call(Generic[B]):
     body: B
     query: Query
     services: Services
+    # The claimed Idempotency-Key's seed (None without the header): see ``new_id``.
+    idempotency_seed: UUID | None = None
+
+    def new_id(self, purpose: str) -> UUID:
+        """The id of a row the command creates: random, or with an Idempotency-Key the same
+        for every attempt of the key, so that a retry after a crash finds the row instead of
+        creating it twice (``purpose`` tells the rows of one command apart)."""
+        if self.idempotency_seed is None:
+            return uuid4()
+        return derived_id(self.idempotency_seed, purpose)
 
 
 View = Callable[..., Awaitable[Any]]
+# What a route's ``recover`` returns when the command's rows are not there: do it now.
+NOT_DONE: Any = object()
 
 
 class ApiRoutes:
@@ -93,9 +117,13 @@ class ApiRoutes:
         query: Sequence[QueryParam] = (),
         errors: Sequence[int] = (),
         media_type: str = JSON_MEDIA_TYPE,
+        recover: View | None = None,
     ) -> Callable[[View], View]:
         """Declare an HTTP route. With a ``media_type`` other than JSON, the view returns its
-        body as ``str`` (declare ``response=str`` so that the document describes it)."""
+        body as ``str`` (declare ``response=str`` so that the document describes it).
+
+        A mutating route accepts an ``Idempotency-Key`` (``chatd.web.idempotency``); without
+        the header the request costs nothing more."""
         spec = RouteSpec(
             method,
             path,
@@ -108,6 +136,7 @@ class ApiRoutes:
             tuple(query),
             tuple(errors),
             media_type,
+            recover,
         )
         self.specs.append(spec)
 
@@ -118,22 +147,42 @@ class ApiRoutes:
                 user = await authenticate(svc.tokens, bearer_token(request.headers))
                 if spec.admin:
                     _require_admin(user)
+                key = None
+                if spec.idempotent:
+                    max_chars = svc.settings.idempotency_key_max_chars
+                    key = idempotency.key_from(request.headers, max_chars=max_chars)
                 query_args = Query(request.args, (q.name for q in spec.query))
                 decoded: Any = None
                 if spec.body is not None:
                     raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
                     assert isinstance(raw, bytes)
                     decoded = decode_body(raw, spec.body, max_depth=svc.settings.max_json_depth)
-                result = await view(Call(user, decoded, query_args, svc), **params)
-                if result is None:
-                    return Response(b"", status=204 if spec.status == 200 else spec.status)
-                if spec.media_type == JSON_MEDIA_TYPE:
-                    encoded = msgspec.json.encode(result)
-                elif isinstance(result, str):
-                    encoded = result.encode()
-                else:
-                    raise TypeError(f"a {spec.media_type} view must return str, not {result!r}")
-                return Response(encoded, status=spec.status, content_type=spec.media_type)
+                if key is None:
+                    result = await view(Call(user, decoded, query_args, svc), **params)
+                    return _answer(spec, result).response()
+
+                async def attempt(claimed: Claimed) -> idempotency.Answer:
+                    call = Call(user, decoded, query_args, svc, claimed.seed)
+                    result = NOT_DONE
+                    if claimed.took_over and spec.recover is not None:
+                        result = await spec.recover(call, **params)
+                    if result is NOT_DONE:
+                        result = await view(call, **params)
+                    return _answer(spec, result)
+
+                # Compared as decoded (fields sorted), so that a retry that serialises the
+                # same body differently is the same request.
+                canonical = b"" if decoded is None else msgspec.json.encode(decoded, order="sorted")
+                return await idempotency.run_once(
+                    current_app,
+                    svc,
+                    user_id=user.id,
+                    key=key,
+                    request_fingerprint=idempotency.fingerprint(
+                        method, request.path, request.query_string, canonical
+                    ),
+                    attempt=attempt,
+                )
 
             self.blueprint.add_url_rule(path, view_func=endpoint, methods=[method])
             return view
@@ -170,6 +219,19 @@ class ApiRoutes:
             return view
 
         return register
+
+
+def _answer(spec: RouteSpec, result: Any) -> idempotency.Answer:
+    """A view's result as the HTTP answer its route declares."""
+    if result is None:
+        return idempotency.Answer(204 if spec.status == 200 else spec.status, None, b"")
+    if spec.media_type == JSON_MEDIA_TYPE:
+        encoded = msgspec.json.encode(result)
+    elif isinstance(result, str):
+        encoded = result.encode()
+    else:
+        raise TypeError(f"a {spec.media_type} view must return str, not {result!r}")
+    return idempotency.Answer(spec.status, spec.media_type, encoded)
 
 
 async def _until_shutdown(svc: Services, work: Awaitable[None]) -> None:

@@ -1,0 +1,26 @@
+-- Idempotency keys: the first result of a mutating request, kept per user for a named time
+-- (idempotency_key_ttl_s) so that a retry with the same Idempotency-Key is answered with it
+-- instead of being done again. See chatd/store/idempotency.py for the protocol.
+CREATE TABLE idempotency_keys (
+    user_id      uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    key          text NOT NULL CHECK (length(key) BETWEEN 1 AND 1024),
+    -- SHA-256 of the request (method, path, query, canonical body): same key, other request
+    -- is refused instead of answered with a result that is not its own.
+    fingerprint  bytea NOT NULL CHECK (octet_length(fingerprint) = 32),
+    -- The ids of the rows the command creates derive from it, so that a command re-run after
+    -- a crash finds its own rows instead of creating them twice. New at every fresh claim.
+    seed         uuid NOT NULL,
+    -- NULL while the first attempt runs (pending); the recorded answer once it succeeded.
+    status       integer CHECK (status BETWEEN 200 AND 299),
+    content_type text,
+    body         bytea,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL,
+    -- A pending key's attempt is presumed alive until then; after it, a retry takes over.
+    locked_until timestamptz NOT NULL,
+    PRIMARY KEY (user_id, key),
+    CHECK ((status IS NULL) = (body IS NULL))
+);
+
+-- The bounded cleanup deletes the oldest expired keys first.
+CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);

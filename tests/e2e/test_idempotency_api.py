@@ -1,0 +1,286 @@
+"""Idempotency-Key over real sockets: a retried command is done once and answered the same."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx2
+import trio
+
+from chatd.providers.fake import knobs_marker
+from chatd.store.database import Database
+from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
+
+QUICK = knobs_marker(chunks=1)
+SLOW = knobs_marker(first_chunk_delay_ms=600_000)
+LOOKUP = {
+    "name": "lookup",
+    "description": "Look a word up",
+    "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}},
+}
+CALL_LOOKUP = knobs_marker(tool_calls=[{"name": "lookup", "arguments": {"word": "kiwi"}}])
+HEADER = "Idempotency-Key"
+
+
+def keyed(key: str) -> dict[str, str]:
+    return {HEADER: key}
+
+
+def error_of(response: httpx2.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()["error"]
+    return body
+
+
+async def user_texts(client: Client, chat_id: str) -> list[str]:
+    """The texts of the chat's user messages, in history then in its queue."""
+    base = f"/api/v1/chats/{chat_id}"
+    history = (await client.http.get(f"{base}/messages")).json()["messages"]
+    queue = (await client.http.get(base)).json()["queue"]
+    texts = [m["content"][0]["text"] for m in history if m["role"] == "user"]
+    return texts + [q["text"] for q in queue]
+
+
+async def idle_chat(client: Client) -> str:
+    chat = await client.create_chat(f"{QUICK} hello")
+    await client.wait_status(chat["id"], "waiting")
+    chat_id: str = chat["id"]
+    return chat_id
+
+
+async def test_a_resent_message_is_sent_once_and_answered_the_same(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    body = {"text": f"{QUICK} once"}
+    first = await alice.http.post(url, json=body, headers=keyed("send-1"))
+    await alice.wait_status(chat_id, "waiting")
+    again = await alice.http.post(url, json=body, headers=keyed("send-1"))
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.content == first.content
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    texts = await user_texts(alice, chat_id)
+    assert texts.count(body["text"]) == 1
+
+
+async def test_the_same_key_for_another_request_is_a_422_naming_the_header(
+    api: ApiWorld,
+) -> None:
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    first = await alice.http.post(url, json={"text": f"{QUICK} a"}, headers=keyed("k"))
+    assert first.status_code == 202
+    await alice.wait_status(chat_id, "waiting")
+    other_body = await alice.http.post(url, json={"text": f"{QUICK} b"}, headers=keyed("k"))
+    assert error_of(other_body, 422)["field"] == HEADER
+    assert error_of(other_body, 422)["code"] == "idempotency_key_reused"
+    other_route = await alice.http.post(f"/api/v1/chats/{chat_id}/interrupt", headers=keyed("k"))
+    assert error_of(other_route, 422)["field"] == HEADER
+    # Field order is not a different request: the body is compared as decoded.
+    reordered = await alice.http.post(
+        url,
+        content=json.dumps({"busy_behavior": "queue", "text": f"{QUICK} a"}),
+        headers={**keyed("k"), "Content-Type": "application/json"},
+    )
+    assert reordered.status_code == 202
+    assert reordered.content == first.content
+    assert [t for t in await user_texts(alice, chat_id) if t.endswith((" a", " b"))] == [
+        f"{QUICK} a"
+    ]
+
+
+async def test_resent_tool_results_are_204_both_times_not_409(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat = await alice.create_chat(f"{CALL_LOOKUP} look it up", dynamic_tools=[LOOKUP])
+    await alice.wait_status(chat["id"], "requires_action")
+    base = f"/api/v1/chats/{chat['id']}"
+    [call] = (await alice.http.get(base)).json()["pending_tool_calls"]
+    answer = {"results": [{"call_id": call["id"], "output": '{"meaning": "a fruit"}'}]}
+    done = await alice.http.post(f"{base}/tool-results", json=answer, headers=keyed("tools-1"))
+    assert done.status_code == 204, done.text
+    await alice.wait_status(chat["id"], "waiting")
+    again = await alice.http.post(f"{base}/tool-results", json=answer, headers=keyed("tools-1"))
+    assert again.status_code == 204, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    history = (await alice.http.get(f"{base}/messages")).json()["messages"]
+    assert sum(1 for m in history if m["role"] == "tool") == 1
+
+
+async def test_concurrent_duplicates_do_the_work_once(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat = await alice.create_chat(f"{SLOW} think slowly")
+    url = f"/api/v1/chats/{chat['id']}/messages"
+    responses: list[httpx2.Response] = []
+
+    async def send() -> None:
+        response = await alice.http.post(url, json={"text": "dup"}, headers=keyed("race"))
+        responses.append(response)
+
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(send)
+    # One process: every duplicate waited for the first one's answer.
+    assert [r.status_code for r in responses] == [202] * 6, [r.text for r in responses]
+    assert len({r.content for r in responses}) == 1
+    assert sum(1 for r in responses if "Idempotent-Replayed" not in r.headers) == 1
+    assert (await user_texts(alice, chat["id"])).count("dup") == 1
+
+
+async def test_a_duplicate_on_another_process_gets_409_in_progress(api: ApiWorld) -> None:
+    """A pending key this process is not working on (another worker's): 409 with
+    Retry-After, and nothing is done."""
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    body = {"text": "elsewhere"}
+    first = await alice.http.post(url, json=body, headers=keyed("remote"))
+    assert first.status_code == 202
+    # The state another worker leaves while it runs the command: pending, its lease ahead.
+    await api.db.execute(
+        "UPDATE idempotency_keys SET status = NULL, body = NULL, content_type = NULL,"
+        " locked_until = now() + interval '1 hour' WHERE key = 'remote'"
+    )
+    busy = await alice.http.post(url, json=body, headers=keyed("remote"))
+    assert error_of(busy, 409)["code"] == "idempotency_key_in_progress"
+    assert error_of(busy, 409)["field"] == HEADER
+    assert busy.headers["Retry-After"] == "1"
+    assert (await user_texts(alice, chat_id)).count("elsewhere") == 1
+
+
+async def test_a_retry_after_a_crash_before_the_record_finds_the_sent_message(
+    api: ApiWorld,
+) -> None:
+    """The database as a kill -9 between the send's commit and the record of its answer
+    leaves it: the message committed, the key pending; once the pending timeout has passed,
+    the retry answers from the message instead of sending it again."""
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    body = {"text": f"{QUICK} crash"}
+    first = await alice.http.post(url, json=body, headers=keyed("crash"))
+    assert first.status_code == 202
+    await alice.wait_status(chat_id, "waiting")
+    await api.db.execute(
+        "UPDATE idempotency_keys SET status = NULL, body = NULL, content_type = NULL,"
+        " locked_until = now() - interval '1 second' WHERE key = 'crash'"
+    )
+    retry = await alice.http.post(url, json=body, headers=keyed("crash"))
+    assert retry.status_code == 202, retry.text
+    assert retry.json()["message_id"] == first.json()["message_id"]
+    assert (await user_texts(alice, chat_id)).count(body["text"]) == 1
+    replay = await alice.http.post(url, json=body, headers=keyed("crash"))
+    assert replay.content == retry.content
+    assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_a_retried_chat_creation_creates_one_chat(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    body = {"text": f"{QUICK} new chat", "title": "once"}
+    first = await alice.http.post("/api/v1/chats", json=body, headers=keyed("create"))
+    again = await alice.http.post("/api/v1/chats", json=body, headers=keyed("create"))
+    assert first.status_code == again.status_code == 201
+    assert again.content == first.content
+    chats = (await alice.http.get("/api/v1/chats")).json()["chats"]
+    assert [c["title"] for c in chats] == ["once"]
+
+
+async def test_an_expired_key_is_free_again_and_expired_keys_are_deleted(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    first = await alice.http.post(url, json={"text": f"{QUICK} day one"}, headers=keyed("k"))
+    assert first.status_code == 202
+    await alice.wait_status(chat_id, "waiting")
+    old = await alice.http.post(url, json={"text": f"{QUICK} old"}, headers=keyed("old"))
+    assert old.status_code == 202
+    await alice.wait_status(chat_id, "waiting")
+    # A day later, by the database's clock: the keys' expiry is in the past.
+    await api.db.execute(
+        "UPDATE idempotency_keys SET expires_at = now() - interval '1 second',"
+        " created_at = created_at - interval '1 day'"
+    )
+    reused = await alice.http.post(url, json={"text": f"{QUICK} day two"}, headers=keyed("k"))
+    assert reused.status_code == 202, reused.text
+    assert "Idempotent-Replayed" not in reused.headers
+    assert reused.json()["message_id"] != first.json()["message_id"]
+    keys = await api.db.fetch("SELECT key FROM idempotency_keys")
+    assert [r["key"] for r in keys] == ["k"]  # "old" was deleted with the write
+
+
+async def test_keys_are_per_user(api: ApiWorld) -> None:
+    alice, bob = await api.client("alice"), await api.client("bob")
+    alice_chat, bob_chat = await idle_chat(alice), await idle_chat(bob)
+    mine = await alice.http.post(
+        f"/api/v1/chats/{alice_chat}/messages", json={"text": "mine"}, headers=keyed("same")
+    )
+    theirs = await bob.http.post(
+        f"/api/v1/chats/{bob_chat}/messages", json={"text": "theirs"}, headers=keyed("same")
+    )
+    assert mine.status_code == theirs.status_code == 202, theirs.text
+    assert "Idempotent-Replayed" not in theirs.headers
+    again = await alice.http.post(
+        f"/api/v1/chats/{alice_chat}/messages", json={"text": "mine"}, headers=keyed("same")
+    )
+    assert again.content == mine.content
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_bad_keys_are_400_naming_the_header_and_do_nothing(db: Database) -> None:
+    async with serve_api(db, idempotency_key_max_chars=8) as api:
+        alice = await api.client("alice")
+        chat_id = await idle_chat(alice)
+        url = f"/api/v1/chats/{chat_id}/messages"
+        for bad, rule in (("", "empty"), ("123456789", "at most 8"), ("a b", "characters")):
+            response = await alice.http.post(url, json={"text": "no"}, headers=keyed(bad))
+            error = error_of(response, 400)
+            assert error["field"] == HEADER
+            assert rule in error["rule"]
+        ok = await alice.http.post(url, json={"text": "yes"}, headers=keyed("12345678"))
+        assert ok.status_code == 202
+        assert "no" not in await user_texts(alice, chat_id)
+
+
+async def test_a_refused_command_frees_its_key(api: ApiWorld) -> None:
+    """A 4xx did nothing, so the corrected retry with the same key is done."""
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    base = f"/api/v1/chats/{chat_id}"
+    missing = f"{base}/messages/{uuid.uuid4()}"
+    refused = await alice.http.patch(missing, json={"text": "x"}, headers=keyed("fix"))
+    assert error_of(refused, 404)["code"] == "not_found"
+    assert await api.db.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+    sent = await alice.http.post(f"{base}/messages", json={"text": "x"}, headers=keyed("fix"))
+    assert sent.status_code == 202
+    again = await alice.http.post(f"{base}/messages", json={"text": "x"}, headers=keyed("fix"))
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == sent.content
+
+
+async def test_without_the_header_nothing_is_recorded(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    url = f"/api/v1/chats/{chat_id}/messages"
+    first = await alice.http.post(url, json={"text": f"{QUICK} twice"})
+    await alice.wait_status(chat_id, "waiting")
+    second = await alice.http.post(url, json={"text": f"{QUICK} twice"})
+    assert first.status_code == second.status_code == 202
+    assert first.json()["message_id"] != second.json()["message_id"]
+    assert (await user_texts(alice, chat_id)).count(f"{QUICK} twice") == 2
+    assert await api.db.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+
+
+async def test_the_openapi_document_describes_the_header(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    doc = (await alice.http.get("/api/v1/openapi.json")).json()
+    send = doc["paths"]["/api/v1/chats/{chat_id}/messages"]["post"]
+    [param] = [p for p in send["parameters"] if p["name"] == HEADER]
+    assert param["in"] == "header"
+    assert param["schema"]["maxLength"] == api.settings.idempotency_key_max_chars
+    assert {"409", "422"} <= set(send["responses"])
+    listing = doc["paths"]["/api/v1/chats/{chat_id}/messages"]["get"]
+    assert all(p["name"] != HEADER for p in listing["parameters"])

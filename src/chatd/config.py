@@ -44,7 +44,8 @@ class Settings:
     embedded_pg_start_timeout_s: float = 60.0
     embedded_pg_stop_timeout_s: float = 30.0
 
-    # Sharding and leases. Empty worker_id: "<hostname>-<pid>-<random>".
+    # Sharding and leases. Empty worker_id: a stable identity kept in `home` (chatd.identity),
+    # so a restarted process takes its own leases back at once.
     worker_id: str = ""
     shard_count: int = 64
     lease_ttl_s: float = 15.0
@@ -112,6 +113,12 @@ class Settings:
     # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
     ws_allowed_origins: str = ""
     ws_ping_interval_s: float = 20.0  # 0: no pings
+    # Per user (admins exempt: operators and the load driver): WebSockets open at once on this
+    # process, stream, watch and inbox watch together (one more: 429 at the handshake); and
+    # chats running at once (running, interrupting or waiting to retry; a command that would
+    # start one more run: 429, nothing written), counted in PostgreSQL across every worker.
+    max_websockets_per_user: int = 64
+    max_running_chats_per_user: int = 32
     # A client that accepts none of our data for this long is disconnected (HTTP and WebSocket).
     client_send_timeout_s: float = 30.0
     shutdown_grace_s: float = 5.0
@@ -166,6 +173,8 @@ class Settings:
             "client_send_timeout_s",
             "shutdown_grace_s",
             "listen_backlog",
+            "max_websockets_per_user",
+            "max_running_chats_per_user",
         )
         for name in positive:
             if getattr(self, name) <= 0:

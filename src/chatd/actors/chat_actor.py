@@ -58,6 +58,7 @@ from chatd.domain.events import (
 )
 from chatd.domain.mailbox import (
     ActionDeadlineFired,
+    EditMessage,
     GenerationFailed,
     GenerationStopped,
     MailboxMessage,
@@ -76,7 +77,7 @@ from chatd.domain.watch_events import (
 )
 from chatd.providers.errors import ProviderError
 from chatd.store import chats
-from chatd.store.chats import CreateChat
+from chatd.store.chats import ClaimRun, CreateChat
 from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database
 from chatd.store.records import Chat, InboxNotification
@@ -142,6 +143,9 @@ class ChatDeps:
     counters: ChatCounters = field(default_factory=ChatCounters)
     # How long stopping a generation may take before the actor gives up waiting for it.
     cancel_grace_s: float = 10.0
+    # A user command that would start a run is refused while its owner has this many chats
+    # running (checked in the run's commit, exact across workers); None: no limit.
+    max_running_chats_per_user: int | None = None
 
 
 @dataclass
@@ -205,7 +209,24 @@ class ChatActor:
         assert self._state is not None
         before = self._state
         decision = decide(before, message, now=self._deps.clock.now(), policy=self._deps.policy)
-        return await self._apply(decision, ended_turn=ends_turn(message, before, decision.state))
+        claim = self._run_claim(message, before, decision.state)
+        return await self._apply(
+            decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
+        )
+
+    def _run_claim(
+        self, message: MailboxMessage, before: ChatState, after: ChatState
+    ) -> ClaimRun | None:
+        """The limit check of a user's command that starts a new run (from waiting, error or
+        requires_action). A message queued behind a run, a queued message started when a run
+        ends, tool results, retries and resumes continue a run: never refused."""
+        limit = self._deps.max_running_chats_per_user
+        if limit is None or not isinstance(message, SendMessage | EditMessage):
+            return None
+        if before.status in _RUN_STATUSES or after.status is not ChatStatus.RUNNING:
+            return None
+        assert self._setup is not None
+        return ClaimRun(owner_id=self._setup.owner_id, limit=limit)
 
     async def _create(self, request: CreateChatRequest) -> object:
         if self._state is not None:
@@ -232,21 +253,31 @@ class ChatActor:
         )
         self._state = empty
         self._setup = setup
+        claim = self._run_claim(
+            SendMessage(request.message_id, request.text), empty, decision.state
+        )
         try:
-            return await self._apply(decision, create=create)
+            return await self._apply(decision, create=create, claim=claim)
         except BaseException:
             self._state = None
             self._setup = None
             raise
 
     async def _apply(
-        self, decision: Decision, *, create: CreateChat | None = None, ended_turn: bool = False
+        self,
+        decision: Decision,
+        *,
+        create: CreateChat | None = None,
+        ended_turn: bool = False,
+        claim: ClaimRun | None = None,
     ) -> object:
         assert self._state is not None
         assert self._setup is not None
         before = self._state
         owner = self._setup.owner_id
         writes = writes_for(before, decision, owner_id=owner)
+        if claim is not None:
+            writes.insert(0, claim)  # before the run's UpdateChat; after the chat's creation
         if create is not None:
             writes.insert(0, create)
         notifications: tuple[InboxNotification, ...] = ()
@@ -459,6 +490,10 @@ class ChatActor:
         # ``self._generation`` stays set until the next start or stop: an interrupt that
         # arrives before this outcome is processed still finds the parts it must keep.
         self._ctx.tell_self(outcome)
+
+
+# A chat in these counts against its owner's running limit: the count of migration 0003.
+_RUN_STATUSES = (ChatStatus.RUNNING, ChatStatus.INTERRUPTING)
 
 
 def ends_turn(message: MailboxMessage, before: ChatState, after: ChatState) -> bool:

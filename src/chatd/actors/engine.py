@@ -57,6 +57,7 @@ class EngineOptions:
     slow_consumer_timeout_s: float = 10.0
     config_cache_ttl_s: float = 30.0
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
+    max_running_chats_per_user: int | None = None  # None: no limit
 
     @classmethod
     def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:
@@ -90,6 +91,7 @@ class EngineOptions:
                 max_schema_bytes=settings.max_tool_schema_bytes,
                 max_schema_depth=settings.max_tool_schema_depth,
             ),
+            max_running_chats_per_user=settings.max_running_chats_per_user,
         )
 
 
@@ -137,6 +139,7 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         policy=options.policy,
         tool_limits=options.tool_limits,
         counters=counters,
+        max_running_chats_per_user=options.max_running_chats_per_user,
     )
 
     def factory(ctx: ActorContext) -> ActorBehavior:

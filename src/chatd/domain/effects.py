@@ -162,6 +162,20 @@ class QueueFull(Refusal):
 
 
 @dataclass
+class RunningChatsLimit(Refusal):
+    """429: the owner already has ``limit`` chats running, and this command would start one
+    more run (``max_running_chats_per_user``); a message queued behind a run is not one."""
+
+    limit: int
+
+    def __str__(self) -> str:
+        return (
+            f"you already have {self.limit} chats running (max_running_chats_per_user):"
+            " wait for one to finish or interrupt one, then retry"
+        )
+
+
+@dataclass
 class UnknownTarget(Refusal):
     """404: the message or queued message named does not exist (any more)."""
 

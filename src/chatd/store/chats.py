@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from chatd.domain.chat_status import ChatStatus
+from chatd.domain.effects import RunningChatsLimit
 from chatd.store.database import Connection, Database, Record
 from chatd.store.errors import Conflict, Fenced, NotFound
 from chatd.store.inbox import insert_notification
@@ -123,8 +124,19 @@ class AddNotification:
     body: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimRun:
+    """The commit starts a new run of the chat: refuse it (``RunningChatsLimit``, nothing
+    written) when ``owner_id`` already has ``limit`` other chats running or interrupting; exact
+    across workers (see migration 0003). Put it before the ``UpdateChat`` that starts the run."""
+
+    owner_id: UUID
+    limit: int
+
+
 ChatWrite = (
     CreateChat
+    | ClaimRun
     | UpdateChat
     | AppendMessage
     | SoftDeleteMessagesAfter
@@ -267,7 +279,7 @@ _LOCK_CHAT = (
 )
 
 
-async def _apply(
+async def _apply(  # noqa: PLR0912 - one case per kind of write
     conn: Connection, chat_id: UUID, write: ChatWrite
 ) -> ChatMessage | InboxNotification | Record | None:
     """Apply one write; returns what an ``AppendMessage`` or ``AddNotification`` stored, or
@@ -275,6 +287,8 @@ async def _apply(
     match write:
         case CreateChat():
             raise ValueError("CreateChat must be the first write of its commit")
+        case ClaimRun():
+            await _claim_run(conn, chat_id, write)
         case UpdateChat():
             return await _update_chat(conn, chat_id, write)
         case AppendMessage():
@@ -328,6 +342,13 @@ async def _apply(
         case _:
             assert_never(write)
     return None
+
+
+async def _claim_run(conn: Connection, chat_id: UUID, claim: ClaimRun) -> None:
+    """One round trip: the owner's lock, then the count of its other running chats."""
+    running = await conn.fetchval("SELECT chatd_running_chats_of($1, $2)", claim.owner_id, chat_id)
+    if running is not None and running >= claim.limit:
+        raise RunningChatsLimit(claim.limit)
 
 
 async def _create_chat(conn: Connection, create: CreateChat) -> int:

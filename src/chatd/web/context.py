@@ -13,6 +13,7 @@ from chatd.config import Settings
 from chatd.store.chat_owners import ChatOwners
 from chatd.store.database import Database
 from chatd.store.token_cache import TokenCache
+from chatd.web.limits import UserSockets
 
 if TYPE_CHECKING:
     from chatd.web.routing import RouteSpec
@@ -32,11 +33,15 @@ class Services:
     # The edge's per-request reads, cached for the process: who a token is, who owns a chat.
     tokens: TokenCache = field(init=False, repr=False, compare=False)
     chat_owners: ChatOwners = field(init=False, repr=False, compare=False)
+    # Each user's open WebSockets, against max_websockets_per_user.
+    websockets: UserSockets = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tokens = TokenCache(self.db, ttl_s=self.settings.auth_cache_ttl_s)
         object.__setattr__(self, "tokens", tokens)  # frozen: set once, here
         object.__setattr__(self, "chat_owners", ChatOwners(self.db))
+        websockets = UserSockets(self.settings.max_websockets_per_user)
+        object.__setattr__(self, "websockets", websockets)
 
 
 def attach(app: Quart, value: Services) -> None:

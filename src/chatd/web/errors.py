@@ -16,7 +16,13 @@ from werkzeug.exceptions import HTTPException
 
 from chatd.actors.errors import ActorDead, AskTimeout, MailboxFull, NotOwner
 from chatd.actors.hub import CursorError
-from chatd.domain.effects import InvalidCommand, QueueFull, TransitionNotAllowed, UnknownTarget
+from chatd.domain.effects import (
+    InvalidCommand,
+    QueueFull,
+    RunningChatsLimit,
+    TransitionNotAllowed,
+    UnknownTarget,
+)
 from chatd.store.database import DatabaseUnavailable
 from chatd.store.errors import Conflict, Fenced, NotFound
 
@@ -69,7 +75,7 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorBody
 
 
-def api_error_for(exc: BaseException) -> ApiError | None:  # noqa: PLR0911 - one case per kind
+def api_error_for(exc: BaseException) -> ApiError | None:  # noqa: PLR0911, PLR0912 - one case per kind
     """The HTTP answer to a known refusal; ``None`` for an unexpected failure (a 500)."""
     match exc:
         case ApiError():
@@ -82,6 +88,9 @@ def api_error_for(exc: BaseException) -> ApiError | None:  # noqa: PLR0911 - one
             return ApiError(409, "conflict", str(exc))
         case QueueFull():
             return ApiError(429, "queue_full", str(exc))
+        case RunningChatsLimit():
+            # No Retry-After: when a run ends is the model's business; the watch feed says it.
+            return ApiError(429, "max_running_chats_per_user", str(exc))
         case UnknownTarget(what=what):
             return ApiError.not_found(what)
         case NotFound(kind=kind):

@@ -213,7 +213,10 @@ class ApiRoutes:
                 user = await authenticate(svc.tokens, token)
                 names = [*(q.name for q in spec.query), ACCESS_TOKEN_PARAM]
                 call = Call(user, None, Query(websocket.args, names), svc)
-                await _until_shutdown(svc, view(call, **params))
+                # Counted from before the accept to the end of the view: past the limit, the
+                # handshake gets the 429 instead of an upgraded socket.
+                with svc.websockets.open(user):
+                    await _until_shutdown(svc, view(call, **params))
 
             self.blueprint.add_websocket(path, view_func=endpoint)
             return view

@@ -1,0 +1,189 @@
+"""Per-user limits: open WebSockets (refused at the handshake) and running chats (refused with
+nothing written), over real sockets against a real server and PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+import pytest
+import trio
+
+from chatd.domain.chat_status import ChatStatus
+from chatd.domain.effects import RunningChatsLimit
+from chatd.providers.fake import knobs_marker
+from chatd.store.chats import ChatWrite, ClaimRun, UpdateChat, commit
+from chatd.store.database import Database
+from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
+from tests.store.helpers import lease, make_chat, make_user
+
+WS_LIMIT = 3
+RUN_LIMIT = 2
+# A reply that outlasts the test unless interrupted.
+ENDLESS = knobs_marker(chunks=1000, chunk_interval_ms=50)
+
+
+@pytest.fixture
+async def api(db: Database) -> AsyncIterator[ApiWorld]:
+    limits = {"max_websockets_per_user": WS_LIMIT, "max_running_chats_per_user": RUN_LIMIT}
+    async with serve_api(db, **limits) as world:
+        yield world
+
+
+def _bearer(client: Client) -> dict[str, str]:
+    return {"Authorization": f"Bearer {client.token}"}
+
+
+def _error(body: Any) -> dict[str, Any]:
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# -- WebSockets --------------------------------------------------------------------------------
+
+
+async def test_a_users_websocket_past_the_limit_is_refused_at_the_handshake(
+    api: ApiWorld,
+) -> None:
+    alice, bob = await api.client("alice"), await api.client("bob")
+    chat = await alice.create_chat("hi")
+    sockets = api.services.websockets
+    paths = [  # every kind counts against one budget
+        "/api/v1/chats/watch",
+        "/api/v1/notifications/inbox/watch",
+        f"/api/v1/chats/{chat['id']}/stream",
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for path in paths:
+            await stack.enter_async_context(alice.ws(path))
+        assert sockets.count(alice.user.id) == WS_LIMIT
+
+        for path in paths:
+            refused = await api.refused(path, _bearer(alice))
+            assert refused.status_code == 429
+            error = _error(refused.json())
+            assert error["code"] == "max_websockets_per_user"
+            assert "max_websockets_per_user" in error["message"]
+        assert sockets.count(alice.user.id) == WS_LIMIT
+
+        # Another user is not affected.
+        async with bob.ws("/api/v1/chats/watch") as conn:
+            await conn.ping()
+            assert sockets.count(bob.user.id) == 1
+
+    with trio.fail_after(DEADLINE_S):
+        await sockets.wait_until(lambda: sockets.count(alice.user.id) == 0)
+
+
+async def test_closing_one_websocket_frees_its_place(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    sockets = api.services.websockets
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(WS_LIMIT - 1):
+            await stack.enter_async_context(alice.ws("/api/v1/chats/watch"))
+        async with alice.ws("/api/v1/notifications/inbox/watch") as last:
+            await last.ping()
+            refused = await api.refused("/api/v1/chats/watch", _bearer(alice))
+            assert refused.status_code == 429
+        with trio.fail_after(DEADLINE_S):
+            await sockets.wait_until(lambda: sockets.count(alice.user.id) == WS_LIMIT - 1)
+        async with alice.ws("/api/v1/chats/watch") as again:
+            await again.ping()
+            assert sockets.count(alice.user.id) == WS_LIMIT
+
+
+async def test_admins_are_not_limited(api: ApiWorld) -> None:
+    admin = await api.client("root", admin=True)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(WS_LIMIT + 1):
+            conn = await stack.enter_async_context(admin.ws("/api/v1/chats/watch"))
+            await conn.ping()
+
+
+# -- running chats -----------------------------------------------------------------------------
+
+
+async def _counts(db: Database, owner: UUID) -> tuple[int, int]:
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM chats WHERE owner_id = $1) AS chats,"
+        " (SELECT count(*) FROM chat_messages m JOIN chats c ON c.id = m.chat_id"
+        "  WHERE c.owner_id = $1) AS messages",
+        owner,
+    )
+    assert row is not None
+    return row["chats"], row["messages"]
+
+
+async def test_a_run_past_the_limit_is_refused_and_writes_nothing(api: ApiWorld) -> None:
+    alice, bob = await api.client("alice"), await api.client("bob")
+    idle = await alice.create_chat("quick")
+    await alice.wait_status(idle["id"], "waiting")
+    first = await alice.create_chat(f"long one {ENDLESS}")
+    second = await alice.create_chat(f"long two {ENDLESS}")
+    assert (first["status"], second["status"]) == ("running", "running")
+    before = await _counts(api.db, alice.user.id)
+    idle_before = (await alice.http.get(f"/api/v1/chats/{idle['id']}")).json()
+
+    created = await alice.http.post("/api/v1/chats", json={"text": "one too many"})
+    assert created.status_code == 429, created.text
+    error = _error(created.json())
+    assert error["code"] == "max_running_chats_per_user"
+    assert f"{RUN_LIMIT} chats running" in error["message"]
+    sent = await alice.http.post(f"/api/v1/chats/{idle['id']}/messages", json={"text": "again"})
+    assert sent.status_code == 429, sent.text
+    assert _error(sent.json())["code"] == "max_running_chats_per_user"
+    assert await _counts(api.db, alice.user.id) == before  # no chat, no message
+    assert (await alice.http.get(f"/api/v1/chats/{idle['id']}")).json() == idle_before
+
+    # A message queued behind a running turn starts no run: accepted.
+    queued = await alice.http.post(f"/api/v1/chats/{first['id']}/messages", json={"text": "next"})
+    assert queued.status_code == 202, queued.text
+    assert queued.json()["queued"] is True
+    # Another user is not affected.
+    await bob.create_chat("bob's own")
+
+    # A run that ends frees its place.
+    stopped = await alice.http.post(f"/api/v1/chats/{second['id']}/interrupt")
+    assert stopped.status_code == 204, stopped.text
+    await alice.wait_status(second["id"], "waiting")
+    sent = await alice.http.post(f"/api/v1/chats/{idle['id']}/messages", json={"text": "now"})
+    assert sent.status_code == 202, sent.text
+    assert sent.json()["queued"] is False
+
+
+async def test_the_limit_is_exact_for_concurrent_run_starts_on_several_workers(
+    db: Database,
+) -> None:
+    """Commits on different shards (as different workers make them) race to start runs for
+    one owner: exactly ``limit`` of them win, whatever the interleaving."""
+    owner = await make_user(db)
+    chats = []
+    for shard in range(6):
+        fence = await lease(db, shard, f"worker-{shard}")
+        chats.append((fence, await make_chat(db, fence, owner.id)))
+    outcomes: list[bool] = []
+
+    async def start(index: int) -> None:
+        fence, chat = chats[index]
+        writes: list[ChatWrite] = [
+            ClaimRun(owner_id=owner.id, limit=RUN_LIMIT),
+            UpdateChat(status=ChatStatus.RUNNING),
+        ]
+        try:
+            await commit(db, fence, chat.id, writes)
+        except RunningChatsLimit:
+            outcomes.append(False)
+        else:
+            outcomes.append(True)
+
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            for index in range(len(chats)):
+                nursery.start_soon(start, index)
+    assert sorted(outcomes) == [False] * (len(chats) - RUN_LIMIT) + [True] * RUN_LIMIT
+    running = await db.fetchval(
+        "SELECT count(*) FROM chats WHERE owner_id = $1 AND status = 'running'", owner.id
+    )
+    assert running == RUN_LIMIT

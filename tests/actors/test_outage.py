@@ -18,6 +18,7 @@ import trio
 from chatd.actors.chat_actor import CreateChatRequest
 from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
+from chatd.config import Settings, SettingsError
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart
 from chatd.domain.events import (
@@ -132,3 +133,19 @@ async def test_a_database_outage_mid_turn_is_waited_out_and_the_turn_completes(
     assert "".join(second) == ANSWER
     # The restart after the outage is bounded by the retry delay, plus the 1 s answer again.
     assert recovery_s < 5, f"the turn completed {recovery_s:.1f} s after the database came back"
+
+
+def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:
+    with pytest.raises(SettingsError, match=r"db_retry_base_delay_s .* must not exceed"):
+        Settings(db_retry_base_delay_s=5.0, db_retry_max_delay_s=1.0)
+    with pytest.raises(SettingsError, match=r"resume_sweep_interval_s .* greater than 0"):
+        Settings(resume_sweep_interval_s=0)
+    settings = Settings.load(
+        {"CHATD_DB_RETRY_MAX_DELAY_S": "3", "CHATD_RESUME_SWEEP_INTERVAL_S": "9"}
+    )
+    options = EngineOptions.from_settings(settings, worker_id="w")
+    assert (
+        options.db_retry_base_delay_s,
+        options.db_retry_max_delay_s,
+        options.resume_sweep_interval_s,
+    ) == (0.25, 3.0, 9.0)

@@ -134,6 +134,13 @@ async def test_a_run_past_the_limit_is_refused_and_writes_nothing(api: ApiWorld)
     sent = await alice.http.post(f"/api/v1/chats/{idle['id']}/messages", json={"text": "again"})
     assert sent.status_code == 429, sent.text
     assert _error(sent.json())["code"] == "max_running_chats_per_user"
+    history = await alice.http.get(f"/api/v1/chats/{idle['id']}/messages")
+    first_message = history.json()["messages"][0]["id"]
+    edited = await alice.http.patch(
+        f"/api/v1/chats/{idle['id']}/messages/{first_message}", json={"text": "edited"}
+    )
+    assert edited.status_code == 429, edited.text  # an edit regenerates: a new run too
+    assert _error(edited.json())["code"] == "max_running_chats_per_user"
     assert await _counts(api.db, alice.user.id) == before  # no chat, no message
     assert (await alice.http.get(f"/api/v1/chats/{idle['id']}")).json() == idle_before
 

@@ -441,7 +441,7 @@ async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     body=EditMessageBody,
     response=Accepted,
     status=202,
-    errors=(404, 409),
+    errors=(404, 409, 429),
     recover=_recover_message,
 )
 async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: str) -> Accepted:

@@ -199,9 +199,9 @@ class ApiRoutes:
     ) -> Callable[[View], View]:
         """The view authorises the caller's access, then accepts: a refusal before the accept
         is an HTTP answer to the handshake, not an upgraded socket that closes at once."""
-        spec = RouteSpec(
-            "WEBSOCKET", path, summary, self._tag, query=tuple(query), errors=tuple(errors)
-        )
+        # Every WebSocket may be refused with 429 (max_websockets_per_user).
+        codes = tuple(sorted({*errors, 429}))
+        spec = RouteSpec("WEBSOCKET", path, summary, self._tag, query=tuple(query), errors=codes)
         self.specs.append(spec)
 
         def register(view: View) -> View:

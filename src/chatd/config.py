@@ -125,6 +125,12 @@ class Settings:
     # Connections the kernel holds for us before accept (capped by net.core.somaxconn): a
     # burst of clients connecting at once beyond it is dropped and retried a second later.
     listen_backlog: int = 4096
+    # Open client connections (HTTP and WebSocket) this process serves at once; one more is
+    # answered 503 with Retry-After and closed, and the open ones are not disturbed.
+    max_connections: int = 20_000
+    # A refused connection is read (and its bytes discarded) at most this long after its 503,
+    # so that closing it does not reset the connection before the client has read the 503.
+    refused_connection_linger_s: float = 1.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -175,6 +181,8 @@ class Settings:
             "listen_backlog",
             "max_websockets_per_user",
             "max_running_chats_per_user",
+            "max_connections",
+            "refused_connection_linger_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

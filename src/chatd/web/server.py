@@ -1,26 +1,69 @@
-"""Serve the app with Hypercorn's trio worker, with chatd's limits instead of its defaults."""
+"""Serve the app over HTTP/1.1 and WebSockets with Hypercorn's protocol code and our own
+listener loop, with chatd's limits instead of Hypercorn's defaults.
+
+Hypercorn's ``worker_serve`` runs every connection in one nursery shared with the server
+itself, so an exception escaping one connection (a bug in Hypercorn's protocol state machine,
+a peer that vanished at a bad moment) ended the whole process. Here each connection runs in
+``Connection.run``, which contains and logs (one line) whatever that connection raises, and
+the accept loop counts connections against ``max_connections``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    ConnectionState,
+    Scope,
+)
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
 from chatd.config import Settings
 from chatd.web.context import services
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_BYTES = 65536
+
+# What a connection past ``max_connections`` gets before it is closed.
+_OVER_CAPACITY_BODY = (
+    b'{"error": {"code": "unavailable", '
+    b'"message": "the server is at its connection limit; retry shortly"}}'
+)
+_OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"content-type: application/json\r\n"
+    b"retry-after: 1\r\n"
+    b"connection: close\r\n"
+    b"content-length: %d\r\n"
+    b"\r\n" % len(_OVER_CAPACITY_BODY)
+) + _OVER_CAPACITY_BODY
 
 
 def hypercorn_config(settings: Settings, *, host: str, port: int) -> Config:
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog = _hypercorn_log()
     config.include_server_header = False
     config.graceful_timeout = settings.shutdown_grace_s
     config.backlog = settings.listen_backlog
@@ -43,29 +86,338 @@ async def serve(
     """Serve until ``shutdown_trigger`` returns; ``task_status`` gets the bound URLs.
 
     Hypercorn leaves open WebSockets to time out on shutdown (clients would see 1006), so the
-    app is told first and closes each one with 1001.
+    app is told first and closes each one with 1001. Open connections then get
+    ``shutdown_grace_s`` to finish; idle keep-alive connections are closed at once.
     """
     config = hypercorn_config(settings, host=host, port=port)
+    asgi = wrap_app(close_after_unread_body(app), config.wsgi_max_body_size, "asgi")
+    sockets = listening_sockets(config, settings)
+    context = WorkerContext(None)
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(asgi, config, lifespan_state)
+    gate = ConnectionGate(settings.max_connections)
 
-    async def trigger() -> None:
-        await shutdown_trigger()
-        services(app).closing.set()
+    async def handle(stream: trio.SocketStream) -> None:
+        if not gate.enter():
+            await refuse_over_capacity(stream, settings)
+            return
+        connection = Connection(
+            asgi,
+            config,
+            context,
+            lifespan_state,
+            stream,
+            close_grace_s=settings.shutdown_grace_s,
+            on_close=gate.leave,
+        )
+        await connection.run()
 
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, "asgi"),
-        config,
-        sockets=listening_sockets(config, settings),
-        shutdown_trigger=trigger,
-        task_status=task_status,
-    )
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        listeners = [
+            trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            for sock in sockets.insecure_sockets
+        ]
+        urls = [
+            "http://" + repr_socket_addr(sock.family, sock.getsockname())
+            for sock in sockets.insecure_sockets
+        ]
+        for url in urls:
+            log.info("listening on %s", url)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(trio.serve_listeners, handle, listeners, handler_nursery=connections)
+                )
+                task_status.started(urls)
+                await shutdown_trigger()
+                services(app).closing.set()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            # Idle keep-alive connections close now; busy ones get the grace period.
+            await context.terminated.set()
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+class ConnectionGate:
+    """The process-wide count of open connections, against ``max_connections``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def enter(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+
+async def refuse_over_capacity(stream: trio.SocketStream, settings: Settings) -> None:
+    """Answer 503 without parsing the request, and close: the open connections are not
+    slowed down, and the client knows to come back rather than seeing a reset.
+
+    Closing a socket with unread bytes makes the kernel reset it, and a reset can destroy the
+    503 before the client read it; so the request is read and discarded, for a short time.
+    """
+    log.warning("connection refused: at the limit of %d open connections", settings.max_connections)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        with trio.move_on_after(settings.client_send_timeout_s):
+            await stream.send_all(_OVER_CAPACITY)
+            await stream.send_eof()
+        with trio.move_on_after(settings.refused_connection_linger_s):
+            while await stream.receive_some(_RECEIVE_BYTES):
+                pass
+    await stream.aclose()
+
+
+class Connection:
+    """One client connection: bytes in and out of Hypercorn's HTTP/1.1 (and h2c/WebSocket)
+    protocol, an idle timer, and a wall around it.
+
+    Whatever exception this connection raises (from the protocol, the socket, or a request
+    task) ends this connection only, logged as one line. Once the connection is closed, its
+    leftover tasks get ``close_grace_s`` before they are cancelled, so none can hang on;
+    ``on_close`` is called once, when the socket is closed.
+    """
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        lifespan_state: dict[str, Any],
+        stream: trio.SocketStream,
+        *,
+        close_grace_s: float,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.context = context
+        self.lifespan_state = lifespan_state
+        self.stream = stream
+        self.close_grace_s = close_grace_s
+        self.on_close = on_close
+        self.peer = "?"
+        self._scope = trio.CancelScope()
+        self._send_lock = trio.Lock()
+        self._idle: trio.CancelScope | None = None
+        self._tasks: TaskGroup | None = None
+        self._protocol: ProtocolWrapper | None = None
+        self._closed = False
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._serve()
+        except* Exception as group:  # noqa: BLE001 - one connection's failure, whatever it is
+            log.warning("connection from %s failed: %s", self.peer, _summary(group))
+        finally:
+            await self._close()
+
+    async def _serve(self) -> None:
+        sock = self.stream.socket
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+        except OSError:
+            return  # gone before we could look at it
+        if client is not None:
+            self.peer = f"{client[0]}:{client[1]}"
+        async with TaskGroup() as tasks:
+            self._tasks = tasks
+            self._protocol = ProtocolWrapper(
+                self.app,
+                self.config,
+                self.context,
+                tasks,
+                ConnectionState(self.lifespan_state.copy()),
+                ssl=False,
+                client=client,
+                server=server,
+                send=self._protocol_send,
+                alpn_protocol="http/1.1",
+            )
+            await self._protocol.initiate()
+            self._set_idle(idle=True)
+            await self._read(self._protocol)
+
+    async def _read(self, protocol: ProtocolWrapper) -> None:
+        while not self._closed:
+            try:
+                data = await self.stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            # b"" (the peer's EOF) goes to the protocol too: h11 turns it into its own event.
+            await protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        # What is left (a request task finishing, Hypercorn's WebSocket ping task asleep)
+        # gets the grace period; the connection no longer counts against the limit.
+        await self._close()
+        await protocol.handle(Closed())
+
+    async def _protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            async with self._send_lock:
+                try:
+                    # A half-written response or frame would corrupt the stream, so writes are
+                    # shielded; TCP_USER_TIMEOUT bounds a peer that stops reading.
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._close()
+                    await self._handle(Closed())
+        elif isinstance(event, Closed):
+            await self._close()
+            await self._handle(Closed())
+        elif isinstance(event, Updated):
+            self._set_idle(idle=event.idle)
+
+    async def _handle(self, event: Event) -> None:
+        if self._protocol is not None:
+            await self._protocol.handle(event)
+
+    def _set_idle(self, *, idle: bool) -> None:
+        """Idle (no request in progress): closed after the keep-alive timeout, or at once when
+        the server shuts down. A connection that never sends a whole request is idle too."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if idle and self._tasks is not None and not self._closed:
+            self._idle = trio.CancelScope()
+            self._tasks.spawn(self._close_when_idle, self._idle)
+
+    async def _close_when_idle(self, scope: trio.CancelScope) -> None:
+        with scope:
+            with trio.move_on_after(self.config.keep_alive_timeout):
+                await self.context.terminated.wait()
+            await self._close()
+            await self._handle(Closed())
+
+    async def _close(self) -> None:
+        """Close the socket (once); what is left of the connection gets the grace period."""
+        if self._closed:
+            return
+        self._closed = True
+        self.on_close()
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + self.close_grace_s)
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
+        ):
+            await self.stream.send_eof()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
+    """ASGI middleware: a response that starts before the request's body was read (a 401,
+    403 or 413 decided from the headers) says ``Connection: close``, and the rest of the body
+    is discarded rather than left queued.
+
+    The server queues a request's body for the app. An app that answered without reading it
+    leaves that queue full: the connection's reader then waits forever for room, and the next
+    request on the connection is never answered. Closing is the one safe answer (the unread
+    bytes cannot be told apart from the next request), and draining the queue lets the
+    connection get to its close.
+    """
+
+    async def middleware(
+        scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        body_done = not _declares_body(scope["headers"])
+
+        async def receive_tracked() -> ASGIReceiveEvent:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def drain() -> None:
+            while not body_done:
+                await receive_tracked()
+
+        async with trio.open_nursery() as nursery:
+
+            async def send_closing(message: ASGISendEvent) -> None:
+                if message["type"] == "http.response.start" and not body_done:
+                    headers = [*message.get("headers", ()), (b"connection", b"close")]
+                    message = cast(ASGISendEvent, {**message, "headers": headers})
+                    nursery.start_soon(drain)
+                await send(message)
+
+            await app(scope, receive_tracked, send_closing)
+
+    return middleware
+
+
+def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            return True
+        if name.lower() == b"content-length" and value.strip() not in (b"0", b""):
+            return True
+    return False
+
+
+def _summary(group: BaseExceptionGroup[Exception]) -> str:
+    leaves: list[str] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):  # a consequence, not a cause
+            leaves.append(f"{type(exc).__name__}: {exc}")
+
+    walk(group)
+    return "; ".join(dict.fromkeys(leaves))
+
+
+class _OneLine(logging.Filter):
+    """Hypercorn logs a failed request task with its traceback; chatd logs each failure of a
+    connection as one line (the app's own 500s are logged with theirs by ``errors``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = (
+                _summary(exc)
+                if isinstance(exc, BaseExceptionGroup)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            record.msg = f"{record.getMessage()}: {text}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _hypercorn_log() -> logging.Logger:
+    logger = logging.getLogger("hypercorn.error")
+    if not any(isinstance(f, _OneLine) for f in logger.filters):
+        logger.addFilter(_OneLine())
+    return logger
 
 
 def listening_sockets(config: Config, settings: Settings) -> Sockets:
     """Hypercorn's sockets, with a bound on how long a client may refuse our data.
 
-    Hypercorn shields each socket write from cancellation, so a client that stops reading would
-    hold its connection's task (and the server's shutdown) forever. ``TCP_USER_TIMEOUT``,
-    inherited by accepted connections, makes the kernel drop such a connection instead.
+    Writes are shielded from cancellation, so a client that stops reading would hold its
+    connection's task (and the server's shutdown) forever. ``TCP_USER_TIMEOUT``, inherited by
+    accepted connections, makes the kernel drop such a connection instead.
     """
     sockets = config.create_sockets()
     timeout_ms = round(settings.client_send_timeout_s * 1000)

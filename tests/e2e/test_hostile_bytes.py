@@ -1,0 +1,215 @@
+"""Hostile bytes against a real ``chatd serve``: raw sockets, no client library to tidy them up.
+
+Each test checks one way a single connection could hurt the server (kill it, hang, make it
+answer 500) and that the server still answers ``/healthz`` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+import trio
+
+from chatd.store import users
+from chatd.store.database import Database
+from tests.e2e.chatd_process import ServerProcess, chatd_server
+
+DEADLINE_S = 10.0
+
+WS_HANDSHAKE = (
+    b"GET /api/v1/chats/watch HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+# A masked text frame "hi", sent in the same write as the handshake.
+WS_FRAME = b"\x81\x82\x00\x00\x00\x00hi"
+
+
+@pytest.fixture
+async def server(database_url: str, db: Database) -> AsyncIterator[ServerProcess]:
+    async with chatd_server(["--database-url", database_url, "--port", "0"]) as process:
+        yield process
+
+
+async def _token(db: Database, name: str, *, is_admin: bool = False) -> str:
+    user = await users.create_user(db, name, is_admin=is_admin)
+    _, secret = await users.create_api_token(db, user.id)
+    return secret
+
+
+def _address(server: ServerProcess) -> tuple[str, int]:
+    parts = urlsplit(server.url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    return parts.hostname, parts.port
+
+
+async def _exchange(server: ServerProcess, data: bytes) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it."""
+    host, port = _address(server)
+    received = b""
+    with trio.fail_after(DEADLINE_S):
+        async with await trio.open_tcp_stream(host, port) as stream:
+            await stream.send_all(data)
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+async def _healthz(server: ServerProcess) -> bytes:
+    return await _exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+async def test_websocket_handshake_with_frame_bytes_does_not_kill_the_server(
+    server: ServerProcess,
+) -> None:
+    # Frames before the handshake's answer: Hypercorn refuses them with a 400 while the app
+    # answers the handshake itself (here a 401), and the two answers collide in h11.
+    answer = await _exchange(server, WS_HANDSHAKE + WS_FRAME)
+    assert _statuses(answer)[0] in (400, 401), answer
+    assert (await _healthz(server)).startswith(b"HTTP/1.1 200 ")
+    assert server.process.returncode is None
+    assert not any("Traceback" in line for line in server.output)
+
+
+async def _exchange_concurrently(server: ServerProcess, data: bytes) -> bytes:
+    """Like ``_exchange``, but sending while reading: the server may answer (and close)
+    before it has read everything, and a send that fails because it closed is fine."""
+    host, port = _address(server)
+    received = b""
+    with trio.fail_after(DEADLINE_S):
+        async with await trio.open_tcp_stream(host, port) as stream:
+
+            async def send() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                try:
+                    while chunk := await stream.receive_some(65536):
+                        received += chunk
+                except trio.BrokenResourceError:
+                    pass  # a reset after the answer: the server closed with our data unread
+                nursery.cancel_scope.cancel()
+    return received
+
+
+def _post(path: str, body: bytes, *, token: str = "chatd_nope") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def _statuses(answer: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+async def test_a_rejected_request_with_an_unread_body_does_not_hang_the_next_one(
+    server: ServerProcess,
+) -> None:
+    body = b'{"text": "' + b"x" * 500_000 + b'"}'
+    answer = await _exchange_concurrently(
+        server, _post("/api/v1/chats", body) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    statuses = _statuses(answer)
+    assert statuses[0] == 401
+    # Either the next request is answered, or the connection was closed cleanly after the 401.
+    assert statuses[1:] in ([200], []), answer
+    if not statuses[1:]:
+        assert b"connection: close" in answer.lower()
+
+
+async def test_a_body_past_the_limit_gets_413_and_the_connection_does_not_hang(
+    server: ServerProcess, db: Database
+) -> None:
+    token = await _token(db, "alice")
+    body = b'{"text": "' + b"x" * 2_000_000 + b'"}'
+    answer = await _exchange_concurrently(
+        server,
+        _post("/api/v1/chats", body, token=token) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    statuses = _statuses(answer)
+    assert statuses[0] == 413
+    assert statuses[1:] in ([200], []), answer
+    if not statuses[1:]:
+        assert b"connection: close" in answer.lower()
+
+
+async def test_connection_close_from_the_client_is_honoured_after_an_early_rejection(
+    server: ServerProcess,
+) -> None:
+    body = b'{"text": "' + b"x" * 500_000 + b'"}'
+    request = _post("/api/v1/chats", body).replace(
+        b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"
+    )
+    answer = await _exchange_concurrently(server, request)
+    assert _statuses(answer) == [401]
+
+
+async def _open_websocket(server: ServerProcess, token: str) -> trio.SocketStream:
+    """A watch WebSocket over a raw socket, once its handshake was answered 101."""
+    host, port = _address(server)
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(
+        WS_HANDSHAKE.replace(b"\r\n\r\n", f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await stream.receive_some(65536)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return stream
+
+
+async def _pong(stream: trio.SocketStream) -> None:
+    """Ping (masked, as a client must) and read frames until the pong."""
+    await stream.send_all(b"\x89\x80\x01\x02\x03\x04")
+    buffer = b""
+    while True:
+        while len(buffer) >= 2:
+            length = buffer[1] & 0x7F
+            header = 2 + (2 if length == 126 else 8 if length == 127 else 0)
+            if len(buffer) < header:
+                break
+            if length >= 126:
+                length = int.from_bytes(buffer[2:header])
+            if len(buffer) < header + length:
+                break
+            if buffer[0] & 0x0F == 0xA:
+                return
+            buffer = buffer[header + length :]
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the WebSocket was closed"
+        buffer += chunk
+
+
+async def test_connections_past_the_limit_get_503_and_the_open_ones_are_untouched(
+    database_url: str, db: Database
+) -> None:
+    tokens = [await _token(db, f"user{i}") for i in range(3)]
+    env = {"CHATD_MAX_CONNECTIONS": "3"}
+    async with chatd_server(["--database-url", database_url, "--port", "0"], env=env) as server:
+        with trio.fail_after(DEADLINE_S):
+            sockets = [await _open_websocket(server, token) for token in tokens]
+        refused = await _healthz(server)
+        assert _statuses(refused) == [503], refused
+        assert b"retry-after: 1\r\n" in refused.lower()
+        assert b"connection limit" in refused
+        with trio.fail_after(DEADLINE_S):
+            for stream in sockets:
+                await _pong(stream)
+            await sockets.pop().aclose()
+        # A freed place is taken again (the server notices the close as soon as it reads EOF).
+        with trio.fail_after(DEADLINE_S):
+            while _statuses(answer := await _healthz(server)) == [503]:
+                await trio.lowlevel.checkpoint()
+        assert _statuses(answer) == [200]
+        for stream in sockets:
+            await stream.aclose()

@@ -85,3 +85,16 @@ async def test_an_unexpected_failure_is_a_500_with_a_request_id_and_no_internals
     assert "secret" not in str(body)
     assert request_id in caplog.text
     assert "secret internals" in caplog.text
+
+
+@pytest.mark.parametrize("levels", [1_000, 100_000])
+def test_nesting_past_the_parser_is_refused_naming_the_depth_rule(levels: int) -> None:
+    raw = b'{"text": ' + b"[" * levels + b"]" * levels + b"}"
+    error = refusal(raw, max_depth=64)
+    assert (error.field, error.rule) == ("body", "nested at most 64 levels")
+
+
+@pytest.mark.parametrize("raw", [b'{"text": "\xff\xfe"}', b'{"t\xffext": "a"}', b'{"text": "\xc3"}'])
+def test_invalid_utf8_is_refused(raw: bytes) -> None:
+    error = refusal(raw)
+    assert (error.field, error.rule) == ("body", "must be valid UTF-8")

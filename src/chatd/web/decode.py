@@ -33,6 +33,12 @@ def decode_body(raw: bytes, kind: type[T], *, max_depth: int) -> T:
         value = msgspec.json.decode(raw)
     except msgspec.DecodeError:
         raise ApiError.invalid("body", "must be valid JSON") from None
+    except UnicodeDecodeError:
+        raise ApiError.invalid("body", "must be valid UTF-8") from None
+    except RecursionError:
+        # msgspec parses recursively and gives up near Python's recursion limit (about 1,000
+        # levels), far past max_depth: the same rule as a shallower excess, checked later.
+        raise ApiError.invalid("body", f"nested at most {max_depth} levels") from None
     if not isinstance(value, dict):
         raise ApiError.invalid("body", "must be a JSON object")
     check_tree(value, max_depth=max_depth)

@@ -12,6 +12,7 @@ import trio
 from chatd.providers.fake import knobs_marker
 from chatd.store.database import Database
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
+from tests.faults.proxy import open_pg_proxy
 
 QUICK = knobs_marker(chunks=1)
 SLOW = knobs_marker(first_chunk_delay_ms=600_000)
@@ -176,6 +177,38 @@ async def test_a_retry_after_a_crash_before_the_record_finds_the_sent_message(
     replay = await alice.http.post(url, json=body, headers=keyed("crash"))
     assert replay.content == retry.content
     assert replay.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_a_send_whose_commit_was_done_but_not_acknowledged_is_not_sent_twice(
+    database_url: str,
+) -> None:
+    """PostgreSQL goes away right after committing the message, before chatd hears so (a TCP
+    proxy cuts every connection once the commit's answer comes back): the client gets an
+    error, and its retry with the same key, once the database is back, finds the message and
+    answers with it instead of sending it again."""
+    async with (
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(proxy.url_for(database_url), min_size=1, max_size=4) as db,
+        serve_api(db) as api,
+    ):
+        alice = await api.client("alice")
+        chat_id = await idle_chat(alice)
+        url = f"/api/v1/chats/{chat_id}/messages"
+        marker = f"lost-ack-{uuid.uuid4().hex}"
+        text = f"{QUICK} {marker}"
+        trigger = proxy.arm(marker.encode(), at="reply")
+        first = await alice.http.post(url, json={"text": text}, headers=keyed("lost"))
+        assert trigger.fired.is_set()
+        assert first.status_code == 503, first.text
+        proxy.restore()
+        with trio.fail_after(DEADLINE_S):
+            retry = await alice.http.post(url, json={"text": text}, headers=keyed("lost"))
+        assert retry.status_code == 202, retry.text
+        await alice.wait_status(chat_id, "waiting")
+        history = (await alice.http.get(f"{url}?limit=200")).json()["messages"]
+        sent = [m for m in history if m["role"] == "user" and m["content"][0]["text"] == text]
+        assert [m["id"] for m in sent] == [retry.json()["message_id"]]
+        assert history[-1]["role"] == "assistant"
 
 
 async def test_a_retried_chat_creation_creates_one_chat(api: ApiWorld) -> None:

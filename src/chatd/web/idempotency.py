@@ -31,7 +31,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 from uuid import UUID
 
 import trio
@@ -53,6 +53,10 @@ _EXTENSION_KEY: Final = "chatd.idempotency"
 # Releasing or abandoning a claim after a failure is one statement: bounded, and shielded so
 # that a client who went away does not leave the key held for the whole pending timeout.
 _CLEANUP_TIMEOUT_S: Final = 5.0
+# Claims whose ending could not be written (the database was down) are remembered in memory
+# so that the next request with the key writes it first; the oldest are forgotten past this
+# many (their keys then wait out the pending timeout, as after a crash).
+_MAX_UNSETTLED: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,11 @@ class _Slot:
     users: int = 0
 
 
+# How a claim of this process ended, when the database could not be told at the time: its
+# answer (to record), "release" (refused: nothing done) or "abandon" (outcome unknown).
+_Ending = Answer | Literal["release", "abandon"]
+
+
 @dataclass
 class _InFlight:
     """The keys this process is working on. Requests of one key take turns here before they
@@ -108,6 +117,12 @@ class _InFlight:
     process; only a duplicate on another process can find the key pending (409)."""
 
     slots: dict[tuple[UUID, str], _Slot] = field(default_factory=dict)
+    unsettled: dict[tuple[UUID, str], tuple[UUID, _Ending]] = field(default_factory=dict)
+
+    def remember(self, slot: tuple[UUID, str], seed: UUID, ending: _Ending) -> None:
+        self.unsettled[slot] = (seed, ending)
+        while len(self.unsettled) > _MAX_UNSETTLED:
+            del self.unsettled[next(iter(self.unsettled))]
 
     @contextlib.asynccontextmanager
     async def turn(self, slot: tuple[UUID, str], *, deadline: float) -> AsyncIterator[bool]:
@@ -164,10 +179,12 @@ async def run_once(
     """Answer a request carrying ``key``: replay its recorded answer, refuse it, or claim the
     key and run ``attempt`` (at most one at a time per key, across processes)."""
     settings = svc.settings
+    in_flight = _in_flight(app)
     deadline = trio.current_time() + settings.idempotency_wait_s
-    async with _in_flight(app).turn((user_id, key), deadline=deadline) as ours:
+    async with in_flight.turn((user_id, key), deadline=deadline) as ours:
         if not ours:
             raise _in_progress()
+        await _settle_earlier(svc, in_flight, user_id=user_id, key=key)
         outcome = await store.claim(
             svc.db,
             user_id=user_id,
@@ -191,11 +208,55 @@ async def run_once(
             case InProgress():
                 raise _in_progress()  # another process works on it
             case Claimed():
-                return await _do(svc, user_id=user_id, key=key, claimed=outcome, attempt=attempt)
+                return await _do(
+                    svc,
+                    in_flight,
+                    user_id=user_id,
+                    key=key,
+                    claimed=outcome,
+                    attempt=attempt,
+                )
+
+
+async def _settle_earlier(svc: Services, in_flight: _InFlight, *, user_id: UUID, key: str) -> None:
+    """Write how this process's earlier claim of the key ended, if the database could not be
+    told then: a retry after an outage is answered at once instead of waiting out the pending
+    timeout. Raises (and keeps it in memory) while the database is still down."""
+    slot = (user_id, key)
+    unsettled = in_flight.unsettled.pop(slot, None)
+    if unsettled is None:
+        return
+    seed, ending = unsettled
+    try:
+        await _write_ending(svc, user_id=user_id, key=key, seed=seed, ending=ending)
+    except BaseException:
+        in_flight.unsettled.setdefault(slot, unsettled)
+        raise
+
+
+async def _write_ending(
+    svc: Services, *, user_id: UUID, key: str, seed: UUID, ending: _Ending
+) -> None:
+    if ending == "release":
+        await store.release(svc.db, user_id=user_id, key=key, seed=seed)
+    elif ending == "abandon":
+        await store.abandon(svc.db, user_id=user_id, key=key, seed=seed)
+    else:
+        assert isinstance(ending, Answer)
+        await store.record(
+            svc.db,
+            user_id=user_id,
+            key=key,
+            seed=seed,
+            status=ending.status,
+            content_type=ending.content_type,
+            body=ending.body,
+        )
 
 
 async def _do(
     svc: Services,
+    in_flight: _InFlight,
     *,
     user_id: UUID,
     key: str,
@@ -205,37 +266,38 @@ async def _do(
     try:
         answer = await attempt(claimed)
     except BaseException as exc:
-        await _after_failure(svc, user_id, key, claimed.seed, exc)
+        await _after_failure(svc, in_flight, user_id=user_id, key=key, seed=claimed.seed, exc=exc)
         raise
     try:
-        await store.record(
-            svc.db,
-            user_id=user_id,
-            key=key,
-            seed=claimed.seed,
-            status=answer.status,
-            content_type=answer.content_type,
-            body=answer.body,
-        )
+        await _write_ending(svc, user_id=user_id, key=key, seed=claimed.seed, ending=answer)
     except Exception:
-        # The command is done and durable: its answer stands. The key stays pending, and a
-        # retry after the pending timeout recovers the answer from the command's rows.
+        # The command is done and durable: its answer stands, and is recorded by the next
+        # request with the key (or, on another process, recovered after the pending timeout).
         log.warning("the answer for an idempotency key was not recorded", exc_info=True)
+        in_flight.remember((user_id, key), claimed.seed, answer)
     return answer.response()
 
 
 async def _after_failure(
-    svc: Services, user_id: UUID, key: str, seed: UUID, exc: BaseException
+    svc: Services,
+    in_flight: _InFlight,
+    *,
+    user_id: UUID,
+    key: str,
+    seed: UUID,
+    exc: BaseException,
 ) -> None:
     """A refusal (4xx) did nothing: free the key. Anything else (5xx, a timeout, the request
     cancelled) may or may not have done the command: let the next retry take over at once."""
     error = api_error_for(exc) if isinstance(exc, Exception) else None
     refused = error is not None and 400 <= error.status < 500
+    ending: _Ending = "release" if refused else "abandon"
+    written = False
     with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
         try:
-            if refused:
-                await store.release(svc.db, user_id=user_id, key=key, seed=seed)
-            else:
-                await store.abandon(svc.db, user_id=user_id, key=key, seed=seed)
+            await _write_ending(svc, user_id=user_id, key=key, seed=seed, ending=ending)
+            written = True
         except Exception:
             log.warning("an idempotency key could not be freed after a failure", exc_info=True)
+    if not written:
+        in_flight.remember((user_id, key), seed, ending)

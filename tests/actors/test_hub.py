@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -55,6 +56,7 @@ from chatd.domain.stream_parts import TextDelta
 from chatd.store.chats import (
     AppendMessage,
     ChatWrite,
+    Dequeue,
     Enqueue,
     SoftDeleteMessagesAfter,
     UpdateChat,
@@ -86,6 +88,7 @@ class ScriptedChat:
     streamed: list[str] = field(default_factory=list)
     queue: list[QueuedEntry] = field(default_factory=list)
     xid: int = 0  # of the last commit
+    published: list[ChatEvent] = field(default_factory=list)  # every event, in publish order
 
     @property
     def episode(self) -> Episode:
@@ -125,9 +128,10 @@ class ScriptedChat:
             self.part_seq += 1
             self.streamed.append(text)
             part = MessagePart(self.episode, self.part_seq, TextDelta(text))
+            self.published.append(part)
             self.hub.publish(self.id, (part,))
 
-    async def finish(self) -> Held:
+    async def finish(self, *, publish: bool = True) -> Held:
         seq = self.last_seq + 1
         self.history_version += 1
         text = "".join(self.streamed)
@@ -142,7 +146,7 @@ class ScriptedChat:
         )
         self.last_seq = seq
         self._new_episode()
-        return self._publish([message, self.status(ChatStatus.WAITING)], True)
+        return self._publish([message, self.status(ChatStatus.WAITING)], publish)
 
     async def retry(self) -> None:
         self.generation_attempt += 1
@@ -207,8 +211,74 @@ class ScriptedChat:
         )
         return self._publish([QueueUpdated(tuple(self.queue))], publish)
 
+    async def dequeue(self, *, publish: bool = True) -> Held:
+        entry = self.queue.pop(0)
+        await self._commit([Dequeue(id=entry.id)])
+        return self._publish([QueueUpdated(tuple(self.queue))], publish)
+
+    async def require_action(self, *, publish: bool = True) -> Held:
+        """The model called a dynamic tool: its message, then the wait for the client."""
+        seq = self.last_seq + 1
+        self.history_version += 1
+        call = ToolCallPart(f"call{seq}", "lookup", "{}")
+        message = CommittedMessage(uuid4(), seq, "assistant", (call,), self.history_version)
+        deadline = datetime.now(UTC) + timedelta(minutes=5)
+        await self._commit(
+            [
+                _append(message),
+                UpdateChat(
+                    status=ChatStatus.REQUIRES_ACTION,
+                    history_version=self.history_version,
+                    action_deadline=deadline,
+                ),
+            ]
+        )
+        self.last_seq = seq
+        self._new_episode()
+        pending = PendingToolCall(call.id, call.name, call.arguments)
+        events: list[ChatEvent] = [
+            message,
+            self.status(ChatStatus.REQUIRES_ACTION),
+            ActionRequired((pending,), deadline.timestamp()),
+        ]
+        return self._publish(events, publish)
+
+    async def answer(self, *, publish: bool = True) -> Held:
+        """The client's tool result: the chat runs again, in a new episode."""
+        seq = self.last_seq + 1
+        self.history_version += 1
+        self.generation_attempt += 1
+        result = ToolResultPart(f"call{seq - 1}", '"ok"')
+        message = CommittedMessage(uuid4(), seq, "tool", (result,), self.history_version)
+        await self._commit(
+            [
+                _append(message),
+                UpdateChat(
+                    status=ChatStatus.RUNNING,
+                    history_version=self.history_version,
+                    generation_attempt=self.generation_attempt,
+                    action_deadline=None,
+                ),
+            ]
+        )
+        self.last_seq = seq
+        self._new_episode()
+        return self._publish([message, self.status(ChatStatus.RUNNING)], publish)
+
+    async def interrupt(self, *, publish: bool = True) -> Held:
+        await self._commit([UpdateChat(status=ChatStatus.INTERRUPTING)])
+        return self._publish([self.status(ChatStatus.INTERRUPTING)], publish)
+
+    async def fire_retry(self, *, publish: bool = True) -> Held:
+        """The retry timer fired: the next attempt starts, in a new episode."""
+        self.generation_attempt += 1
+        await self._commit([UpdateChat(generation_attempt=self.generation_attempt, retry_at=None)])
+        self._new_episode()
+        events: list[ChatEvent] = [self.status(ChatStatus.RUNNING), PreviewReset(self.episode)]
+        return self._publish(events, publish)
+
     def _publish(self, events: list[ChatEvent], publish: bool) -> Held:
-        held = Held(events, self.xid)
+        held = Held(events, self.xid, self.published)
         if publish:
             held.publish(self.hub, self.id)
         return held
@@ -220,8 +290,10 @@ class Held:
 
     events: list[ChatEvent]
     xid: int
+    log: list[ChatEvent] = field(default_factory=list)
 
     def publish(self, hub: ChatHub, chat_id: UUID) -> None:
+        self.log.extend(self.events)
         hub.publish(chat_id, self.events, commit=self.xid)
 
 
@@ -254,9 +326,12 @@ class Client:
     preview_episode: Episode | None = None
     preview: list[str] = field(default_factory=list)
     part_seq: int = 0
+    queue: tuple[QueuedEntry, ...] = ()
 
     def apply(self, event: ChatEvent) -> None:
         match event:
+            case QueueUpdated(queue=queue):
+                self.queue = queue
             case CommittedMessage(seq=seq, history_version=version):
                 held = max(self.messages, default=0)
                 assert seq > held, f"message {seq} after {held}: repeated or out of order"
@@ -293,8 +368,8 @@ class Client:
     def cursor(self) -> StreamCursor:
         return StreamCursor(max(self.messages, default=0), self.preview_episode, self.part_seq)
 
-    def view(self) -> tuple[dict[int, str], ChatStatus | None, Episode | None, str]:
-        return self.messages, self.status, self.preview_episode, self.preview_text
+    def view(self) -> tuple[Any, ...]:
+        return self.messages, self.status, self.preview_episode, self.preview_text, self.queue
 
 
 class Reader:
@@ -1014,3 +1089,136 @@ async def test_a_first_subscriber_mid_answer_gets_the_parts_so_far(db: Database)
     assert reader.client.messages[2] == "abc"
     parts = [e for e in reader.events if isinstance(e, MessagePart)]
     assert [p.seq for p in parts] == [1, 2, 3]
+
+
+# -- exactly once, whenever the subscriber comes ------------------------------------------------
+
+# One scripted life of a chat through every phase a subscriber can land in: running, streaming,
+# a queue change, a retry wait, the next attempt, waiting on tool results, interrupting, a
+# queued message taken out, a new turn, a failure for good.
+LIFE = (
+    "turn",
+    "stream",
+    "enqueue",
+    "fail",
+    "fire_retry",
+    "stream",
+    "require_action",
+    "answer",
+    "stream",
+    "interrupt",
+    "finish",
+    "dequeue",
+    "turn",
+    "stream",
+    "give_up",
+)
+
+
+async def live_step(chat: ScriptedChat, name: str, *, publish: bool) -> Held | None:
+    """Run one step of ``LIFE``: commit, then publish unless held (parts are always sent)."""
+    match name:
+        case "turn":
+            return await chat.user_turn(f"q{chat.last_seq + 1}", publish=publish)
+        case "stream":
+            chat.stream("x", "y", "z")
+            return None
+        case "enqueue":
+            return await chat.enqueue("later", publish=publish)
+        case "dequeue":
+            return await chat.dequeue(publish=publish)
+        case "fail":
+            return await chat.fail(FAILURE, publish=publish)
+        case "give_up":
+            return await chat.give_up(FAILURE, publish=publish)
+        case "fire_retry":
+            return await chat.fire_retry(publish=publish)
+        case "require_action":
+            return await chat.require_action(publish=publish)
+        case "answer":
+            return await chat.answer(publish=publish)
+        case "interrupt":
+            return await chat.interrupt(publish=publish)
+        case "finish":
+            return await chat.finish(publish=publish)
+    raise AssertionError(name)
+
+
+def moment(cut: int, held: bool) -> str:
+    if held:
+        return f"during-{cut}-{LIFE[cut]}"
+    return f"after-{cut}-{LIFE[cut - 1]}" if cut else "before-all"
+
+
+def ends_with(reader: Reader, event: ChatEvent) -> bool:
+    return bool(reader.events) and reader.events[-1] is event
+
+
+MOMENTS = [
+    pytest.param(cut, held, id=moment(cut, held))
+    for cut in range(len(LIFE) + 1)
+    for held in (False, True)
+    if not held or (cut < len(LIFE) and LIFE[cut] != "stream")
+]
+
+
+def spread(states: list[Client], count: int) -> list[Client]:
+    """``count`` states evenly spread from the first to the last."""
+    if len(states) <= count:
+        return states
+    step = (len(states) - 1) / (count - 1)
+    return [states[round(i * step)] for i in range(count)]
+
+
+@pytest.mark.parametrize(("cut", "held"), MOMENTS)
+async def test_a_subscriber_joining_at_any_moment_gets_each_event_once(
+    db: Database, cut: int, held: bool
+) -> None:
+    """Join after ``cut`` steps of ``LIFE`` (after step ``cut - 1``, or ``during`` step ``cut``:
+    its commit made and its events not yet published), from the start or from where a client
+    that saw everything up to some earlier event stood: each subscriber gets its snapshot, then
+    exactly the events published after its read, none repeated, and ends where a subscriber
+    from the start is."""
+    hub = ChatHub(db, page_size=2)
+    chat = await scripted_chat(db, hub, dynamic_tools=[{"name": "lookup"}])
+    reference = Client()
+    states = [Client()]
+    ref = Reader(reference, on_event=lambda: states.append(copy.deepcopy(reference)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ref.run, hub, chat.id, StreamCursor())
+        for name in LIFE[:cut]:
+            await live_step(chat, name, publish=True)
+        pending = await live_step(chat, LIFE[cut], publish=False) if held else None
+        # The reference from the start: its snapshot (status, queue), then every event once.
+        await ref.wait_for(lambda: len(ref.events) == 2 + len(chat.published))
+        assert ref.events[2:] == chat.published
+
+        mark = len(chat.published)
+        late: list[Reader] = []
+        for state in spread(states, 8):
+            reader = Reader(copy.deepcopy(state))
+            await nursery.start(reader.run, hub, chat.id, state.cursor())  # its read is done
+            late.append(reader)
+        if pending is not None:
+            pending.publish(hub, chat.id)
+        for name in LIFE[cut + held :]:
+            await live_step(chat, name, publish=True)
+        sentinel = QueueUpdated(())
+        hub.publish(chat.id, [sentinel])  # the last event: once it arrives, all have
+        chat.published.append(sentinel)
+        for reader in [ref, *late]:
+            await reader.wait_for(partial(ends_with, reader, sentinel))
+        nursery.cancel_scope.cancel()
+
+    after = chat.published[mark:]
+    if pending is not None:  # every snapshot read that commit: its events are not sent again
+        assert after[: len(pending.events)] == pending.events
+        after = after[len(pending.events) :]
+    for reader in late:
+        snapshot = reader.events[: len(reader.events) - len(after)]
+        assert reader.events[len(snapshot) :] == after
+        kinds = [type(e) for e in snapshot]
+        assert (kinds.count(StatusChanged), kinds.count(QueueUpdated)) == (1, 1), snapshot
+        for kind in (RetryScheduled, ErrorRaised, ActionRequired):
+            assert kinds.count(kind) <= 1, snapshot
+        assert reader.client.view() == reference.view()

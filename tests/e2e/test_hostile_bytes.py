@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import httpx2
 import pytest
 import trio
 
@@ -213,3 +216,121 @@ async def test_connections_past_the_limit_get_503_and_the_open_ones_are_untouche
         assert _statuses(answer) == [200]
         for stream in sockets:
             await stream.aclose()
+
+
+class PgProxy:
+    """A TCP proxy in front of PostgreSQL that the test can cut: every link is closed and new
+    connections are closed as soon as they are accepted (PostgreSQL itself keeps running)."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        query = parse_qs(parts.query)
+        self._unix: str | None = None
+        if "host" in query and query["host"][0].startswith("/"):
+            self._unix = f"{query['host'][0]}/.s.PGSQL.{query.get('port', ['5432'])[0]}"
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._template = parts._replace(query="")
+        self._links: set[trio.CancelScope] = set()
+        self.down = False
+        self.url = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        auth = self._template.netloc.rsplit("@", 1)[0]
+        self.url = urlunsplit(self._template._replace(netloc=f"{auth}@127.0.0.1:{port}"))
+        task_status.started()
+        await trio.serve_listeners(self._link, listeners)
+
+    def cut(self) -> None:
+        self.down = True
+        for scope in self._links:
+            scope.cancel()
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        async with client:
+            if self.down:
+                return
+            if self._unix is not None:
+                upstream: trio.abc.Stream = await trio.open_unix_socket(self._unix)
+            else:
+                upstream = await trio.open_tcp_stream(*self._target)
+            async with upstream:
+                with trio.CancelScope() as scope:
+                    self._links.add(scope)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._pump, client, upstream)
+                            nursery.start_soon(self._pump, upstream, client)
+                    finally:
+                        self._links.discard(scope)
+
+    @staticmethod
+    async def _pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while chunk := await source.receive_some(65536):
+                await sink.send_all(chunk)
+            await sink.send_eof()  # type: ignore[attr-defined]
+
+
+def _read_routes(document: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Every GET route of the OpenAPI document as (a concrete path, needs an admin)."""
+    routes = []
+    for path, methods in document["paths"].items():
+        operation = methods.get("get")
+        if operation is None or operation.get("x-websocket"):
+            continue
+        concrete = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path)
+        routes.append((concrete, "403" in operation["responses"]))
+    return routes
+
+
+async def test_every_read_route_answers_503_while_postgresql_is_unreachable(
+    database_url: str, db: Database
+) -> None:
+    user_token = await _token(db, "alice")
+    admin_token = await _token(db, "root", is_admin=True)
+    proxy = PgProxy(database_url)
+    # The auth cache keeps the tokens known, so that each route's own reads meet the outage.
+    env = {"CHATD_AUTH_CACHE_TTL_S": "600", "CHATD_DB_CONNECT_TIMEOUT_S": "2"}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        args = ["--database-url", proxy.url, "--port", "0"]
+        async with (
+            chatd_server(args, env=env) as server,
+            httpx2.AsyncClient(base_url=server.url, timeout=DEADLINE_S) as http,
+        ):
+            user = {"Authorization": f"Bearer {user_token}"}
+            admin = {"Authorization": f"Bearer {admin_token}"}
+            document = (await http.get("/api/v1/openapi.json", headers=user)).json()
+            routes = _read_routes(document)
+            assert len(routes) >= 5, routes
+            for path, needs_admin in routes:  # warm the token cache while the database is up
+                before = await http.get(path, headers=admin if needs_admin else user)
+                assert before.status_code < 500, (path, before.text)
+
+            proxy.cut()
+            answers = {
+                path: await http.get(path, headers=admin if needs_admin else user)
+                for path, needs_admin in routes
+            }
+            health = await http.get("/healthz")
+
+        unavailable = [path for path, answer in answers.items() if answer.status_code == 503]
+        for path, answer in answers.items():
+            assert answer.status_code in (200, 503), (path, answer.status_code, answer.text)
+            if answer.status_code == 503:
+                assert answer.headers["retry-after"] == "1"
+                assert answer.json()["error"]["code"] == "unavailable"
+        answered = {path for path, answer in answers.items() if answer.status_code == 200}
+        # These three are served from memory: the document, the process's metrics, and the
+        # caller (who the cached token says it is).
+        assert answered <= {"/api/v1/openapi.json", "/api/v1/metrics", "/api/v1/users/me"}
+        assert health.status_code == 503
+        assert health.json() == {"status": "degraded", "database": "unavailable"}
+        web_lines = [line for line in server.output if "chatd.web" in line]
+        assert not any("request" in line and "failed" in line for line in web_lines), web_lines
+        outage_lines = [line for line in web_lines if "chatd.web.errors" in line]
+        assert len(outage_lines) == len(unavailable), web_lines
+        assert all("database unavailable" in line for line in outage_lines), outage_lines
+        nursery.cancel_scope.cancel()

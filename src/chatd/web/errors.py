@@ -11,7 +11,14 @@ import uuid
 from collections.abc import Mapping
 
 import msgspec
-from quart import Quart, Response
+from quart import (
+    Quart,
+    Response,
+    has_request_context,
+    has_websocket_context,
+    request,
+    websocket,
+)
 from werkzeug.exceptions import HTTPException
 
 from chatd.actors.errors import ActorDead, AskTimeout, MailboxFull, NotOwner
@@ -131,6 +138,10 @@ def error_response(error: ApiError, *, request_id: str | None = None) -> Respons
 
 
 async def _handle(exc: Exception) -> Response:
+    if outage := _outage(exc):
+        # An outage, not a bug: one line per refused request, no traceback.
+        log.warning("%s: database unavailable: %s", _where(), outage)
+        exc = outage
     error = api_error_for(exc)
     if error is not None:
         return error_response(error)
@@ -140,6 +151,25 @@ async def _handle(exc: Exception) -> Response:
     response = error_response(internal, request_id=request_id)
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def _where() -> str:
+    if has_request_context():
+        return f"{request.method} {request.path}"
+    if has_websocket_context():
+        return f"WEBSOCKET {websocket.path}"
+    return "?"
+
+
+def _outage(exc: BaseException) -> DatabaseUnavailable | None:
+    """The ``DatabaseUnavailable`` behind ``exc``, also when a nursery wrapped it in a group."""
+    if isinstance(exc, DatabaseUnavailable):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, _ = exc.split(DatabaseUnavailable)
+        if match is not None:
+            return _outage(match.exceptions[0])
+    return None
 
 
 def install(app: Quart) -> None:

@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import pytest
 import trio
 import trio.testing
 
-from chatd.actors.chat_actor import ChatActor, CreateChatRequest, system_text
+from chatd.actors.chat_actor import ChatActor, CreateChatRequest, awaits, system_text
 from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import StreamCursor
 from chatd.config import Settings
+from chatd.domain.chat_state import ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart, ToolSpec
 from chatd.domain.effects import InvalidCommand, MessageAccepted, TransitionNotAllowed
@@ -37,9 +38,11 @@ from chatd.domain.events import (
 )
 from chatd.domain.mailbox import (
     EditMessage,
+    GenerationStopped,
     Interrupt,
     SendMessage,
     SetArchived,
+    StepCompleted,
     SubmitToolResults,
     ToolResult,
 )
@@ -656,3 +659,15 @@ async def test_a_chat_whose_model_config_is_deleted_follows_the_default(world: W
     events = await world.until_status(chat_id, ChatStatus.WAITING)
     assert not any(isinstance(e, ErrorRaised) for e in events)
     assert world.llm.requests[-1].body["model"] == default.model
+
+
+def test_an_outcome_an_outage_cut_short_is_committed_only_while_the_chat_awaits_it() -> None:
+    running = ChatState(uuid.uuid4(), ChatStatus.RUNNING, history_version=1, generation_attempt=2)
+    step = StepCompleted(running.episode, (TextPart("done"),), None)
+    assert awaits(running, step)
+    assert not awaits(replace(running, generation_attempt=3), step)  # another attempt runs
+    assert not awaits(replace(running, status=ChatStatus.WAITING), step)  # it went through
+    assert not awaits(replace(running, retry_at=1.0), step)  # a retry is armed instead
+    kept = GenerationStopped(running.episode, (TextPart("part"),))
+    assert awaits(replace(running, status=ChatStatus.INTERRUPTING), kept)
+    assert not awaits(running, kept)

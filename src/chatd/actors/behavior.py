@@ -33,6 +33,14 @@ class ActorContext(Protocol):
         the actor; a child that raises crashes the actor, which is then restarted."""
         ...
 
+    @property
+    def carried(self) -> dict[str, object]:
+        """What the previous incarnation left for this one (and what this one leaves for the
+        next): kept only across a restart after a database outage, never across a crash, a
+        passivation or a move to another worker; empty otherwise. The ChatActor leaves here
+        the model's outcome whose commit the outage cut, so that it is not generated again."""
+        ...
+
     def tell_self(self, message: object) -> None:
         """Queue an internal event (from a child, a timer, or ``handle`` itself).
 

@@ -6,6 +6,15 @@ owner's watch events and notifications to the user feeds), reply and start or st
 generation of a model step runs as a child task in the actor's nursery: its parts go straight
 to the hub, and its outcome comes back to the actor as a mailbox message (``StepCompleted``,
 ``GenerationFailed``).
+
+A database outage ends the actor (``DatabaseUnavailable`` propagates; the Supervisor restarts it
+after a backoff, see ``chatd.actors.supervisor``). When it cut the commit of the model's finished
+work (a step, or the partial answer kept by an interrupt), that outcome is left in
+``ActorContext.carried`` and the next incarnation, once it has reloaded the chat, commits it
+instead of resuming: the answer is not generated again, and its stream's subscribers simply see
+it committed. Whether the failed commit went through is unknown, so the outcome is applied only
+if the reloaded chat still waits for it (running, or interrupting, in the same episode);
+otherwise it was committed, or the chat moved on, and the chat resumes as usual.
 """
 
 from __future__ import annotations
@@ -79,7 +88,7 @@ from chatd.providers.errors import ProviderError
 from chatd.store import chats
 from chatd.store.chats import ClaimRun, CreateChat
 from chatd.store.config_cache import ConfigCache
-from chatd.store.database import Database
+from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.records import Chat, InboxNotification
 from chatd.tools.builtin import BUILTINS, run_builtin
 from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
@@ -181,6 +190,11 @@ class ChatActor:
         self._setup = loaded.setup
         self._history = list(loaded.history)
         self._seqs = list(loaded.message_seqs)
+        outcome = self._ctx.carried.pop(_CUT_SHORT, None)
+        if isinstance(outcome, StepCompleted | GenerationStopped) and awaits(self._state, outcome):
+            log.info("chat %s commits the outcome a database outage cut short", self._ctx.chat_id)
+            await self._decide(outcome)
+            return
         await self._decide(Resumed())
 
     async def handle(self, message: object) -> object:
@@ -210,9 +224,15 @@ class ChatActor:
         before = self._state
         decision = decide(before, message, now=self._deps.clock.now(), policy=self._deps.policy)
         claim = self._run_claim(message, before, decision.state)
-        return await self._apply(
-            decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
-        )
+        try:
+            return await self._apply(
+                decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
+            )
+        except DatabaseUnavailable:
+            if isinstance(message, StepCompleted | GenerationStopped):
+                # The model's work is done, only its commit failed: the restart commits it.
+                self._ctx.carried[_CUT_SHORT] = message
+            raise
 
     def _run_claim(
         self, message: MailboxMessage, before: ChatState, after: ChatState
@@ -494,6 +514,20 @@ class ChatActor:
 
 # A chat in these counts against its owner's running limit: the count of migration 0003.
 _RUN_STATUSES = (ChatStatus.RUNNING, ChatStatus.INTERRUPTING)
+
+
+# The key of ``ActorContext.carried`` under which an outcome whose commit failed is left.
+_CUT_SHORT = "outcome whose commit failed"
+
+
+def awaits(state: ChatState, outcome: StepCompleted | GenerationStopped) -> bool:
+    """Whether the (reloaded) chat still waits for ``outcome``: the episode it belongs to is the
+    current one, and the chat is generating it (a step) or stopping it (kept partial output)."""
+    if outcome.episode != state.episode:
+        return False
+    if isinstance(outcome, StepCompleted):
+        return state.generating
+    return state.status is ChatStatus.INTERRUPTING
 
 
 def ends_turn(message: MailboxMessage, before: ChatState, after: ChatState) -> bool:

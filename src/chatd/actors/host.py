@@ -125,6 +125,13 @@ class _Context:
             raise RuntimeError(f"actor of chat {self._host.chat_id} is not running")
         return nursery
 
+    @property
+    def carried(self) -> dict[str, object]:
+        host = self._host
+        if host._carried is None:
+            host._carried = {}
+        return host._carried
+
     def tell_self(self, message: object) -> None:
         self._host._tell_self(message)
 
@@ -143,6 +150,7 @@ class ActorHost:
         "_awake",
         "_behavior",
         "_capacity",
+        "_carried",
         "_closed_reason",
         "_current",
         "_factory",
@@ -172,6 +180,7 @@ class ActorHost:
         ask_timeout_s: float = 30.0,
         on_wake: Callable[[ActorHost], None] | None = None,
         hibernate_after_s: float = 0.0,
+        carried: dict[str, object] | None = None,
     ) -> None:
         if mailbox_capacity < 1:
             raise ValueError(f"mailbox capacity must be at least 1, got {mailbox_capacity}")
@@ -200,6 +209,8 @@ class ActorHost:
         self._awake = True  # a run is due or going on: the creator calls ``run``
         self._closed_reason: str | None = None
         self._last_activity = 0.0  # set once the behavior started
+        # What a previous incarnation left for this one (ActorContext.carried); made on use.
+        self._carried = carried
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -278,6 +289,12 @@ class ActorHost:
     @property
     def mailbox_depth(self) -> int:
         return 0 if self._mailbox is None else len(self._mailbox)
+
+    @property
+    def leftovers(self) -> dict[str, object] | None:
+        """What the behavior left for its next incarnation (``ActorContext.carried``), if any:
+        the Supervisor hands it over when it restarts the actor after a database outage."""
+        return self._carried or None
 
     @property
     def started(self) -> bool:

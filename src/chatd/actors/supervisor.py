@@ -29,8 +29,10 @@ crashes, so that a blip never strands or parks a chat (DESIGN.md section 4):
   for as long as its shard is held. Its restart reloads the chat from the database; while that
   still fails, the backoff grows. Messages for it meanwhile are refused at once with
   ``ActorDead`` (the edge answers 503 with Retry-After) instead of waiting for an ask timeout.
-  A step whose commit failed is not lost work to recover: the chat is still ``running`` in the
-  database, so its restart runs that step again (a new generation attempt, ``preview_reset``).
+  What the ended incarnation left for the next one (``ActorContext.carried``: the ChatActor
+  leaves the model's finished step whose commit the outage cut) is handed to the restart, so
+  that the answer is committed rather than generated again; only across outage restarts, since
+  after a crash the thing left behind may be what crashed it.
 - The lease loop doubles as the outage detector: a failed lease check is retried after the same
   backoff (never later than the regular check interval) instead of a third of the ttl later,
   and leases are kept as long as they are valid by the last successful check (a lower bound of
@@ -507,7 +509,9 @@ class Supervisor:
             raise RuntimeError("the Supervisor is not running")
         return self._nursery
 
-    def _new_host(self, chat_id: UUID, fence: Fence) -> ActorHost:
+    def _new_host(
+        self, chat_id: UUID, fence: Fence, carried: dict[str, object] | None = None
+    ) -> ActorHost:
         hibernating = self._hibernate_after_s is not None
         return ActorHost(
             chat_id,
@@ -518,6 +522,7 @@ class Supervisor:
             ask_timeout_s=self._ask_timeout_s,
             on_wake=self._wake_host if hibernating else None,
             hibernate_after_s=self._hibernate_after_s or 0.0,
+            carried=carried,
         )
 
     def _activate(self, chat_id: UUID, fence: Fence) -> _Slot:
@@ -674,7 +679,8 @@ class Supervisor:
             self._forget(slot)  # its shard was lost meanwhile (or the chat has a new actor)
             return False
         self.stats.outage_restarts += 1
-        slot.host = self._new_host(slot.chat_id, slot.fence)
+        # What the ended incarnation left (a model outcome whose commit failed) goes on.
+        slot.host = self._new_host(slot.chat_id, slot.fence, slot.host.leftovers)
         slot.began_at = trio.current_time()
         return True
 

@@ -158,10 +158,9 @@ class ChatHub:
                 continue
             if not channel.subscribers:
                 continue
+            # 0 is no transaction id in PostgreSQL: such events are not from a commit.
             item = (
-                event
-                if commit is None or isinstance(event, MessagePart)
-                else Committed(event, commit)
+                event if not commit or isinstance(event, MessagePart) else Committed(event, commit)
             )
             slow.extend(sub for sub in channel.subscribers if not sub._offer(item, now))
         for sub in slow:

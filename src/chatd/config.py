@@ -103,8 +103,9 @@ class Settings:
     # Idempotency-Key on mutating requests: a key and its first result are kept this long
     # per user; keys are 1..idempotency_key_max_chars of [A-Za-z0-9._:~+/=-]. A retry that
     # finds the first attempt still running waits for it up to idempotency_wait_s (then 409);
-    # a pending key whose attempt has not answered after idempotency_pending_timeout_s is
-    # presumed dead (crashed) and a retry takes it over (it must exceed ask_timeout_s).
+    # another worker's pending key whose attempt has not answered after
+    # idempotency_pending_timeout_s is presumed dead (crashed) and a retry takes it over (it
+    # must exceed ask_timeout_s); the same worker, restarted, takes its own over at once.
     idempotency_key_ttl_s: float = 86_400.0
     idempotency_key_max_chars: int = 255
     idempotency_wait_s: float = 10.0

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
+import pytest
 import trio
 
-from chatd.providers.fake import knobs_marker
+from chatd.providers.fake import knobs_marker, open_fake_llm
+from chatd.runtime import register_default_model
+from chatd.store import users
 from chatd.store.database import Database
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
+from tests.e2e.chatd_process import chatd_server
 from tests.faults.proxy import open_pg_proxy
 
 QUICK = knobs_marker(chunks=1)
@@ -144,7 +152,8 @@ async def test_a_duplicate_on_another_process_gets_409_in_progress(api: ApiWorld
     # The state another worker leaves while it runs the command: pending, its lease ahead.
     await api.db.execute(
         "UPDATE idempotency_keys SET status = NULL, body = NULL, content_type = NULL,"
-        " locked_until = now() + interval '1 hour' WHERE key = 'remote'"
+        " locked_until = now() + interval '1 hour', claimed_by = 'another-worker'"
+        " WHERE key = 'remote'"
     )
     busy = await alice.http.post(url, json=body, headers=keyed("remote"))
     assert error_of(busy, 409)["code"] == "idempotency_key_in_progress"
@@ -157,8 +166,8 @@ async def test_a_retry_after_a_crash_before_the_record_finds_the_sent_message(
     api: ApiWorld,
 ) -> None:
     """The database as a kill -9 between the send's commit and the record of its answer
-    leaves it: the message committed, the key pending; once the pending timeout has passed,
-    the retry answers from the message instead of sending it again."""
+    leaves it: the message committed, the key pending; once the pending timeout has passed
+    (another worker's key), the retry answers from the message instead of sending it again."""
     alice = await api.client("alice")
     chat_id = await idle_chat(alice)
     url = f"/api/v1/chats/{chat_id}/messages"
@@ -168,7 +177,8 @@ async def test_a_retry_after_a_crash_before_the_record_finds_the_sent_message(
     await alice.wait_status(chat_id, "waiting")
     await api.db.execute(
         "UPDATE idempotency_keys SET status = NULL, body = NULL, content_type = NULL,"
-        " locked_until = now() - interval '1 second' WHERE key = 'crash'"
+        " locked_until = now() - interval '1 second', claimed_by = 'dead-worker'"
+        " WHERE key = 'crash'"
     )
     retry = await alice.http.post(url, json=body, headers=keyed("crash"))
     assert retry.status_code == 202, retry.text
@@ -209,6 +219,72 @@ async def test_a_send_whose_commit_was_done_but_not_acknowledged_is_not_sent_twi
         sent = [m for m in history if m["role"] == "user" and m["content"][0]["text"] == text]
         assert [m["id"] for m in sent] == [retry.json()["message_id"]]
         assert history[-1]["role"] == "assistant"
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_between_the_commit_and_the_record_does_not_send_twice(
+    db: Database, database_url: str, home: Path
+) -> None:
+    """``chatd serve`` is killed with SIGKILL right after the message's commit is done, before
+    it can record the key's answer (a proxy holds every byte to PostgreSQL from the commit's
+    reply on). Restarted on its home, it is the same worker: the client's retry takes the
+    pending key over at once, finds the message and answers with it; it is stored once."""
+    user = await users.create_user(db, "alice")
+    _token, secret = await users.create_api_token(db, user.id)
+    env = {"CHATD_HOME": str(home), "CHATD_SHARD_COUNT": "4"}
+    marker = f"killed-{uuid.uuid4().hex}"
+    body = {"text": f"{QUICK} {marker}"}
+    async with open_fake_llm() as llm, open_pg_proxy(database_url) as proxy:
+        await register_default_model(db, base_url=f"{llm.url}/v1")
+        args = ["--database-url", proxy.url_for(database_url), "--port", "0"]
+        async with (
+            chatd_server(args, env=env) as first,
+            httpx2.AsyncClient(
+                base_url=first.url, headers={"Authorization": f"Bearer {secret}"}
+            ) as http,
+        ):
+            created = await http.post("/api/v1/chats", json={"text": f"{QUICK} hi"})
+            assert created.status_code == 201, created.text
+            url = f"/api/v1/chats/{created.json()['id']}/messages"
+            trigger = proxy.arm(marker.encode(), at="reply", action="pause")
+
+            async def send() -> None:
+                with pytest.raises(httpx2.TransportError):
+                    await http.post(url, json=body, headers=keyed("killed"), timeout=None)
+
+            with trio.fail_after(DEADLINE_S):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send)
+                    await trigger.fired.wait()
+                    first.process.kill()
+                    await first.process.wait()
+        proxy.resume()
+        async with (
+            chatd_server(args, env=env) as second,
+            httpx2.AsyncClient(
+                base_url=second.url,
+                headers={"Authorization": f"Bearer {secret}"},
+                timeout=DEADLINE_S,
+            ) as http,
+        ):
+            retry = await http.post(url, json=body, headers=keyed("killed"))
+            assert retry.status_code == 202, retry.text
+            again = await http.post(url, json=body, headers=keyed("killed"))
+            assert again.headers["Idempotent-Replayed"] == "true"
+            assert again.content == retry.content
+    stored = await db.fetch(
+        "SELECT id FROM chat_messages WHERE content::text LIKE $1"
+        " UNION ALL SELECT id FROM queued_messages WHERE content::text LIKE $1",
+        f"%{marker}%",
+    )
+    assert [str(r["id"]) for r in stored] == [retry.json()["message_id"]]
 
 
 async def test_a_retried_chat_creation_creates_one_chat(api: ApiWorld) -> None:

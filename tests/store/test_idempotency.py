@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import trio
 
@@ -20,14 +20,17 @@ FP_A = hashlib.sha256(b"POST /chats/1/messages {a}").digest()
 FP_B = hashlib.sha256(b"POST /chats/1/messages {b}").digest()
 
 
-async def claim(db: Database, user_id: object, key: str, fp: bytes, at: datetime) -> object:
+async def claim(
+    db: Database, user_id: UUID, key: str, fp: bytes, at: datetime, *, worker: str = "w1"
+) -> object:
     return await idempotency.claim(
         db,
-        user_id=user_id,  # type: ignore[arg-type]
+        user_id=user_id,
         key=key,
         fingerprint=fp,
         ttl_s=TTL_S,
         pending_timeout_s=PENDING_S,
+        worker_id=worker,
         now=at,
     )
 
@@ -55,19 +58,30 @@ async def test_a_recorded_result_is_replayed_and_another_request_is_a_mismatch(
     assert other == Mismatch()
 
 
-async def test_a_pending_key_is_in_progress_until_its_timeout_then_taken_over(
+async def test_another_workers_pending_key_is_in_progress_until_its_timeout_then_taken_over(
     db: Database,
 ) -> None:
     user = await make_user(db)
-    first = await claim(db, user.id, "k", FP_A, T0)
+    first = await claim(db, user.id, "k", FP_A, T0, worker="w1")
     assert isinstance(first, Claimed)
-    busy = await claim(db, user.id, "k", FP_A, T0 + timedelta(seconds=20))
+    busy = await claim(db, user.id, "k", FP_A, T0 + timedelta(seconds=20), worker="w2")
     assert busy == InProgress(40.0)
-    taken = await claim(db, user.id, "k", FP_A, T0 + timedelta(seconds=PENDING_S))
+    later = T0 + timedelta(seconds=PENDING_S)
+    taken = await claim(db, user.id, "k", FP_A, later, worker="w2")
     assert taken == Claimed(first.seed, took_over=True)
-    # The take-over holds the key for a new pending timeout.
-    busy_again = await claim(db, user.id, "k", FP_A, T0 + timedelta(seconds=PENDING_S + 1))
+    # The take-over holds the key for a new pending timeout, now in w2's name.
+    busy_again = await claim(db, user.id, "k", FP_A, later + timedelta(seconds=1), worker="w1")
     assert isinstance(busy_again, InProgress)
+
+
+async def test_a_restarted_worker_takes_its_own_pending_key_over_at_once(db: Database) -> None:
+    """The same worker id on a key it claimed: that attempt is over (a process holds a worker
+    id alone, and takes turns per key within itself), so no need to wait the timeout out."""
+    user = await make_user(db)
+    first = await claim(db, user.id, "k", FP_A, T0, worker="w1")
+    assert isinstance(first, Claimed)
+    again = await claim(db, user.id, "k", FP_A, T0 + timedelta(seconds=1), worker="w1")
+    assert again == Claimed(first.seed, took_over=True)
 
 
 async def test_released_keys_are_free_and_abandoned_ones_are_taken_over_at_once(
@@ -83,7 +97,13 @@ async def test_released_keys_are_free_and_abandoned_ones_are_taken_over_at_once(
     assert fresh.seed != first.seed
     await idempotency.abandon(db, user_id=user.id, key="k", seed=fresh.seed)
     taken = await idempotency.claim(
-        db, user_id=user.id, key="k", fingerprint=FP_B, ttl_s=TTL_S, pending_timeout_s=PENDING_S
+        db,
+        user_id=user.id,
+        key="k",
+        fingerprint=FP_B,
+        ttl_s=TTL_S,
+        pending_timeout_s=PENDING_S,
+        worker_id="w2",
     )
     assert taken == Claimed(fresh.seed, took_over=True)
 
@@ -137,12 +157,12 @@ async def test_concurrent_claims_of_one_key_let_exactly_one_through(db: Database
     user = await make_user(db)
     outcomes: list[object] = []
 
-    async def one() -> None:
-        outcomes.append(await claim(db, user.id, "race", FP_A, T0))
+    async def one(worker: str) -> None:
+        outcomes.append(await claim(db, user.id, "race", FP_A, T0, worker=worker))
 
     async with trio.open_nursery() as nursery:
-        for _ in range(8):
-            nursery.start_soon(one)
+        for i in range(8):
+            nursery.start_soon(one, f"w{i}")
     assert sum(isinstance(o, Claimed) for o in outcomes) == 1
     assert sum(isinstance(o, InProgress) for o in outcomes) == 7
 

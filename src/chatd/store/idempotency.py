@@ -13,9 +13,13 @@ A key belongs to a user; ``(user_id, key)`` is the primary key of ``idempotency_
    - expired: it is replaced, as if it had never been there (a fresh claim, a new seed);
    - another fingerprint (another body, route or method): ``Mismatch``, nothing is done;
    - a recorded result: ``Replay`` of that status and body, nothing is done;
-   - pending and ``locked_until`` still ahead: ``InProgress``, the first attempt is running;
-   - pending and ``locked_until`` passed: the first attempt died (kill -9, a lost database)
-     or gave up without an answer: this request **takes over** the claim (same seed).
+   - pending, claimed by *this* worker: the attempt is over (the caller holds the key's turn
+     in its process, so no live request of this worker has it): the worker died (kill -9) and
+     was restarted under its stable identity (``chatd.identity``), or its request ended
+     without writing how: this request **takes over** the claim (same seed) at once;
+   - pending, claimed by another worker and ``locked_until`` still ahead: ``InProgress``;
+   - pending and ``locked_until`` passed: the first attempt died (a worker that did not come
+     back, a lost database) or gave up without an answer: this request **takes over**.
 
 2. The command runs (through the chat's actor, which commits it in its own transaction, or in
    the store directly).
@@ -23,7 +27,9 @@ A key belongs to a user; ``(user_id, key)`` is the primary key of ``idempotency_
 3. **Record** the result (2xx only) on the pending row, or on a refusal (4xx: nothing was
    done, by the edge's rule) **release** the key so that a corrected retry may use it; on any
    other failure (5xx, a timeout, the client gone) the row is **abandoned** (``locked_until =
-   now``): whether the command was done is unknown, so the next retry takes over.
+   now``): whether the command was done is unknown, so the next retry takes over. When the
+   database cannot be told (it is down), the edge keeps the ending in memory and writes it
+   before the next request with the key.
 
 The window, and why a take-over is safe
 ---------------------------------------
@@ -35,15 +41,30 @@ transaction would mean threading it through the actor's decision and commit (``d
 from the claim's ``seed`` (``derived_id``: a new chat, a sent message or its queued entry, an
 edited message's replacement), and a take-over first looks for those rows (``effect_exists``).
 Found: the command was done, and the edge answers from what is stored without doing it again.
-Not found: the command was not done (its transaction never committed), and it runs now. The
-commands that create no row are safe to run twice by their own rules (an interrupt of a
-stopped chat, a second archive, a promote of the front entry), or are refused by state the
-first run left (tool results after the chat moved on: 409; a queued entry deleted twice: 404):
-nothing is done twice, but in that crash window the retry's answer can differ from the first.
+Not found: the command was not done (its transaction never committed), and it runs now.
 
-A take-over needs the pending row's ``locked_until`` to have passed: the pending timeout must
-exceed the longest a live request can take (``ask_timeout_s``), so a slow first attempt is
-never taken over while it still runs.
+What remains of the window, precisely: only a take-over (a crash or an outage between the
+command's commit and the record) can differ from a replay, and then
+
+- create, send and edit are done once; their answer is rebuilt from the stored rows, so it
+  shows the present (a chat's current detail; ``queued`` as the message stands now);
+- the commands that create no row run again. Most are idempotent by their own rules or are
+  refused by the state the first run left, so nothing is done twice: tool results after the
+  chat moved on (409) or for other calls (400), a queued entry deleted twice (404), a promote,
+  archive, rename, prompt, diff status or read mark set to the same value again, an admin
+  create refused by its unique name (409). The answer then differs from the first (a 409 or
+  404 instead of the 2xx). One is not: an interrupt run again stops whatever the chat runs
+  *now*, which after the crash may be its next queued message;
+- another worker's key is taken over only after the pending timeout, which exceeds the ask
+  timeout, so the first attempt's command has been answered or abandoned by then; a commit
+  still in flight past both (a database stalled for longer) is the one case where a re-run
+  could race the first run (a send then collides on its derived id: the second commit fails,
+  the actor restarts from the database, and the message is stored once).
+
+Another worker's pending key is taken over only once its ``locked_until`` has passed: the
+pending timeout must exceed the longest a live request can take (``ask_timeout_s``), so a slow
+first attempt is never taken over while it still runs. A worker id is held by one live process
+at a time (the identity's lock), which is what makes the same-worker take-over safe.
 
 Expiry uses the database's clock (``now()``) unless a test passes ``now``. Expired keys are
 deleted on write: every fresh claim also deletes a bounded number of expired keys of any user
@@ -116,10 +137,12 @@ purge AS (
         FOR UPDATE SKIP LOCKED
     )
 )
-INSERT INTO idempotency_keys (user_id, key, fingerprint, seed, expires_at, locked_until)
+INSERT INTO idempotency_keys
+    (user_id, key, fingerprint, seed, expires_at, locked_until, claimed_by)
 SELECT $1, $2, $3, $4,
        now + make_interval(secs => $5),
-       now + make_interval(secs => $8)
+       now + make_interval(secs => $8),
+       $9
 FROM clock
 ON CONFLICT (user_id, key) DO NOTHING
 RETURNING seed
@@ -134,12 +157,23 @@ async def claim(
     fingerprint: bytes,
     ttl_s: float,
     pending_timeout_s: float,
+    worker_id: str,
     now: datetime | None = None,
 ) -> ClaimOutcome:
-    """Claim ``key`` for the request of ``fingerprint`` (see the module's protocol)."""
+    """Claim ``key`` for the request of ``fingerprint`` on ``worker_id``, which must not run
+    another request with this key meanwhile (see the module's protocol)."""
     seed = uuid.uuid4()
     inserted = await db.fetchval(
-        _CLAIM, user_id, key, fingerprint, seed, ttl_s, now, PURGE_BATCH, pending_timeout_s
+        _CLAIM,
+        user_id,
+        key,
+        fingerprint,
+        seed,
+        ttl_s,
+        now,
+        PURGE_BATCH,
+        pending_timeout_s,
+        worker_id,
     )
     if inserted is not None:
         return Claimed(seed)
@@ -152,6 +186,7 @@ async def claim(
             seed=seed,
             ttl_s=ttl_s,
             pending_timeout_s=pending_timeout_s,
+            worker_id=worker_id,
             now=now,
         )
     )
@@ -166,12 +201,13 @@ async def _claim_existing(
     seed: UUID,
     ttl_s: float,
     pending_timeout_s: float,
+    worker_id: str,
     now: datetime | None,
 ) -> ClaimOutcome:
     clock: datetime = await conn.fetchval("SELECT coalesce($1::timestamptz, now())", now)
     row = await conn.fetchrow(
-        "SELECT fingerprint, seed, status, content_type, body, expires_at, locked_until"
-        " FROM idempotency_keys WHERE user_id = $1 AND key = $2 FOR UPDATE",
+        "SELECT fingerprint, seed, status, content_type, body, expires_at, locked_until,"
+        " claimed_by FROM idempotency_keys WHERE user_id = $1 AND key = $2 FOR UPDATE",
         user_id,
         key,
     )
@@ -182,12 +218,14 @@ async def _claim_existing(
         await conn.execute(
             """
             INSERT INTO idempotency_keys
-                (user_id, key, fingerprint, seed, created_at, expires_at, locked_until)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+                (user_id, key, fingerprint, seed, created_at, expires_at, locked_until,
+                 claimed_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
             ON CONFLICT (user_id, key) DO UPDATE SET
                 fingerprint = EXCLUDED.fingerprint, seed = EXCLUDED.seed, status = NULL,
                 content_type = NULL, body = NULL, created_at = EXCLUDED.created_at,
-                expires_at = EXCLUDED.expires_at, locked_until = EXCLUDED.locked_until
+                expires_at = EXCLUDED.expires_at, locked_until = EXCLUDED.locked_until,
+                claimed_by = EXCLUDED.claimed_by
             """,
             user_id,
             key,
@@ -196,19 +234,22 @@ async def _claim_existing(
             clock,
             clock + ttl,
             clock + pending,
+            worker_id,
         )
         return Claimed(seed)
     if bytes(row["fingerprint"]) != fingerprint:
         return Mismatch()
     if row["status"] is not None:
         return Replay(row["status"], row["content_type"], bytes(row["body"]))
-    if row["locked_until"] > clock:
+    if row["locked_until"] > clock and row["claimed_by"] != worker_id:
         return InProgress((row["locked_until"] - clock).total_seconds())
     await conn.execute(
-        "UPDATE idempotency_keys SET locked_until = $3 WHERE user_id = $1 AND key = $2",
+        "UPDATE idempotency_keys SET locked_until = $3, claimed_by = $4"
+        " WHERE user_id = $1 AND key = $2",
         user_id,
         key,
         clock + pending,
+        worker_id,
     )
     return Claimed(row["seed"], took_over=True)
 

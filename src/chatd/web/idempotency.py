@@ -17,10 +17,14 @@ its crash window are described in ``chatd.store.idempotency``. What a client see
   first runs *in this process* waits for its answer (at most ``idempotency_wait_s``) and then
   answers as a retry does; a duplicate on another process, or one that waited its bound out,
   gets 409 ``idempotency_key_in_progress`` with ``Retry-After: 1``;
-- after a crash between the command's commit and the record of its answer, the key stays
-  pending until ``idempotency_pending_timeout_s`` passes; the next retry then takes over:
-  routes whose command creates rows (create a chat, send, edit) find the rows derived from the
-  key and answer from them (``ApiRoutes.http(recover=...)``) instead of doing it again.
+- after a crash (kill -9) between the command's commit and the record of its answer, the key
+  stays pending. The same worker restarted on its home (its stable identity) takes it over at
+  the next retry; any other worker once ``idempotency_pending_timeout_s`` has passed. When the
+  database was down instead, this process remembers how the claim ended and writes it before
+  the next request with the key. A take-over on a route whose command creates rows (create a
+  chat, send, edit) finds the rows derived from the key and answers from them
+  (``ApiRoutes.http(recover=...)``) instead of doing it again; other commands run again, and
+  their own rules keep them from being done twice (see ``chatd.store.idempotency``).
 """
 
 from __future__ import annotations
@@ -192,6 +196,7 @@ async def run_once(
             fingerprint=request_fingerprint,
             ttl_s=settings.idempotency_key_ttl_s,
             pending_timeout_s=settings.idempotency_pending_timeout_s,
+            worker_id=svc.engine.supervisor.worker_id,
         )
         match outcome:
             case Replay(status=status, content_type=content_type, body=body):

@@ -18,6 +18,9 @@ CREATE TABLE idempotency_keys (
     expires_at   timestamptz NOT NULL,
     -- A pending key's attempt is presumed alive until then; after it, a retry takes over.
     locked_until timestamptz NOT NULL,
+    -- The worker (shard lease owner id) whose request holds the pending key: the same worker,
+    -- restarted after a crash, knows the attempt is dead and takes over at once.
+    claimed_by   text NOT NULL CHECK (length(claimed_by) BETWEEN 1 AND 200),
     PRIMARY KEY (user_id, key),
     CHECK ((status IS NULL) = (body IS NULL))
 );

@@ -31,9 +31,11 @@ from chatd.domain.events import (
 )
 from chatd.domain.mailbox import SetArchived
 from chatd.domain.stream_parts import TextDelta
+from chatd.domain.watch_events import ChatStatusChanged
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
 from chatd.store import chats, users
+from chatd.store.chats import AppendMessage, UpdateChat
 from chatd.store.database import Database
 from tests.actors.pg_proxy import PgProxy, pg_proxy
 
@@ -131,6 +133,67 @@ async def test_a_database_outage_mid_turn_is_waited_out_and_the_turn_completes(
     assert "".join(p.text for p in answers[0].content if isinstance(p, TextPart)) == ANSWER
     # Nothing to generate again: the turn completes within the retry delay of the outage's end.
     assert recovery_s < 2, f"the turn completed {recovery_s:.1f} s after the database came back"
+
+
+async def test_a_commit_that_went_through_although_the_outage_cut_it_is_published_after(
+    outage: Outage,
+) -> None:
+    sup = outage.engine.supervisor
+    chat_id = uuid.uuid4()
+    text = f"{knobs_marker(chunks=20, chunk_interval_ms=25)} tell me"
+    await outage.engine.router.ask(chat_id, CreateChatRequest(outage.owner, uuid.uuid4(), text))
+    seen: list[ChatEvent] = []
+    async with (
+        outage.engine.hub.subscribe(chat_id, None) as events,
+        outage.engine.watch.subscribe(outage.owner) as watch,
+    ):
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(isinstance(e, MessagePart) for e in batch):
+                    break
+        outage.proxy.cut()
+        with trio.fail_after(DEADLINE_S):
+            await sup.wait_until(lambda: sup.stats.outages >= 1)  # the answer's commit failed
+        # ... as the actor saw it: the connection died after the COMMIT had reached the server.
+        stored = await chats.get_chat(outage.db, chat_id)
+        assert stored is not None
+        assert stored.status is ChatStatus.RUNNING
+        written = AppendMessage(
+            id=uuid.uuid4(),
+            seq=2,
+            role="assistant",
+            content=[{"type": "text", "text": "as committed"}],
+            history_version=stored.history_version,
+        )
+        fence = sup.fences[sup.shard_of(chat_id)]
+        await chats.commit(
+            outage.db, fence, chat_id, [written, UpdateChat(status=ChatStatus.WAITING)]
+        )
+
+        await outage.proxy.restore()
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(
+                    isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING for e in batch
+                ):
+                    break
+            async for watch_batch in watch:
+                if any(
+                    isinstance(e, ChatStatusChanged) and e.status is ChatStatus.WAITING
+                    for e in watch_batch
+                ):
+                    break
+
+    # The restart found the answer committed: it told the subscribers, and asked no model.
+    answers = [e for e in seen if isinstance(e, CommittedMessage) and e.role == "assistant"]
+    assert [(e.id, e.seq) for e in answers] == [(written.id, 2)]
+    assert outage.llm.request_count == 1
+    chat = await chats.get_chat(outage.db, chat_id)
+    assert chat is not None
+    assert (chat.status, chat.generation_attempt) == (ChatStatus.WAITING, 1)
+    assert (sup.stats.crashes, sup.stats.parked) == (0, 0)
 
 
 def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:

@@ -14,7 +14,10 @@ work (a step, or the partial answer kept by an interrupt), that outcome is left 
 instead of resuming: the answer is not generated again, and its stream's subscribers simply see
 it committed. Whether the failed commit went through is unknown, so the outcome is applied only
 if the reloaded chat still waits for it (running, or interrupting, in the same episode);
-otherwise it was committed, or the chat moved on, and the chat resumes as usual.
+otherwise it was committed, or the chat moved on, and the chat resumes as usual. A commit that
+went through although the outage reported it failed was never published: the restart publishes
+what the reloaded chat shows beyond the state the previous incarnation had published (its new
+messages, error, status and queue; the hub drops what a subscriber already has).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
 from chatd.domain.chat_state import ChatPolicy, ChatState
 from chatd.domain.chat_status import ChatStatus
-from chatd.domain.content_json import tool_spec_to_json
+from chatd.domain.content_json import parts_from_json, tool_spec_to_json
 from chatd.domain.conversation import Message, ModelRequest, ToolSpec
 from chatd.domain.decide import decide
 from chatd.domain.effects import (
@@ -190,6 +193,10 @@ class ChatActor:
         self._setup = loaded.setup
         self._history = list(loaded.history)
         self._seqs = list(loaded.message_seqs)
+        published = self._ctx.carried.get(_PUBLISHED)
+        if isinstance(published, ChatState):
+            await self._catch_up(published)
+            del self._ctx.carried[_PUBLISHED]  # only once published (the read may fail too)
         outcome = self._ctx.carried.pop(_CUT_SHORT, None)
         if isinstance(outcome, StepCompleted | GenerationStopped) and awaits(self._state, outcome):
             log.info("chat %s commits the outcome a database outage cut short", self._ctx.chat_id)
@@ -229,10 +236,48 @@ class ChatActor:
                 decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
             )
         except DatabaseUnavailable:
+            # What subscribers were told last; the commit may still have gone through.
+            self._ctx.carried[_PUBLISHED] = before
             if isinstance(message, StepCompleted | GenerationStopped):
                 # The model's work is done, only its commit failed: the restart commits it.
                 self._ctx.carried[_CUT_SHORT] = message
             raise
+
+    async def _catch_up(self, published: ChatState) -> None:
+        """Publish what the reloaded state shows beyond ``published``, the state the previous
+        incarnation had published before a database outage ended it: a commit reported failed
+        may have gone through, and nobody told the chat's subscribers or its owner's list."""
+        assert self._state is not None
+        assert self._setup is not None
+        state = self._state
+        events: list[ChatEvent] = []
+        if state.last_message_seq > published.last_message_seq:
+            rows = await chats.list_messages(
+                self._deps.db, self._ctx.chat_id, after_seq=published.last_message_seq, limit=100
+            )
+            events += [
+                CommittedMessage(m.id, m.seq, m.role, parts_from_json(m.content), m.history_version)
+                for m in rows
+            ]
+        if state.last_error is not None and state.last_error != published.last_error:
+            events.append(ErrorRaised(state.last_error))  # before the status it explains
+        moved = (published.status, published.archived) != (state.status, state.archived)
+        if moved or published.episode != state.episode:
+            events.append(
+                StatusChanged(
+                    state.status, state.archived, state.history_version, state.generation_attempt
+                )
+            )
+        if state.queue != published.queue:
+            events.append(QueueUpdated(state.queue))
+        if events:
+            log.info("chat %s publishes a commit an outage hid from it", self._ctx.chat_id)
+            self._deps.hub.publish(self._ctx.chat_id, events)
+        if moved:
+            self._deps.watch.publish(
+                self._setup.owner_id,
+                ChatStatusChanged(self._ctx.chat_id, state.status, state.archived),
+            )
 
     def _run_claim(
         self, message: MailboxMessage, before: ChatState, after: ChatState
@@ -516,8 +561,10 @@ class ChatActor:
 _RUN_STATUSES = (ChatStatus.RUNNING, ChatStatus.INTERRUPTING)
 
 
-# The key of ``ActorContext.carried`` under which an outcome whose commit failed is left.
+# The keys of ``ActorContext.carried``: the outcome whose commit an outage cut, and the state
+# that the incarnation it ended had published.
 _CUT_SHORT = "outcome whose commit failed"
+_PUBLISHED = "state published"
 
 
 def awaits(state: ChatState, outcome: StepCompleted | GenerationStopped) -> bool:

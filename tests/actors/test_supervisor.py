@@ -770,3 +770,32 @@ async def test_a_periodic_sweep_resumes_runnable_chats_without_an_actor(db: Data
         assert sup.stats.sweeps > sweeps
         assert waiting not in h.registry.incarnations  # only chats with work left to do
         assert sup.active_actors == 1
+
+
+async def test_leases_that_lapse_in_an_outage_are_taken_back_and_their_chats_resumed(
+    db: Database, database_url: str
+) -> None:
+    owner = (await make_user(db)).id
+    fences = await acquire_shards(db, "worker-a", range(SHARDS), 60)
+    running = await _make_chat(db, fences[0], owner, ChatStatus.RUNNING)
+    await db.execute("UPDATE shard_leases SET expires_at = now()")
+    registry = OutageRegistry()
+    delays: dict[str, Any] = {"db_retry_base_delay_s": 0.05, "db_retry_max_delay_s": 0.3}
+    async with (
+        pg_proxy(database_url) as (proxy, url),
+        Database.connect(url, min_size=1, max_size=2, connect_timeout_s=5) as proxied,
+        supervising(proxied, registry=registry, lease_ttl_s=2.0, **delays) as h,
+    ):
+        sup = h.supervisor
+        epoch = sup.fences[0].epoch
+        await h.until(lambda: running in registry.incarnations)
+        proxy.cut()
+        # Past the ttl without a renewal the shards may be someone else's: let go of them.
+        await h.until(lambda: not sup.fences)
+        assert sup.active_actors == 0
+        await proxy.restore()
+        await h.until(lambda: len(registry.incarnations[running]) == 2)
+        assert sup.fences[0].epoch == epoch + 1
+        assert registry.latest(running).ctx.fence == sup.fences[0]
+        with trio.fail_after(DEADLINE_S):
+            assert await h.router.ask(running, Get()) == 0

@@ -200,7 +200,18 @@ async def test_a_running_chat_completes_by_itself_after_postgresql_restarts(
                 # Mid-answer: 1.5 s into the 3 s answer, PostgreSQL goes away for 5 s.
                 await watcher.until(lambda e: e["type"] == "message_part" and e["seq"] >= 30)
                 await pg.stop_fast()
-                await trio.sleep(OUTAGE_S)  # the outage itself
+                down = time.monotonic()
+                # The answer streams to its end; its commit fails. A message now is refused at
+                # once with 503 and Retry-After, not left hanging until PostgreSQL is back.
+                await watcher.until(lambda e: e["type"] == "message_part" and e["seq"] >= 60)
+                sent = time.monotonic()
+                refused = await http.post(
+                    f"/api/v1/chats/{chat_id}/messages", json={"text": "are you there?"}
+                )
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["retry-after"].isdigit()
+                assert time.monotonic() - sent < 2
+                await trio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))  # the outage
                 await pg.start()
                 back = time.monotonic()
                 done = await watcher.until(

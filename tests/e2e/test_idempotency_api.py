@@ -20,6 +20,7 @@ from chatd.store import users
 from chatd.store.database import Database
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
 from tests.e2e.chatd_process import chatd_server
+from tests.e2e.test_hot_path import Cost, cost_of_turn
 from tests.faults.proxy import open_pg_proxy
 
 QUICK = knobs_marker(chunks=1)
@@ -381,6 +382,30 @@ async def test_without_the_header_nothing_is_recorded(api: ApiWorld) -> None:
     assert first.json()["message_id"] != second.json()["message_id"]
     assert (await user_texts(alice, chat_id)).count(f"{QUICK} twice") == 2
     assert await api.db.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+
+
+async def test_a_key_costs_two_statements_and_no_key_costs_nothing(db: Database) -> None:
+    """The claim and the record are one statement each (no transaction of their own); a
+    request without the header costs exactly what it cost before."""
+    async with serve_api(db, lease_ttl_s=3600.0) as api:  # no lease renewal while measuring
+        alice = await api.client("alice")
+        chat_id = await idle_chat(alice)
+        url = f"/api/v1/chats/{chat_id}/messages"
+        keys = iter(range(100))
+
+        def sending(*, keyed_send: bool) -> Any:
+            async def send() -> uuid.UUID:
+                headers = keyed(f"cost-{next(keys)}") if keyed_send else {}
+                response = await alice.http.post(url, json={"text": QUICK}, headers=headers)
+                assert response.status_code == 202, response.text
+                return uuid.UUID(chat_id)
+
+            return send
+
+        await cost_of_turn(api, alice, sending(keyed_send=True))  # warm every cache
+        plain = await cost_of_turn(api, alice, sending(keyed_send=False))
+        with_key = await cost_of_turn(api, alice, sending(keyed_send=True))
+        assert with_key == Cost(plain.statements + 2, plain.transactions)
 
 
 async def test_the_openapi_document_describes_the_header(api: ApiWorld) -> None:

@@ -182,6 +182,26 @@ SUPERVISOR_COUNTERS: Final = (
         "chatd_actor_stops_total",
         "Chat actors stopped because their shard was lost, or at shutdown.",
     ),
+    (
+        "outages",
+        "chatd_actor_outages_total",
+        "Chat actors stopped by a database outage (waited out, not counted as crashes).",
+    ),
+    (
+        "outage_restarts",
+        "chatd_actor_outage_restarts_total",
+        "Chat actors restarted after waiting out a database outage.",
+    ),
+    (
+        "park_retries",
+        "chatd_park_retries_total",
+        "Parkings of a chat in error retried because the database was unavailable.",
+    ),
+    (
+        "sweeps",
+        "chatd_resume_sweeps_total",
+        "Sweeps of the held shards for runnable chats with no actor (periodic, and after outages).",
+    ),
     ("lease_renewals", "chatd_lease_renewals_total", "Successful checks of the shard leases."),
     ("lease_failures", "chatd_lease_failures_total", "Failed checks of the shard leases."),
     ("shards_gained", "chatd_shards_gained_total", "Shards whose lease this process took."),

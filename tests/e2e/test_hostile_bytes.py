@@ -334,3 +334,95 @@ async def test_every_read_route_answers_503_while_postgresql_is_unreachable(
         assert len(outage_lines) == len(unavailable), web_lines
         assert all("database unavailable" in line for line in outage_lines), outage_lines
         nursery.cancel_scope.cancel()
+
+
+_UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+)
+_CHAT = b"00000000-0000-0000-0000-000000000000"
+_DEEP = b'{"text": ' + b"[" * 1997 + b"]" * 1997 + b"}"
+_JSON = b"Content-Type: application/json\r\n"
+_AUTH = b"Authorization: Bearer TOKEN\r\n"
+_POST = b"POST /api/v1/chats HTTP/1.1\r\n" + _AUTH
+# Hostile requests in every place a client controls, as (request line and headers, body);
+# TOKEN is replaced with a valid token.
+HOSTILE_REQUESTS: list[tuple[bytes, bytes]] = [
+    (b"GET /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer " + b"a" * 15_000 + b"\r\n", b""),
+    (b"GET /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\xc3\r\n", b""),
+    (b"GET /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer chatd_\xff\xfe\r\n", b""),
+    (b"GET /api/v1/chats HTTP/1.1\r\nAuthorization: Basic abc\r\n", b""),
+    (b"GET /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer\r\n", b""),
+    (b"GET /api/v1/chats/%ff HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"GET /api/v1/chats/%ff%fe/messages HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"GET /api/v1/chats?limit=%ff HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (
+        b"GET /api/v1/chats?limit=9999999999999999999999 HTTP/1.1\r\n" + _AUTH,
+        b"",
+    ),
+    (b"GET /api/v1/chats?cursor=%ff%00 HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"GET /api/v1/chats?cursor=\xff HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"GET /api/v1/chats?%ff=1 HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"GET /api/v1/%ff HTTP/1.1\r\n", b""),
+    (b"GET /\xff\xfe HTTP/1.1\r\n", b""),
+    (b"BREW /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n", b""),
+    (b"OPTIONS /api/v1/chats HTTP/1.1\r\n", b""),
+    (b"TRACE / HTTP/1.1\r\n", b""),
+    (b"GET /api/v1/chats HTTP/1.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n", b""),
+    (
+        b"POST /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n"
+        + _JSON
+        + b"Content-Length: 7\r\n",
+        b'{"a":\xff}',
+    ),
+    (
+        b"POST /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\n"
+        + _JSON
+        + b"Content-Length: %d\r\n" % len(_DEEP),
+        _DEEP,
+    ),
+    (
+        _POST + b"Content-Type: text/plain; charset=\xff\r\nContent-Length: 2\r\n",
+        b"{}",
+    ),
+    (
+        _POST + b"Transfer-Encoding: chunked\r\n",
+        b"zz\r\n",
+    ),
+    (b"POST /api/v1/chats HTTP/1.1\r\nAuthorization: Bearer TOKEN\r\nContent-Length: -1\r\n", b""),
+    (
+        _POST + b"Content-Length: 99999999999999999999\r\n",
+        b"",
+    ),
+    (b"GET /api/v1/chats/watch?access_token=%ff HTTP/1.1\r\n" + _UPGRADE, b""),
+    (b"GET /api/v1/chats/watch?access_token=TOKEN&x=%ff HTTP/1.1\r\n" + _UPGRADE, b""),
+    (
+        b"GET /api/v1/chats/watch HTTP/1.1\r\nOrigin: \xff\r\nAuthorization: Bearer TOKEN\r\n"
+        + _UPGRADE,
+        b"",
+    ),
+    (b"GET /api/v1/chats/%ff/stream?access_token=TOKEN HTTP/1.1\r\n" + _UPGRADE, b""),
+    (
+        b"GET /api/v1/chats/"
+        + _CHAT
+        + b"/stream?access_token=TOKEN&cursor=%ff HTTP/1.1\r\n"
+        + _UPGRADE,
+        b"",
+    ),
+]
+
+
+async def test_hostile_requests_get_a_4xx_and_a_clean_close(
+    server: ServerProcess, db: Database
+) -> None:
+    token = (await _token(db, "alice")).encode()
+    answers = {}
+    for head, body in HOSTILE_REQUESTS:
+        raw = head.replace(b"TOKEN", token) + b"Host: x\r\nConnection: close\r\n\r\n" + body
+        answers[head[:60]] = _statuses(await _exchange(server, raw))[:1]
+    failures = {
+        head: status for head, status in answers.items() if not status or not 400 <= status[0] < 500
+    }
+    assert failures == {}, answers
+    assert (await _healthz(server)).startswith(b"HTTP/1.1 200 ")
+    assert not any("Traceback" in line for line in server.output), "\n".join(server.output)

@@ -310,11 +310,13 @@ class Connection:
         self._closed = True
         self.on_close()
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self.close_grace_s)
-        with contextlib.suppress(
-            trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
-        ):
-            await self.stream.send_eof()
+        # Shielded: the caller is often a request task being cancelled (its response is sent),
+        # and a close cut short at its first checkpoint would leave the socket open.
         with trio.CancelScope(shield=True):
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
+            ):
+                await self.stream.send_eof()
             await self.stream.aclose()
 
 

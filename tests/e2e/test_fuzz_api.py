@@ -1,0 +1,116 @@
+"""A bounded fuzz run of the whole HTTP API against a real ``chatd serve``.
+
+schemathesis generates requests from the server's own OpenAPI document, valid ones and
+invalid ones (wrong types, missing fields, odd strings in paths, queries and headers), sent as
+a user and as an admin. No answer may be a 5xx, and the server must still be healthy after.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx2
+import hypothesis
+import requests
+import schemathesis
+import trio
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
+
+from chatd.store import users
+from chatd.store.database import Database
+from tests.e2e.chatd_process import chatd_server
+
+# Well under the suite's minute: the run stops sending once this is spent.
+BUDGET_S = 25.0
+MAX_EXAMPLES = 400
+
+
+@dataclass
+class FuzzReport:
+    sent: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    server_errors: list[str] = field(default_factory=list)
+
+
+async def _token(db: Database, name: str, *, is_admin: bool = False) -> str:
+    user = await users.create_user(db, name, is_admin=is_admin)
+    _, secret = await users.create_api_token(db, user.id)
+    return secret
+
+
+def _fuzz(base_url: str, document: dict[str, Any], tokens: tuple[str, str]) -> FuzzReport:
+    """Send generated requests until the budget is spent (runs in a thread: blocking I/O)."""
+    schema = schemathesis.openapi.from_dict(document)
+    operations = [
+        result.ok()
+        for result in schema.get_all_operations()
+        if isinstance(result, Ok) and not result.ok().definition.raw.get("x-websocket")
+    ]
+    strategy = st.one_of(
+        [
+            operation.as_strategy(generation_mode=mode)
+            for operation in operations
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        ]
+    )
+    report = FuzzReport()
+    session = requests.Session()
+    deadline = time.monotonic() + BUDGET_S
+
+    @hypothesis.settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[hypothesis.Phase.generate],
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(case=strategy, as_admin=st.booleans())
+    def send(case: Any, as_admin: bool) -> None:
+        if time.monotonic() > deadline:
+            return
+        token = tokens[1] if as_admin else tokens[0]
+        try:
+            response = case.call(
+                base_url=base_url,
+                session=session,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+        except (requests.exceptions.InvalidHeader, UnicodeEncodeError, ValueError):
+            return  # the client library would not send this request at all
+        report.sent += 1
+        report.statuses[response.status_code] = report.statuses.get(response.status_code, 0) + 1
+        if response.status_code >= 500:
+            request = response.request
+            report.server_errors.append(
+                f"{request.method} {request.url} -> {response.status_code} {response.text[:200]}"
+            )
+
+    send()
+    return report
+
+
+async def test_fuzzing_the_api_never_gets_a_server_error(database_url: str, db: Database) -> None:
+    tokens = (await _token(db, "alice"), await _token(db, "root", is_admin=True))
+    async with chatd_server(["--database-url", database_url, "--port", "0"]) as server:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:
+            document = (
+                await http.get(
+                    "/api/v1/openapi.json", headers={"Authorization": f"Bearer {tokens[0]}"}
+                )
+            ).json()
+        with trio.fail_after(BUDGET_S + 30):
+            report = await trio.to_thread.run_sync(partial(_fuzz, server.url, document, tokens))
+        async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:
+            health = await http.get("/healthz")
+    print(f"fuzz: {report.sent} requests, statuses {sorted(report.statuses.items())}")
+    assert report.sent >= 100, report
+    assert report.server_errors == []
+    assert health.status_code == 200
+    assert server.process.returncode == 0
+    assert not any("Traceback" in line for line in server.output), "\n".join(server.output)

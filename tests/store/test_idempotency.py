@@ -6,8 +6,10 @@ import hashlib
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
+import pytest
 import trio
 
+from chatd.config import Settings, SettingsError
 from chatd.store import idempotency
 from chatd.store.database import Database
 from chatd.store.idempotency import Claimed, InProgress, Mismatch, Replay
@@ -177,3 +179,17 @@ async def test_effect_exists_finds_the_derived_rows_of_the_owner_only(db: Databa
     assert await idempotency.effect_exists(db, owner_id=alice.id, ids=[uuid4(), chat.id])
     assert not await idempotency.effect_exists(db, owner_id=bob.id, ids=[message.id, chat.id])
     assert not await idempotency.effect_exists(db, owner_id=alice.id, ids=[uuid4()])
+
+
+def test_the_idempotency_settings_are_validated_and_read_from_the_environment() -> None:
+    loaded = Settings.load(
+        {"CHATD_IDEMPOTENCY_KEY_TTL_S": "60", "CHATD_IDEMPOTENCY_KEY_MAX_CHARS": "64"}
+    )
+    assert (loaded.idempotency_key_ttl_s, loaded.idempotency_key_max_chars) == (60.0, 64)
+    assert Settings().idempotency_key_ttl_s == 86_400.0
+    with pytest.raises(SettingsError, match=r"CHATD_IDEMPOTENCY_KEY_TTL_S.*greater than 0"):
+        Settings(idempotency_key_ttl_s=0)
+    with pytest.raises(SettingsError, match=r"CHATD_IDEMPOTENCY_KEY_MAX_CHARS.*must not exceed"):
+        Settings(idempotency_key_max_chars=1025)
+    with pytest.raises(SettingsError, match=r"CHATD_IDEMPOTENCY_PENDING_TIMEOUT_S.*must exceed"):
+        Settings(idempotency_pending_timeout_s=30.0, ask_timeout_s=30.0)

@@ -335,10 +335,10 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
     async def middleware(
         scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not _declares_body(scope["headers"]):
             await app(scope, receive, send)
             return
-        body_done = not _declares_body(scope["headers"])
+        body_done = False
 
         async def receive_tracked() -> ASGIReceiveEvent:
             nonlocal body_done

@@ -7,6 +7,7 @@ Waits are on frames the server sends (or on the subscription's own exit) under a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -397,6 +398,94 @@ async def test_a_stream_opened_during_a_retry_wait_gets_each_event_once(api: Api
         assert [e["status"] for e in seen if e["type"] == "status"] == ["running", "waiting"]
         wire = [json.dumps(e, sort_keys=True) for e in seen]
         assert len(wire) == len(set(wire)), seen
+
+
+def each_once(seen: list[Event]) -> None:
+    """No event twice: those that name a moment of the chat (a message, a part, a status of an
+    episode, a retry, a tool wait, a reset) never repeat; a queue or an error may come back to
+    an earlier value, but never twice in a row."""
+    wire = [
+        json.dumps(e, sort_keys=True) for e in seen if e["type"] not in ("queue_update", "error")
+    ]
+    repeated = {w for w in wire if wire.count(w) > 1}
+    assert not repeated, repeated
+    for kind in ("queue_update", "error"):
+        same = [e for e in seen if e["type"] == kind]
+        assert all(a != b for a, b in itertools.pairwise(same)), same
+
+
+def is_next_message(event: Event) -> bool:
+    return (
+        event["type"] == "message"
+        and event["role"] == "user"
+        and message_text(event).startswith("next")
+    )
+
+
+def statuses_of(seen: list[Event]) -> list[str]:
+    return [e["status"] for e in seen if e["type"] == "status"]
+
+
+async def test_streams_opened_at_each_phase_get_each_event_once(api: ApiWorld) -> None:
+    """Streams opened while a chat waits on tool results, while it answers with a message
+    queued, and while it is stopped: each sees its snapshot, then every later event once."""
+    alice = await api.client("alice")
+    tools = [{"name": "lookup", "description": "look something up"}]
+    # The answer after the tool result streams for about 3 s: time to join it and stop it.
+    lookup = [{"name": "lookup", "arguments": {"q": "x"}}]
+    marker = knobs_marker(tool_calls=lookup, chunks=30, chunk_interval_ms=100)
+    chat = await alice.create_chat(f"look it up {marker}", dynamic_tools=tools)
+    chat_id = chat["id"]
+    async with stream(alice, chat_id) as first:
+        required = await first.until(lambda e: e["type"] == "action_required")
+        async with stream(alice, chat_id) as waiting_on_tools:
+            snapshot = await waiting_on_tools.until(lambda e: e["type"] == "action_required")
+            assert [e["type"] for e in snapshot] == ["status", "queue_update", "action_required"]
+            [call] = snapshot[-1]["calls"]
+            answer = {"results": [{"call_id": call["id"], "output": '{"ok":true}'}]}
+            submitted = await alice.http.post(f"/api/v1/chats/{chat_id}/tool-results", json=answer)
+            assert submitted.status_code == 204, submitted.text
+            # Mid-answer, a message is queued and a third stream joins; then the run stops.
+            after_tools = snapshot + await waiting_on_tools.until(
+                lambda e: e["type"] == "message_part"
+            )
+            queued = await alice.http.post(
+                f"/api/v1/chats/{chat_id}/messages", json={"text": f"next {knobs_marker()}"}
+            )
+            assert queued.status_code == 202, queued.text
+            after_tools += await waiting_on_tools.until(
+                lambda e: e["type"] == "queue_update" and e["queue"]
+            )
+            async with stream(alice, chat_id) as mid_answer:
+                joined = await mid_answer.until(lambda e: e["type"] == "message_part")
+                stopped = await alice.http.post(f"/api/v1/chats/{chat_id}/interrupt")
+                assert stopped.status_code == 204, stopped.text
+                # The queued message goes next; its answer ends the chat's work.
+                for events, seen in (
+                    (first, required),
+                    (waiting_on_tools, after_tools),
+                    (mid_answer, joined),
+                ):
+                    seen.extend(await events.until(is_next_message))
+                    seen.extend(await events.until(is_status("waiting")))
+
+    for seen in (required, after_tools, joined):
+        each_once(seen)
+        parts = [e for e in seen if e["type"] == "message_part"]
+        by_episode: dict[tuple[int, int], list[int]] = {}
+        for p in parts:
+            by_episode.setdefault((p["history_version"], p["generation_attempt"]), []).append(
+                p["seq"]
+            )
+        for seqs in by_episode.values():
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    # Each status once, from the snapshot's on: the stop goes straight on to the queued message.
+    life = ["running", "requires_action", "running", "interrupting", "running", "waiting"]
+    assert statuses_of(required) == life
+    assert statuses_of(after_tools) == life[1:]
+    assert statuses_of(joined) == life[2:]
+    for seen in (required, after_tools):
+        assert [e["type"] for e in seen].count("action_required") == 1
 
 
 async def test_a_failure_tells_its_error_before_its_status(api: ApiWorld) -> None:

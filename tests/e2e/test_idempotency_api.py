@@ -141,6 +141,46 @@ async def test_concurrent_duplicates_do_the_work_once(api: ApiWorld) -> None:
     assert (await user_texts(alice, chat["id"])).count("dup") == 1
 
 
+async def test_a_duplicate_waits_for_the_first_at_most_the_wait_bound_then_gets_409(
+    database_url: str,
+) -> None:
+    """The first request is stuck in its commit (a proxy holds the bytes of the commit): its
+    duplicate waits idempotency_wait_s for the answer, then gets 409 with Retry-After; once
+    the first is done, a retry gets its answer."""
+    async with (
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(proxy.url_for(database_url), min_size=1, max_size=4) as db,
+        serve_api(db, idempotency_wait_s=0.5) as api,
+    ):
+        alice = await api.client("alice")
+        chat_id = await idle_chat(alice)
+        url = f"/api/v1/chats/{chat_id}/messages"
+        marker = f"stuck-{uuid.uuid4().hex}"
+        body = {"text": f"{QUICK} {marker}"}
+        trigger = proxy.arm(marker.encode(), action="pause")
+        first: list[httpx2.Response] = []
+
+        async def send_first() -> None:
+            first.append(await alice.http.post(url, json=body, headers=keyed("stuck")))
+
+        with trio.fail_after(DEADLINE_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_first)
+                await trigger.fired.wait()
+                started = trio.current_time()
+                duplicate = await alice.http.post(url, json=body, headers=keyed("stuck"))
+                waited = trio.current_time() - started
+                assert error_of(duplicate, 409)["code"] == "idempotency_key_in_progress"
+                assert duplicate.headers["Retry-After"] == "1"
+                assert 0.5 <= waited < 5.0
+                proxy.resume()
+        [done] = first
+        assert done.status_code == 202, done.text
+        again = await alice.http.post(url, json=body, headers=keyed("stuck"))
+        assert again.content == done.content
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+
 async def test_a_duplicate_on_another_process_gets_409_in_progress(api: ApiWorld) -> None:
     """A pending key this process is not working on (another worker's): 409 with
     Retry-After, and nothing is done."""

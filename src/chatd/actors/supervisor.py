@@ -660,7 +660,9 @@ class Supervisor:
             slot.outages = 0  # it ran a good while since the last one: a new outage
         delay = self._outage_delay(slot.outages)
         slot.outages += 1
-        log.warning(
+        # One line per actor and outage; its later attempts only at debug level.
+        log.log(
+            logging.WARNING if slot.outages == 1 else logging.DEBUG,
             "actor of chat %s stopped: %s; restarting it in %.2f s",
             slot.chat_id,
             _first(error, DatabaseUnavailable),

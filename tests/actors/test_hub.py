@@ -3,12 +3,12 @@
 A ``ScriptedChat`` commits and publishes the way the ChatActor does (the commit first, then its
 events with the commit's transaction id; parts as they stream), or holds a commit's events back
 so that a subscriber's snapshot read lands between the commit and its publish (the moment that
-delivered a retry twice, issue 11), and a ``Client`` model applies what a subscriber receives the way
-a WebSocket client would, failing on any repeated or out-of-order message and any repeated or
-missing part. Waits are on the readers' own change notifications under a deadline. Slow consumer
-tests run on trio's MockClock: their database work is done on a clock that follows real time
-(an autojump clock would jump across every database wait to the nearest deadline), and the
-timed part, which never touches the database, on the autojump clock.
+delivered a retry twice, issue 11), and a ``Client`` model applies what a subscriber receives
+the way a WebSocket client would, failing on any repeated or out-of-order message and any
+repeated or missing part. Waits are on the readers' own change notifications under a deadline.
+Slow consumer tests run on trio's MockClock: their database work is done on a clock that
+follows real time (an autojump clock would jump across every database wait to the nearest
+deadline), and the timed part, which never touches the database, on the autojump clock.
 """
 
 from __future__ import annotations

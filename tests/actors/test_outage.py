@@ -16,26 +16,28 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from chatd.actors.chat_actor import CreateChatRequest
+from chatd.actors.chat_actor import CommandNotCommitted, CreateChatRequest
 from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
 from chatd.config import Settings, SettingsError
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart
+from chatd.domain.effects import MessageAccepted
 from chatd.domain.events import (
     ChatEvent,
     CommittedMessage,
     MessagePart,
     PreviewReset,
+    QueueUpdated,
     StatusChanged,
 )
-from chatd.domain.mailbox import SetArchived
+from chatd.domain.mailbox import SendMessage, SetArchived
 from chatd.domain.stream_parts import TextDelta
 from chatd.domain.watch_events import ChatStatusChanged
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
 from chatd.store import chats, users
-from chatd.store.chats import AppendMessage, UpdateChat
+from chatd.store.chats import AppendMessage, Enqueue, UpdateChat
 from chatd.store.database import Database
 from tests.actors.pg_proxy import PgProxy, pg_proxy
 
@@ -194,6 +196,108 @@ async def test_a_commit_that_went_through_although_the_outage_cut_it_is_publishe
     assert chat is not None
     assert (chat.status, chat.generation_attempt) == (ChatStatus.WAITING, 1)
     assert (sup.stats.crashes, sup.stats.parked) == (0, 0)
+
+
+async def test_a_message_refused_by_an_outage_leaves_the_streaming_answer_alone(
+    outage: Outage,
+) -> None:
+    sup = outage.engine.supervisor
+    router = outage.engine.router
+    chat_id = uuid.uuid4()
+    text = f"{knobs_marker(chunks=60, chunk_interval_ms=25)} a long one"
+    await router.ask(chat_id, CreateChatRequest(outage.owner, uuid.uuid4(), text))
+    seen: list[ChatEvent] = []
+    async with outage.engine.hub.subscribe(chat_id, None) as events:
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(isinstance(e, MessagePart) for e in batch):
+                    break
+        outage.proxy.cut()
+        # Its commit fails: refused (a 503 at the edge), and the answer streams on.
+        with trio.fail_after(5), pytest.raises(CommandNotCommitted, match="PostgreSQL"):
+            await router.ask(chat_id, SendMessage(uuid.uuid4(), "lost in the outage"))
+        with trio.fail_after(5), pytest.raises(CommandNotCommitted):
+            await router.ask(chat_id, SendMessage(uuid.uuid4(), "still down"))
+        await outage.proxy.restore()
+        # The chat is the stored one (nothing went through): the next message is taken.
+        with trio.fail_after(DEADLINE_S):
+            reply = await router.ask(
+                chat_id, SendMessage(uuid.uuid4(), f"{knobs_marker(chunks=2)} next")
+            )
+        assert isinstance(reply, MessageAccepted)
+        assert reply.queued
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(
+                    isinstance(e, CommittedMessage) and e.role == "assistant" and e.seq == 4
+                    for e in batch
+                ):
+                    break
+
+    assert sup.stats.outages == 0, "the actor lived through it"
+    assert outage.llm.request_count == 2, "the first answer was not generated again"
+    messages = await chats.list_messages(outage.db, chat_id, after_seq=0, limit=10)
+    texts = [(m.role, "".join(str(p.get("text")) for p in m.content)) for m in messages]
+    assert texts[1] == ("assistant", "".join(f"w{i} " for i in range(1, 61)))
+    assert [role for role, _ in texts] == ["user", "assistant", "user", "assistant"]
+    assert not any("outage" in text or "still down" in text for _, text in texts)
+    assert not [e for e in seen if isinstance(e, PreviewReset)]
+
+
+async def test_a_refused_command_that_went_through_after_all_is_found_by_a_reload(
+    outage: Outage,
+) -> None:
+    sup = outage.engine.supervisor
+    router = outage.engine.router
+    chat_id = uuid.uuid4()
+    text = f"{knobs_marker(chunks=60, chunk_interval_ms=50)} a long one"
+    await router.ask(chat_id, CreateChatRequest(outage.owner, uuid.uuid4(), text))
+    seen: list[ChatEvent] = []
+    async with outage.engine.hub.subscribe(chat_id, None) as events:
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(isinstance(e, MessagePart) for e in batch):
+                    break
+        outage.proxy.cut()
+        with trio.fail_after(5), pytest.raises(CommandNotCommitted):
+            await router.ask(chat_id, SendMessage(uuid.uuid4(), "queue me"))
+        # ... but its commit had reached the server: the stored chat has it queued.
+        queued = uuid.uuid4()
+        went_through = f"{knobs_marker(chunks=2)} queue me"
+        content = [{"type": "text", "text": went_through}]
+        fence = sup.fences[sup.shard_of(chat_id)]
+        await chats.commit(
+            outage.db, fence, chat_id, [Enqueue(id=queued, position=1, content=content)]
+        )
+        await outage.proxy.restore()
+        # The stored chat is not the actor's: it refuses commands until it has reloaded it.
+        with trio.fail_after(5), pytest.raises((CommandNotCommitted, ActorDead)):
+            await router.ask(chat_id, SendMessage(uuid.uuid4(), "too early"))
+        with trio.fail_after(DEADLINE_S):
+            async for batch in events:
+                seen.extend(batch)
+                if any(
+                    isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING for e in batch
+                ):
+                    break
+
+    assert sup.stats.outages == 1  # the reload
+    assert (sup.stats.crashes, sup.stats.parked) == (0, 0)
+    assert outage.llm.request_count == 2, "the long answer was committed, not generated again"
+    messages = await chats.list_messages(outage.db, chat_id, after_seq=0, limit=10)
+    texts = [(m.role, "".join(str(p.get("text")) for p in m.content)) for m in messages]
+    assert texts == [
+        ("user", text),
+        ("assistant", "".join(f"w{i} " for i in range(1, 61))),
+        ("user", went_through),
+        ("assistant", "w1 w2 "),
+    ]
+    assert any(isinstance(e, QueueUpdated) and [q.id for q in e.queue] == [queued] for e in seen), (
+        "the subscribers were told of the message queued behind the actor's back"
+    )
 
 
 def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:

@@ -18,19 +18,27 @@ otherwise it was committed, or the chat moved on, and the chat resumes as usual.
 went through although the outage reported it failed was never published: the restart publishes
 what the reloaded chat shows beyond the state the previous incarnation had published (its new
 messages, error, status and queue; the hub drops what a subscriber already has).
+
+A user's command whose commit an outage cut while an answer streams does not end the actor (that
+would throw the answer away): the command is refused (``CommandNotCommitted``, a 503 at the
+edge) and the actor goes on *unsure* whether the commit went through. Before it handles anything
+else it compares the stored chat with its own state: the same, and it is sure again; changed
+(the commit went through), or still unreachable, and commands are refused at once while the
+answer streams on, and any other message ends the actor as an outage, its restart reloading the
+chat (and committing the finished answer it carries).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 import trio
 
 from chatd.actors.behavior import ActorContext
-from chatd.actors.chat_loader import ChatSetup, load_chat
+from chatd.actors.chat_loader import ChatSetup, fingerprint, load_chat, stored_fingerprint
 from chatd.actors.clock import WallClock
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
@@ -51,6 +59,7 @@ from chatd.domain.effects import (
     MessageAccepted,
     Notify,
     Publish,
+    Refusal,
     Reply,
     StartGeneration,
     TransitionNotAllowed,
@@ -171,7 +180,17 @@ class _Generation:
 class ChatActor:
     # One per active chat, kept while it hibernates: slotted, with no per-actor timer dict
     # until a timer is armed.
-    __slots__ = ("_ctx", "_deps", "_generation", "_history", "_seqs", "_setup", "_state", "_timers")
+    __slots__ = (
+        "_ctx",
+        "_deps",
+        "_generation",
+        "_history",
+        "_seqs",
+        "_setup",
+        "_state",
+        "_timers",
+        "_unsure",
+    )
 
     def __init__(self, ctx: ActorContext, deps: ChatDeps) -> None:
         self._ctx = ctx
@@ -182,6 +201,8 @@ class ChatActor:
         self._seqs: list[int] = []
         self._generation: _Generation | None = None
         self._timers: dict[str, trio.CancelScope] = {}
+        # A commit of ours failed on an outage: whether it went through is not known yet.
+        self._unsure = False
 
     # -- the behavior the runtime drives -----------------------------------------------------
 
@@ -228,6 +249,8 @@ class ChatActor:
 
     async def _decide(self, message: MailboxMessage) -> object:
         assert self._state is not None
+        if self._unsure:
+            await self._settle(message)
         before = self._state
         decision = decide(before, message, now=self._deps.clock.now(), policy=self._deps.policy)
         claim = self._run_claim(message, before, decision.state)
@@ -235,13 +258,43 @@ class ChatActor:
             return await self._apply(
                 decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
             )
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as exc:
             # What subscribers were told last; the commit may still have gone through.
             self._ctx.carried[_PUBLISHED] = before
-            if isinstance(message, StepCompleted | GenerationStopped):
-                # The model's work is done, only its commit failed: the restart commits it.
-                self._ctx.carried[_CUT_SHORT] = message
-            raise
+            self._unsure = True
+            self._end_or_refuse(message, exc)
+
+    async def _settle(self, message: MailboxMessage) -> None:
+        """After a commit whose outcome is unknown: return once the stored chat is the one in
+        memory (the commit did not go through); otherwise refuse ``message`` or end the actor
+        (``_end_or_refuse``)."""
+        assert self._state is not None
+        try:
+            stored = await stored_fingerprint(self._deps.db, self._ctx.chat_id)
+        except DatabaseUnavailable as exc:
+            self._end_or_refuse(message, exc)
+        if stored == fingerprint(self._state):
+            self._unsure = False
+            self._ctx.carried.pop(_PUBLISHED, None)
+            return
+        self._end_or_refuse(
+            message, DatabaseUnavailable("a commit reported failed went through: reloading")
+        )
+
+    def _end_or_refuse(self, message: MailboxMessage, cause: DatabaseUnavailable) -> NoReturn:
+        """Unsure of the stored chat: refuse a user's command while an answer streams (ending
+        the actor would throw the answer away); else end the actor, leaving a finished outcome
+        for its restart to commit after reloading."""
+        if self._streaming() and not isinstance(message, _INTERNAL):
+            raise CommandNotCommitted(str(cause)) from cause
+        if isinstance(message, StepCompleted | GenerationStopped):
+            # The model's work is done, only its commit failed: the restart commits it.
+            self._ctx.carried[_CUT_SHORT] = message
+        raise cause
+
+    def _streaming(self) -> bool:
+        generation = self._generation
+        return generation is not None and not generation.done.is_set()
 
     async def _catch_up(self, published: ChatState) -> None:
         """Publish what the reloaded state shows beyond ``published``, the state the previous
@@ -560,6 +613,22 @@ class ChatActor:
 # A chat in these counts against its owner's running limit: the count of migration 0003.
 _RUN_STATUSES = (ChatStatus.RUNNING, ChatStatus.INTERRUPTING)
 
+
+class CommandNotCommitted(Refusal, DatabaseUnavailable):
+    """The command was refused: the database became unreachable (its commit failed, or it may
+    have gone through and the chat must be reloaded first). A 503 at the edge; the chat's
+    answer in progress streams on."""
+
+
+# Messages of the chat's own making (never refused back to a user).
+_INTERNAL = (
+    StepCompleted,
+    GenerationFailed,
+    GenerationStopped,
+    RetryTimerFired,
+    ActionDeadlineFired,
+    Resumed,
+)
 
 # The keys of ``ActorContext.carried``: the outcome whose commit an outage cut, and the state
 # that the incarnation it ended had published.

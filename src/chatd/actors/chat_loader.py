@@ -138,3 +138,38 @@ async def pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]
     ]
     dynamic = {str(tool.get("name")) for tool in chat.dynamic_tools}
     return unanswered_calls(history, dynamic)
+
+
+Fingerprint = tuple[object, ...]
+
+
+def fingerprint(state: ChatState) -> Fingerprint:
+    """What a chat's row and queue record of its execution state, to compare a state in memory
+    with the stored one (``stored_fingerprint``)."""
+    return (
+        state.status,
+        state.archived,
+        state.history_version,
+        state.generation_attempt,
+        state.retry_count,
+        state.last_message_seq,
+        tuple(entry.id for entry in state.queue),
+    )
+
+
+async def stored_fingerprint(db: Database, chat_id: UUID) -> Fingerprint | None:
+    """``fingerprint`` of the chat as stored (None if it is gone): two reads, no transaction,
+    enough to tell whether a commit whose outcome is unknown went through."""
+    row = await chats.get_chat(db, chat_id)
+    if row is None:
+        return None
+    queue = await chats.list_queue(db, chat_id)
+    return (
+        row.status,
+        row.archived,
+        row.history_version,
+        row.generation_attempt,
+        row.retry_count,
+        row.last_message_seq,
+        tuple(q.id for q in queue),
+    )

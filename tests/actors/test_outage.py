@@ -39,6 +39,7 @@ from chatd.runtime import register_default_model
 from chatd.store import chats, users
 from chatd.store.chats import AppendMessage, Enqueue, UpdateChat
 from chatd.store.database import Database
+from chatd.web.errors import api_error_for
 from tests.actors.pg_proxy import PgProxy, pg_proxy
 
 DEADLINE_S = 20
@@ -314,3 +315,10 @@ def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:
         options.db_retry_max_delay_s,
         options.resume_sweep_interval_s,
     ) == (0.25, 3.0, 9.0)
+
+
+def test_a_command_refused_by_an_outage_is_a_503_with_retry_after_at_the_edge() -> None:
+    error = api_error_for(CommandNotCommitted("cannot reach PostgreSQL"))
+    assert error is not None
+    assert error.status == 503
+    assert error.headers["Retry-After"].isdigit()

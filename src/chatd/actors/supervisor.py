@@ -420,7 +420,13 @@ class Supervisor:
             log.warning("shard lease check failed; retrying in %.2f s", delay, exc_info=failure)
         elif self._check_failures == 1:  # one line per outage, not one per probe
             what = "timed out" if failure is None else str(failure)
-            log.warning("shard lease check failed (%s); retrying every %g s at most", what, delay)
+            at_most = min(self._check_interval_s, self._db_retry_max_delay_s)
+            log.warning(
+                "shard lease check failed (%s); retrying in %.2f s, then every %g s at most",
+                what,
+                delay,
+                at_most,
+            )
 
     def _outage_delay(self, attempt: int) -> float:
         """The wait before retry ``attempt`` (0, 1, ...) after a database outage: the capped

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
+import h11
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -276,11 +277,35 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._close()
                     await self._handle(Closed())
+                    return
+            if self._response_ended_the_connection():
+                # The reader sees the close and tells the protocol.
+                await self._close()
         elif isinstance(event, Closed):
             await self._close()
             await self._handle(Closed())
         elif isinstance(event, Updated):
             self._set_idle(idle=event.idle)
+
+    def _response_ended_the_connection(self) -> bool:
+        """True once the response just written leaves HTTP/1.1 nothing more to say: it said
+        ``Connection: close`` (or h11 gave up on the connection).
+
+        Hypercorn usually closes such a connection itself, but not always: when a WebSocket
+        client sends frames before the handshake's answer, Hypercorn refuses them with its own
+        400 (``Connection: close``) while the app's task is still deciding; the app's answer is
+        then dropped and nothing ever closes the connection. Reading h11's state here makes the
+        close follow from what was sent, whichever part sent it.
+        """
+        protocol = getattr(self._protocol, "protocol", None)
+        connection = getattr(protocol, "connection", None)
+        # During and after a WebSocket handshake, Hypercorn wraps the h11 connection.
+        connection = getattr(connection, "h11_connection", connection)
+        return isinstance(connection, h11.Connection) and connection.our_state in (
+            h11.MUST_CLOSE,
+            h11.CLOSED,
+            h11.ERROR,
+        )
 
     async def _handle(self, event: Event) -> None:
         if self._protocol is not None:

@@ -99,6 +99,12 @@ async def serve(
     gate = ConnectionGate(settings.max_connections)
 
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await serve_connection(stream)
+        except* Exception as group:  # noqa: BLE001 - the last wall: nothing reaches the server
+            log.warning("connection failed: %s", _summary(group))
+
+    async def serve_connection(stream: trio.SocketStream) -> None:
         if not gate.enter():
             await refuse_over_capacity(stream, settings)
             return

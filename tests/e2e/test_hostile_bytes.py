@@ -76,6 +76,7 @@ async def _healthz(server: ServerProcess) -> bytes:
         # answer is dropped, and nothing closed the connection.
         b"Authorization: Bearer chatd_" + b"x" * 43 + b"\r\n",
     ],
+    ids=["no-token", "token-to-look-up"],
 )
 async def test_websocket_handshake_with_frame_bytes_does_not_kill_the_server(
     server: ServerProcess, authorization: bytes
@@ -124,16 +125,21 @@ def _statuses(answer: bytes) -> list[int]:
     return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
 
 
+@pytest.mark.parametrize(
+    ("path", "as_user", "status"),
+    [("/api/v1/chats", False, 401), ("/api/v1/providers", True, 403)],
+)
 async def test_a_rejected_request_with_an_unread_body_does_not_hang_the_next_one(
-    server: ServerProcess,
+    server: ServerProcess, db: Database, path: str, as_user: bool, status: int
 ) -> None:
+    token = await _token(db, "alice") if as_user else "chatd_nope"
     body = b'{"text": "' + b"x" * 500_000 + b'"}'
     answer = await _exchange_concurrently(
-        server, _post("/api/v1/chats", body) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        server, _post(path, body, token=token) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     statuses = _statuses(answer)
-    assert statuses[0] == 401
-    # Either the next request is answered, or the connection was closed cleanly after the 401.
+    assert statuses[0] == status
+    # Either the next request is answered, or the connection was closed cleanly after the refusal.
     assert statuses[1:] in ([200], []), answer
     if not statuses[1:]:
         assert b"connection: close" in answer.lower()

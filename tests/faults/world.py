@@ -29,20 +29,24 @@ from tests.e2e.chatd_process import ServerProcess, chatd_server
 from tests.faults.proxy import PgProxy, open_pg_proxy
 
 # Short timeouts so that every fault is noticed, and recovered from, in seconds: a statement
-# or a connection attempt stuck behind a paused proxy gives up after 2 s, a dead worker's
-# leases expire after 2 s, retries back off from 0.2 s to 1 s.
+# or a connection attempt stuck behind a paused proxy gives up after 2 s, retries back off
+# from 0.2 s to 1 s. The lease TTL (5 s) is longer than the outages the tests inject (up to
+# 2.5 s), as the default (15 s) is longer than a typical blip: the worker keeps its shards
+# through the outage, so recovery cannot lean on re-gaining them; and a restarted chatd that
+# waits out its own leases shows as a slow recovery.
+LEASE_TTL_S = 5.0
 FAST_SETTINGS: Mapping[str, str] = {
     "CHATD_SHARD_COUNT": "4",
-    "CHATD_LEASE_TTL_S": "2",
+    "CHATD_LEASE_TTL_S": str(LEASE_TTL_S),
     "CHATD_DB_POOL_MIN_SIZE": "1",
     "CHATD_DB_POOL_MAX_SIZE": "8",
     "CHATD_DB_CONNECT_TIMEOUT_S": "2",
     "CHATD_DB_COMMAND_TIMEOUT_S": "2",
     "CHATD_DB_LISTEN_RECONNECT_DELAY_S": "0.2",
-    "CHATD_ASK_TIMEOUT_S": "5",
+    "CHATD_ASK_TIMEOUT_S": "3",
     # A request whose process died holds its idempotency key this long (it must exceed the
     # ask timeout); a client's retry with that key is refused with 409 until then.
-    "CHATD_IDEMPOTENCY_PENDING_TIMEOUT_S": "6",
+    "CHATD_IDEMPOTENCY_PENDING_TIMEOUT_S": "4",
     "CHATD_RETRY_BASE_DELAY_S": "0.2",
     "CHATD_RETRY_MAX_DELAY_S": "1",
     "CHATD_STREAM_SILENCE_TIMEOUT_S": "10",

@@ -7,6 +7,7 @@ test. Waiting for something the server does is a poll with a deadline, never a f
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -456,3 +457,24 @@ async def test_unreachable_server_raises_database_unavailable_in_one_line(
     assert password not in message
     assert message.startswith("cannot reach PostgreSQL at ")
     assert bridge_threads() == threads_before
+
+
+def test_an_outage_logged_by_the_pool_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncpg's pool logs each failed reconnection with a traceback; an outage is one line."""
+    pool_log = logging.getLogger("asyncpg.pool")
+    with caplog.at_level(logging.WARNING, logger="asyncpg.pool"):
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError:
+            pool_log.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            pool_log.warning("something else", exc_info=True)
+    outage, bug = caplog.records
+    assert outage.exc_info is None
+    assert outage.getMessage() == (
+        "Failed to restore the pool connection floor; retrying: "
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    assert bug.exc_info is not None, "a failure that is not an outage keeps its traceback"

@@ -69,6 +69,28 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower()
 
 
+class _OutageLineFilter(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it fails to restore its connection floor
+    (every 1-60 s for as long as PostgreSQL is down); an outage is expected, not a bug, so such
+    a record becomes one line naming the failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.exc_info
+            and record.exc_info[1] is not None
+            and is_unavailable(record.exc_info[1])
+        ):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_OutageLineFilter())
+
+
 @dataclass(slots=True)
 class DatabaseStats:
     """Counters of work sent to PostgreSQL by this process (read by metrics and benchmarks).

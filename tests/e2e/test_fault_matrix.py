@@ -39,7 +39,8 @@ RECOVERY_S = 20.0
 OUTAGE_S = 2.5
 # A chatd restarted on the same home is the same worker: it takes its shards back at once
 # rather than after its old leases expire, so a killed chat's turn ends well within the TTL.
-RESTART_RECOVERY_S = LEASE_TTL_S - 1.0
+RESTART_RECOVERY_S = 4.0
+assert RESTART_RECOVERY_S < LEASE_TTL_S - 3
 # A client gives up retrying a request after this long (it is acknowledged within a few
 # seconds of the fault's end, or never).
 OP_DEADLINE_S = 20.0

@@ -174,9 +174,10 @@ class _Client:
     def reply_knobs(self) -> dict[str, Any]:
         if self.rng.random() < 0.2:
             return {"tool_calls": [{"name": "lookup", "arguments": {"q": self.counter}}]}
+        # Answers of up to a second or two, so that faults often strike turns in flight.
         return {
-            "chunks": self.rng.randint(2, 12),
-            "chunk_interval_ms": self.rng.choice([0, 10, 40]),
+            "chunks": self.rng.randint(2, 30),
+            "chunk_interval_ms": self.rng.choice([0, 20, 60]),
         }
 
     async def setup(self, nursery: trio.Nursery) -> None:

@@ -30,11 +30,12 @@ from tests.faults.proxy import PgProxy, open_pg_proxy
 
 # Short timeouts so that every fault is noticed, and recovered from, in seconds: a statement
 # or a connection attempt stuck behind a paused proxy gives up after 2 s, retries back off
-# from 0.2 s to 1 s. The lease TTL (5 s) is longer than the outages the tests inject (up to
+# from 0.2 s to 1 s. The lease TTL (10 s) is longer than the outages the tests inject (up to
 # 2.5 s), as the default (15 s) is longer than a typical blip: the worker keeps its shards
-# through the outage, so recovery cannot lean on re-gaining them; and a restarted chatd that
-# waits out its own leases shows as a slow recovery.
-LEASE_TTL_S = 5.0
+# through the outage, so recovery cannot lean on re-gaining them; and it is well above
+# chatd's start time (about 3 s), so a restarted chatd that waits out its own leases shows
+# as a recovery seconds slower than one that takes them back.
+LEASE_TTL_S = 10.0
 FAST_SETTINGS: Mapping[str, str] = {
     "CHATD_SHARD_COUNT": "4",
     "CHATD_LEASE_TTL_S": str(LEASE_TTL_S),

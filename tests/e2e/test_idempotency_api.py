@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,19 @@ async def user_texts(client: Client, chat_id: str) -> list[str]:
     queue = (await client.http.get(base)).json()["queue"]
     texts = [m["content"][0]["text"] for m in history if m["role"] == "user"]
     return texts + [q["text"] for q in queue]
+
+
+async def until_served(request: Callable[[], Awaitable[httpx2.Response]]) -> httpx2.Response:
+    """``request`` retried as a client does while chatd answers 503 (a chat's actor restarting
+    after an outage), after the ``Retry-After`` it names; at most DEADLINE_S in all."""
+    with trio.fail_after(DEADLINE_S):
+        for _attempt in itertools.count():
+            response = await request()
+            if response.status_code != 503:
+                return response
+            # The pause the server asked for between retries, not a wait for a condition.
+            await trio.sleep(float(response.headers.get("Retry-After", "1")))
+    raise AssertionError("unreachable")
 
 
 async def idle_chat(client: Client) -> str:
@@ -262,6 +276,80 @@ async def test_a_send_whose_commit_was_done_but_not_acknowledged_is_not_sent_twi
         assert history[-1]["role"] == "assistant"
 
 
+async def test_an_interrupt_done_but_not_acknowledged_is_not_done_again(database_url: str) -> None:
+    """An interrupt of a chat that waits on tool results, with a message queued behind them:
+    its commit ends the turn and starts the queued message, then PostgreSQL's answer is lost
+    (the proxy cuts every connection once the commit's answer comes back; the key is in that
+    transaction). The client gets 503; its retry, once the database is back, is answered 204
+    as done, without interrupting again the queued message's run, which runs *now*."""
+    async with (
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(proxy.url_for(database_url), min_size=1, max_size=4) as db,
+        serve_api(db, lease_ttl_s=3600.0) as api,  # no lease renewal to set the trigger off
+    ):
+        alice = await api.client("alice")
+        chat = await alice.create_chat(f"{CALL_LOOKUP} look it up", dynamic_tools=[LOOKUP])
+        await alice.wait_status(chat["id"], "requires_action")
+        base = f"/api/v1/chats/{chat['id']}"
+        queued = await alice.http.post(f"{base}/messages", json={"text": f"{SLOW} next"})
+        assert queued.json()["queued"] is True, queued.text
+        key = f"interrupt-{uuid.uuid4().hex}"
+        trigger = proxy.arm(key.encode(), at="reply")
+        first = await alice.http.post(f"{base}/interrupt", headers=keyed(key))
+        assert trigger.fired.is_set()
+        assert first.status_code == 503, first.text
+        proxy.restore()
+        retry = await until_served(lambda: alice.http.post(f"{base}/interrupt", headers=keyed(key)))
+        assert retry.status_code == 204, retry.text
+        detail = (await alice.http.get(base)).json()
+        assert (detail["status"], detail["queue"], detail["pending_tool_calls"]) == (
+            "running",
+            [],
+            [],
+        )
+        texts = await user_texts(alice, chat["id"])
+        assert texts[-1] == f"{SLOW} next"
+        again = await alice.http.post(f"{base}/interrupt", headers=keyed(key))
+        assert again.status_code == 204, again.text
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert (await alice.http.get(base)).json()["status"] == "running"
+
+
+async def test_a_send_done_but_not_acknowledged_is_not_sent_again_once_its_entry_is_dropped(
+    database_url: str,
+) -> None:
+    """A message sent to a chat that waits on tool results is queued; PostgreSQL's answer to
+    that commit is lost (503). The user drops the queued entry before the client retries: no
+    row of the send is left, yet the retry is answered 202 as queued (what the send did) and
+    does not queue the message a second time."""
+    async with (
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(proxy.url_for(database_url), min_size=1, max_size=4) as db,
+        serve_api(db, lease_ttl_s=3600.0) as api,
+    ):
+        alice = await api.client("alice")
+        chat = await alice.create_chat(f"{CALL_LOOKUP} look it up", dynamic_tools=[LOOKUP])
+        await alice.wait_status(chat["id"], "requires_action")
+        base = f"/api/v1/chats/{chat['id']}"
+        marker = f"dropped-{uuid.uuid4().hex}"
+        body = {"text": f"{QUICK} {marker}"}
+        trigger = proxy.arm(marker.encode(), at="reply")
+        first = await alice.http.post(f"{base}/messages", json=body, headers=keyed("dropped"))
+        assert trigger.fired.is_set()
+        assert first.status_code == 503, first.text
+        proxy.restore()
+        [entry] = (await alice.http.get(base)).json()["queue"]
+        assert entry["text"] == body["text"]
+        dropped = await until_served(lambda: alice.http.delete(f"{base}/queue/{entry['id']}"))
+        assert dropped.status_code == 204, dropped.text
+        retry = await alice.http.post(f"{base}/messages", json=body, headers=keyed("dropped"))
+        assert retry.status_code == 202, retry.text
+        assert retry.json() == {"message_id": entry["id"], "queued": True}
+        detail = (await alice.http.get(base)).json()
+        assert (detail["status"], detail["queue"]) == ("requires_action", [])
+        assert body["text"] not in await user_texts(alice, chat["id"])
+
+
 @pytest.fixture
 def home() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
@@ -424,9 +512,10 @@ async def test_without_the_header_nothing_is_recorded(api: ApiWorld) -> None:
     assert await api.db.fetchval("SELECT count(*) FROM idempotency_keys") == 0
 
 
-async def test_a_key_costs_two_statements_and_no_key_costs_nothing(db: Database) -> None:
-    """The claim and the record are one statement each (no transaction of their own); a
-    request without the header costs exactly what it cost before."""
+async def test_a_key_costs_three_statements_and_no_key_costs_nothing(db: Database) -> None:
+    """The claim and the record are one statement each (no transaction of their own), the
+    mark one more inside the command's own commit; a request without the header costs
+    exactly what it cost before."""
     async with serve_api(db, lease_ttl_s=3600.0) as api:  # no lease renewal while measuring
         alice = await api.client("alice")
         chat_id = await idle_chat(alice)
@@ -445,7 +534,7 @@ async def test_a_key_costs_two_statements_and_no_key_costs_nothing(db: Database)
         await cost_of_turn(api, alice, sending(keyed_send=True))  # warm every cache
         plain = await cost_of_turn(api, alice, sending(keyed_send=False))
         with_key = await cost_of_turn(api, alice, sending(keyed_send=True))
-        assert with_key == Cost(plain.statements + 2, plain.transactions)
+        assert with_key == Cost(plain.statements + 3, plain.transactions)
 
 
 async def test_the_openapi_document_describes_the_header(api: ApiWorld) -> None:

@@ -82,6 +82,8 @@ from chatd.domain.mailbox import (
     EditMessage,
     GenerationFailed,
     GenerationStopped,
+    IdempotencyMark,
+    Keyed,
     MailboxMessage,
     Resumed,
     RetryTimerFired,
@@ -98,7 +100,7 @@ from chatd.domain.watch_events import (
 )
 from chatd.providers.errors import ProviderError
 from chatd.store import chats
-from chatd.store.chats import ClaimRun, CreateChat
+from chatd.store.chats import ClaimRun, CreateChat, MarkIdempotencyKey
 from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.records import Chat, InboxNotification
@@ -226,13 +228,18 @@ class ChatActor:
         await self._decide(Resumed())
 
     async def handle(self, message: object) -> object:
+        mark: IdempotencyMark | None = None
+        if isinstance(message, Keyed):
+            # Handled as without the key; its mark rides on the commit that records it.
+            mark = message.mark
+            message = message.command
         if isinstance(message, CreateChatRequest):
-            return await self._create(message)
+            return await self._create(message, mark)
         if not isinstance(message, MailboxMessage):
             raise TypeError(f"a chat actor cannot handle {message!r}")
         if self._state is None:
             raise UnknownTarget("chat", self._ctx.chat_id)
-        return await self._decide(message)
+        return await self._decide(message, mark)
 
     def passivatable(self) -> bool:
         if self._state is None:
@@ -247,7 +254,7 @@ class ChatActor:
 
     # -- deciding and committing -------------------------------------------------------------
 
-    async def _decide(self, message: MailboxMessage) -> object:
+    async def _decide(self, message: MailboxMessage, mark: IdempotencyMark | None = None) -> object:
         assert self._state is not None
         if self._unsure:
             await self._settle(message)
@@ -256,7 +263,10 @@ class ChatActor:
         claim = self._run_claim(message, before, decision.state)
         try:
             return await self._apply(
-                decision, ended_turn=ends_turn(message, before, decision.state), claim=claim
+                decision,
+                ended_turn=ends_turn(message, before, decision.state),
+                claim=claim,
+                mark=mark,
             )
         except DatabaseUnavailable as exc:
             # What subscribers were told last; the commit may still have gone through.
@@ -346,7 +356,7 @@ class ChatActor:
         assert self._setup is not None
         return ClaimRun(owner_id=self._setup.owner_id, limit=limit)
 
-    async def _create(self, request: CreateChatRequest) -> object:
+    async def _create(self, request: CreateChatRequest, mark: IdempotencyMark | None) -> object:
         if self._state is not None:
             raise TransitionNotAllowed("existing", "creating the chat again")
         chat_id = self._ctx.chat_id
@@ -375,7 +385,7 @@ class ChatActor:
             SendMessage(request.message_id, request.text), empty, decision.state
         )
         try:
-            return await self._apply(decision, create=create, claim=claim)
+            return await self._apply(decision, create=create, claim=claim, mark=mark)
         except BaseException:
             self._state = None
             self._setup = None
@@ -388,6 +398,7 @@ class ChatActor:
         create: CreateChat | None = None,
         ended_turn: bool = False,
         claim: ClaimRun | None = None,
+        mark: IdempotencyMark | None = None,
     ) -> object:
         assert self._state is not None
         assert self._setup is not None
@@ -396,6 +407,11 @@ class ChatActor:
         writes = writes_for(before, decision, owner_id=owner)
         if claim is not None:
             writes.insert(0, claim)  # before the run's UpdateChat; after the chat's creation
+        if mark is not None:
+            # The key is marked done by the command's own commit (a command that changes
+            # nothing commits the mark alone): a retry after a lost answer then knows it was
+            # done. First, so that a superseded attempt is refused before anything else.
+            writes.insert(0, MarkIdempotencyKey(mark))
         if create is not None:
             writes.insert(0, create)
         notifications: tuple[InboxNotification, ...] = ()

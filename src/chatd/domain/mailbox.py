@@ -7,6 +7,7 @@ from typing import Literal
 from uuid import UUID
 
 from chatd.domain.conversation import ContentPart, ToolCallPart
+from chatd.domain.effects import Refusal
 from chatd.domain.events import Episode
 from chatd.domain.provider_failure import ProviderFailure
 from chatd.domain.stream_parts import Usage
@@ -70,6 +71,36 @@ Command = (
     | DeleteQueued
     | SetArchived
 )
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyMark:
+    """The ``Idempotency-Key`` attempt a command runs for (``chatd.store.idempotency``): the
+    commit that handles the command also marks the key committed, in the same transaction,
+    and only while ``attempt`` still holds the key."""
+
+    user_id: UUID
+    key: str
+    attempt: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A command sent under an ``Idempotency-Key``: the actor handles ``command`` as it would
+    without the key, and adds the mark's write to the commit that records it (a command that
+    changes nothing still commits the mark). ``command`` is a ``Command`` or the actor's
+    request to create its chat."""
+
+    command: object
+    mark: IdempotencyMark
+
+
+class AttemptSuperseded(Refusal):
+    """The command's attempt no longer holds its key (another request took the key over): the
+    commit is refused, nothing is written, and the request that holds the key does it."""
+
 
 # -- internal events (the actor tells itself) ----------------------------------------------
 

@@ -18,8 +18,10 @@ import asyncpg
 
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.effects import RunningChatsLimit
+from chatd.domain.mailbox import IdempotencyMark
 from chatd.store.database import Connection, Database, Record
 from chatd.store.errors import Conflict, Fenced, NotFound
+from chatd.store.idempotency import mark_committed
 from chatd.store.inbox import insert_notification
 from chatd.store.leases import Fence, check_fence, fence_args, fence_subquery
 from chatd.store.records import (
@@ -134,8 +136,19 @@ class ClaimRun:
     limit: int
 
 
+@dataclass(frozen=True, slots=True)
+class MarkIdempotencyKey:
+    """The commit handles a command sent under an ``Idempotency-Key``: mark the key committed
+    in this transaction (``chatd.store.idempotency.mark_committed``), or refuse the whole
+    commit (``AttemptSuperseded``) when the mark's attempt no longer holds the key. Put it
+    first (after a ``CreateChat``), so that a superseded attempt writes nothing else."""
+
+    mark: IdempotencyMark
+
+
 ChatWrite = (
     CreateChat
+    | MarkIdempotencyKey
     | ClaimRun
     | UpdateChat
     | AppendMessage
@@ -287,6 +300,8 @@ async def _apply(  # noqa: PLR0912 - one case per kind of write
     match write:
         case CreateChat():
             raise ValueError("CreateChat must be the first write of its commit")
+        case MarkIdempotencyKey(mark=mark):
+            await mark_committed(conn, mark)
         case ClaimRun():
             await _claim_run(conn, chat_id, write)
         case UpdateChat():

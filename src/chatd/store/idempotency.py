@@ -6,9 +6,9 @@ The protocol (the edge's side is ``chatd.web.idempotency``)
 A key belongs to a user; ``(user_id, key)`` is the primary key of ``idempotency_keys``.
 
 1. **Claim** before the command: one ``INSERT ... ON CONFLICT DO NOTHING`` writes a *pending*
-   row (the request's fingerprint, a fresh random ``seed``, ``expires_at = now + ttl`` and
-   ``locked_until = now + pending timeout``). When the key is already there, one transaction
-   reads it ``FOR UPDATE`` and decides:
+   row (the request's fingerprint, a fresh random ``seed`` and ``attempt``, ``expires_at = now
+   + ttl`` and ``locked_until = now + pending timeout``). When the key is already there, one
+   transaction reads it ``FOR UPDATE`` and decides:
 
    - expired: it is replaced, as if it had never been there (a fresh claim, a new seed);
    - another fingerprint (another body, route or method): ``Mismatch``, nothing is done;
@@ -16,50 +16,57 @@ A key belongs to a user; ``(user_id, key)`` is the primary key of ``idempotency_
    - pending, claimed by *this* worker: the attempt is over (the caller holds the key's turn
      in its process, so no live request of this worker has it): the worker died (kill -9) and
      was restarted under its stable identity (``chatd.identity``), or its request ended
-     without writing how: this request **takes over** the claim (same seed) at once;
+     without writing how: this request **takes over** the claim at once;
    - pending, claimed by another worker and ``locked_until`` still ahead: ``InProgress``;
    - pending and ``locked_until`` passed: the first attempt died (a worker that did not come
      back, a lost database) or gave up without an answer: this request **takes over**.
 
-2. The command runs (through the chat's actor, which commits it in its own transaction, or in
-   the store directly).
+   A take-over keeps the seed, gives the key a new ``attempt``, and tells the request whether
+   the previous attempt's command **committed** (below).
+
+2. The command runs. A command that goes through a chat's actor (create a chat, send, edit,
+   interrupt, tool results, delete or promote a queued message) carries the key's mark
+   (``chatd.domain.mailbox.Keyed``): the actor adds one statement to the very transaction
+   that commits the command (``mark_committed``, first after the chat's lock): ``committed =
+   true`` on the key, **only while the mark's attempt still holds it**; otherwise the whole
+   commit is refused (``AttemptSuperseded``) and nothing of it is written. A command that
+   changes nothing (an interrupt of a waiting chat) commits the mark alone.
 
 3. **Record** the result (2xx only) on the pending row, or on a refusal (4xx: nothing was
    done, by the edge's rule) **release** the key so that a corrected retry may use it; on any
    other failure (5xx, a timeout, the client gone) the row is **abandoned** (``locked_until =
-   now``): whether the command was done is unknown, so the next retry takes over. When the
-   database cannot be told (it is down), the edge keeps the ending in memory and writes it
-   before the next request with the key.
+   now``): the next retry takes over. Record, release and abandon act only while their attempt
+   holds the key. When the database cannot be told (it is down), the edge keeps the ending in
+   memory and writes it before the next request with the key.
 
-The window, and why a take-over is safe
----------------------------------------
+What now holds
+--------------
 
-The command's transaction and the record of its result are two commits, so a crash between
-them leaves a pending row whose command *was* done. Binding the key into the command's own
-transaction would mean threading it through the actor's decision and commit (``decide``,
-``persist``, ``store.chats.commit``); instead, every row a command creates has an id derived
-from the claim's ``seed`` (``derived_id``: a new chat, a sent message or its queued entry, an
-edited message's replacement), and a take-over first looks for those rows (``effect_exists``).
-Found: the command was done, and the edge answers from what is stored without doing it again.
-Not found: the command was not done (its transaction never committed), and it runs now.
+For the commands that go through a chat's actor, the key is part of the command's own
+transaction, so a crash, a kill -9 or a database outage between the command's commit and the
+record of its answer leaves no doubt:
 
-What remains of the window, precisely: only a take-over (a crash or an outage between the
-command's commit and the record) can differ from a replay, and then
+- a take-over that finds ``committed`` knows the command was done: the edge answers with the
+  route's success rebuilt from what is stored (``ApiRoutes.http(recover=...)``: a created
+  chat's current detail; a sent or edited-in message as it stands now, ``queued`` as it is now
+  or, if its queued entry was dropped since, ``queued: true``; 204 for the commands without a
+  body) and does **not** run the command again. The answer shows the present where the stored
+  rows changed since; the command itself is done once;
+- a take-over that finds it not committed knows the previous attempt's transaction never
+  committed, and since that attempt no longer holds the key, it never will (its commit, if
+  still on its way, is refused): the command runs now, once;
+- the key's row lock serialises the two: a take-over that reads the row while the command's
+  transaction holds it waits for that commit and then sees ``committed``.
 
-- create, send and edit are done once; their answer is rebuilt from the stored rows, so it
-  shows the present (a chat's current detail; ``queued`` as the message stands now);
-- the commands that create no row run again. Most are idempotent by their own rules or are
-  refused by the state the first run left, so nothing is done twice: tool results after the
-  chat moved on (409) or for other calls (400), a queued entry deleted twice (404), a promote,
-  archive, rename, prompt, diff status or read mark set to the same value again, an admin
-  create refused by its unique name (409). The answer then differs from the first (a 409 or
-  404 instead of the 2xx). One is not: an interrupt run again stops whatever the chat runs
-  *now*, which after the crash may be its next queued message;
-- another worker's key is taken over only after the pending timeout, which exceeds the ask
-  timeout, so the first attempt's command has been answered or abandoned by then; a commit
-  still in flight past both (a database stalled for longer) is the one case where a re-run
-  could race the first run (a send then collides on its derived id: the second commit fails,
-  the actor restarts from the database, and the message is stored once).
+The rows a command creates still take ids derived from the claim's ``seed`` (``derived_id``):
+the answer of a committed create, send or edit is rebuilt from them.
+
+What does not hold: the routes whose write goes to the store directly (rename, diff status,
+read marks, prompts, API tokens, the admin routes; ``PATCH /chats/{id}``, which may both
+archive through the actor and rename in the store) do not mark the key in their write. A
+take-over of one of them runs it again; each is idempotent by its own rules (a value set to
+the same value again, a duplicate name refused with 409), so nothing is done twice, but the
+retry's answer may then differ from the first (a 409 or 404 instead of the 2xx).
 
 Another worker's pending key is taken over only once its ``locked_until`` has passed: the
 pending timeout must exceed the longest a live request can take (``ask_timeout_s``), so a slow
@@ -81,6 +88,7 @@ from functools import partial
 from typing import Final
 from uuid import UUID
 
+from chatd.domain.mailbox import AttemptSuperseded, IdempotencyMark
 from chatd.store.database import Connection, Database
 
 # Expired keys deleted by each fresh claim: more than one, so cleanup outpaces creation.
@@ -89,10 +97,14 @@ PURGE_BATCH: Final = 16
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """This request does the command; ``took_over``: a dead attempt's claim (same seed)."""
+    """This request holds the key as ``attempt``. ``took_over``: a dead attempt's claim (same
+    seed); ``committed``: that attempt's command is done (its commit marked the key), so this
+    one answers from what is stored instead of doing it."""
 
     seed: UUID
+    attempt: UUID
     took_over: bool = False
+    committed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +150,11 @@ purge AS (
     )
 )
 INSERT INTO idempotency_keys
-    (user_id, key, fingerprint, seed, expires_at, locked_until, claimed_by)
+    (user_id, key, fingerprint, seed, expires_at, locked_until, claimed_by, attempt)
 SELECT $1, $2, $3, $4,
        now + make_interval(secs => $5),
        now + make_interval(secs => $8),
-       $9
+       $9, $10
 FROM clock
 ON CONFLICT (user_id, key) DO NOTHING
 RETURNING seed
@@ -162,7 +174,7 @@ async def claim(
 ) -> ClaimOutcome:
     """Claim ``key`` for the request of ``fingerprint`` on ``worker_id``, which must not run
     another request with this key meanwhile (see the module's protocol)."""
-    seed = uuid.uuid4()
+    seed, attempt = uuid.uuid4(), uuid.uuid4()
     inserted = await db.fetchval(
         _CLAIM,
         user_id,
@@ -174,9 +186,10 @@ async def claim(
         PURGE_BATCH,
         pending_timeout_s,
         worker_id,
+        attempt,
     )
     if inserted is not None:
-        return Claimed(seed)
+        return Claimed(seed, attempt)
     return await db.transaction(
         partial(
             _claim_existing,
@@ -184,6 +197,7 @@ async def claim(
             key=key,
             fingerprint=fingerprint,
             seed=seed,
+            attempt=attempt,
             ttl_s=ttl_s,
             pending_timeout_s=pending_timeout_s,
             worker_id=worker_id,
@@ -199,6 +213,7 @@ async def _claim_existing(
     key: str,
     fingerprint: bytes,
     seed: UUID,
+    attempt: UUID,
     ttl_s: float,
     pending_timeout_s: float,
     worker_id: str,
@@ -207,7 +222,8 @@ async def _claim_existing(
     clock: datetime = await conn.fetchval("SELECT coalesce($1::timestamptz, now())", now)
     row = await conn.fetchrow(
         "SELECT fingerprint, seed, status, content_type, body, expires_at, locked_until,"
-        " claimed_by FROM idempotency_keys WHERE user_id = $1 AND key = $2 FOR UPDATE",
+        " claimed_by, committed FROM idempotency_keys WHERE user_id = $1 AND key = $2"
+        " FOR UPDATE",
         user_id,
         key,
     )
@@ -219,13 +235,14 @@ async def _claim_existing(
             """
             INSERT INTO idempotency_keys
                 (user_id, key, fingerprint, seed, created_at, expires_at, locked_until,
-                 claimed_by)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 claimed_by, attempt)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT (user_id, key) DO UPDATE SET
                 fingerprint = EXCLUDED.fingerprint, seed = EXCLUDED.seed, status = NULL,
                 content_type = NULL, body = NULL, created_at = EXCLUDED.created_at,
                 expires_at = EXCLUDED.expires_at, locked_until = EXCLUDED.locked_until,
-                claimed_by = EXCLUDED.claimed_by
+                claimed_by = EXCLUDED.claimed_by, attempt = EXCLUDED.attempt,
+                committed = false
             """,
             user_id,
             key,
@@ -235,23 +252,26 @@ async def _claim_existing(
             clock + ttl,
             clock + pending,
             worker_id,
+            attempt,
         )
-        return Claimed(seed)
+        return Claimed(seed, attempt)
     if bytes(row["fingerprint"]) != fingerprint:
         return Mismatch()
     if row["status"] is not None:
         return Replay(row["status"], row["content_type"], bytes(row["body"]))
     if row["locked_until"] > clock and row["claimed_by"] != worker_id:
         return InProgress((row["locked_until"] - clock).total_seconds())
+    # A new attempt: from now on only this request's command may commit under the key.
     await conn.execute(
-        "UPDATE idempotency_keys SET locked_until = $3, claimed_by = $4"
+        "UPDATE idempotency_keys SET locked_until = $3, claimed_by = $4, attempt = $5"
         " WHERE user_id = $1 AND key = $2",
         user_id,
         key,
         clock + pending,
         worker_id,
+        attempt,
     )
-    return Claimed(row["seed"], took_over=True)
+    return Claimed(row["seed"], attempt, took_over=True, committed=row["committed"])
 
 
 async def record(
@@ -259,19 +279,19 @@ async def record(
     *,
     user_id: UUID,
     key: str,
-    seed: UUID,
+    attempt: UUID,
     status: int,
     content_type: str | None,
     body: bytes,
 ) -> bool:
-    """Record the claim's successful result; False if the claim is no longer this one's (it
-    expired and was claimed afresh meanwhile)."""
+    """Record the attempt's successful result; False if the key is no longer this attempt's
+    (another request took it over, or it expired and was claimed afresh meanwhile)."""
     done = await db.fetchval(
         "UPDATE idempotency_keys SET status = $4, content_type = $5, body = $6"
-        " WHERE user_id = $1 AND key = $2 AND seed = $3 AND status IS NULL RETURNING true",
+        " WHERE user_id = $1 AND key = $2 AND attempt = $3 AND status IS NULL RETURNING true",
         user_id,
         key,
-        seed,
+        attempt,
         status,
         content_type,
         body,
@@ -279,26 +299,42 @@ async def record(
     return done is not None
 
 
-async def release(db: Database, *, user_id: UUID, key: str, seed: UUID) -> None:
+async def release(db: Database, *, user_id: UUID, key: str, attempt: UUID) -> None:
     """Forget a pending claim whose command was refused (nothing was done)."""
     await db.execute(
         "DELETE FROM idempotency_keys"
-        " WHERE user_id = $1 AND key = $2 AND seed = $3 AND status IS NULL",
+        " WHERE user_id = $1 AND key = $2 AND attempt = $3 AND status IS NULL",
         user_id,
         key,
-        seed,
+        attempt,
     )
 
 
-async def abandon(db: Database, *, user_id: UUID, key: str, seed: UUID) -> None:
+async def abandon(db: Database, *, user_id: UUID, key: str, attempt: UUID) -> None:
     """End a pending claim whose outcome is unknown: the next retry takes over at once."""
     await db.execute(
         "UPDATE idempotency_keys SET locked_until = least(locked_until, now())"
-        " WHERE user_id = $1 AND key = $2 AND seed = $3 AND status IS NULL",
+        " WHERE user_id = $1 AND key = $2 AND attempt = $3 AND status IS NULL",
         user_id,
         key,
-        seed,
+        attempt,
     )
+
+
+async def mark_committed(conn: Connection, mark: IdempotencyMark) -> None:
+    """Inside the transaction of the mark's command: the key's command is done when this
+    transaction commits. Raises ``AttemptSuperseded`` (rolling the command back) when the
+    attempt no longer holds the key. The key's row stays locked until the commit, so a
+    take-over waits for it and then sees ``committed``."""
+    held = await conn.fetchval(
+        "UPDATE idempotency_keys SET committed = true"
+        " WHERE user_id = $1 AND key = $2 AND attempt = $3 AND status IS NULL RETURNING true",
+        mark.user_id,
+        mark.key,
+        mark.attempt,
+    )
+    if held is None:
+        raise AttemptSuperseded(f"idempotency key {mark.key!r}: another request holds it now")
 
 
 async def effect_exists(db: Database, *, owner_id: UUID, ids: list[UUID]) -> bool:

@@ -36,7 +36,7 @@ from chatd.store import chats, diff_status, idempotency
 from chatd.store.records import Chat, ChatMessage, DiffStatus, PullRequestState
 from chatd.web.decode import check_length, parse_uuid
 from chatd.web.errors import ApiError
-from chatd.web.routing import NOT_DONE, ApiRoutes, Call, QueryParam
+from chatd.web.routing import ApiRoutes, Call, QueryParam
 from chatd.web.views import PendingCallView, QueuedView, pending_call_view
 
 routes = ApiRoutes("chats", tag="chats")
@@ -254,10 +254,11 @@ def _check_text(call: Call[Any], text: str) -> None:
 
 
 async def _recover_create(call: Call[CreateChat]) -> object:
-    """A take-over of an Idempotency-Key: the chat as stored if its creation committed."""
+    """The answer to a retry whose key's creation committed: the chat as stored now (404 if
+    it was deleted since)."""
     chat = await chats.get_chat(call.services.db, call.new_id("chat"), call.user.id)
     if chat is None:
-        return NOT_DONE
+        raise ApiError.not_found("chat")
     call.services.chat_owners.remember(chat.id, chat.owner_id)
     return await _detail(call, chat)
 
@@ -270,6 +271,7 @@ async def _recover_create(call: Call[CreateChat]) -> object:
     response=ChatDetail,
     status=201,
     errors=(429, 503),
+    commits_key=True,
     recover=_recover_create,
 )
 async def create_chat(call: Call[CreateChat]) -> ChatDetail:
@@ -293,7 +295,7 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
             ToolSpec(t.name, t.description, t.input_schema) for t in body.dynamic_tools
         ),
     )
-    reply = await _ask(call, chat_id, request)
+    reply = await _ask(call, chat_id, call.keyed(request))
     assert isinstance(reply, ChatCreatedReply)
     call.services.chat_owners.remember(chat_id, call.user.id)
     # A new chat has no queue and no pending calls yet.
@@ -404,17 +406,17 @@ async def list_messages(call: Call[None], chat_id: str) -> MessagePage:
 
 
 async def _recover_message(call: Call[Any], chat_id: str, **_target: str) -> object:
-    """A take-over of an Idempotency-Key: the sent (or edited-in) message if it committed,
-    queued or in the history."""
+    """The answer to a retry whose key's send (or edit) committed: its message as it stands
+    now, queued or in the history (live or truncated since). Neither: it was queued and the
+    entry dropped since (deleted, or cleared by an edit), so it was accepted as queued."""
     ident = await owned_chat_id(call, chat_id)
     message_id = call.new_id("message")
-    queue = await chats.list_queue(call.services.db, ident)
+    db, owner = call.services.db, call.user.id
+    queue = await chats.list_queue(db, ident)
     if any(q.id == message_id for q in queue):
         return Accepted(message_id, queued=True)
-    db, owner = call.services.db, call.user.id
-    if await idempotency.effect_exists(db, owner_id=owner, ids=[message_id]):
-        return Accepted(message_id, queued=False)
-    return NOT_DONE
+    in_history = await idempotency.effect_exists(db, owner_id=owner, ids=[message_id])
+    return Accepted(message_id, queued=not in_history)
 
 
 @routes.http(
@@ -425,13 +427,14 @@ async def _recover_message(call: Call[Any], chat_id: str, **_target: str) -> obj
     response=Accepted,
     status=202,
     errors=(404, 409, 429),
+    commits_key=True,
     recover=_recover_message,
 )
 async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     _check_text(call, call.body.text)
     ident = await owned_chat_id(call, chat_id)
     command = SendMessage(call.new_id("message"), call.body.text, call.body.busy_behavior)
-    return _accepted(await _ask(call, ident, command))
+    return _accepted(await _ask(call, ident, call.keyed(command)))
 
 
 @routes.http(
@@ -442,6 +445,7 @@ async def send_message(call: Call[SendMessageBody], chat_id: str) -> Accepted:
     response=Accepted,
     status=202,
     errors=(404, 409, 429),
+    commits_key=True,
     recover=_recover_message,
 )
 async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: str) -> Accepted:
@@ -449,7 +453,7 @@ async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: st
     target = parse_uuid("message_id", message_id)
     ident = await owned_chat_id(call, chat_id)
     command = EditMessage(target, call.new_id("message"), call.body.text)
-    return _accepted(await _ask(call, ident, command))
+    return _accepted(await _ask(call, ident, call.keyed(command)))
 
 
 # -- steering ------------------------------------------------------------------------------
@@ -460,9 +464,10 @@ async def edit_message(call: Call[EditMessageBody], chat_id: str, message_id: st
     "/chats/<chat_id>/interrupt",
     summary="Stop the current run, keeping its output",
     errors=(404, 409),
+    commits_key=True,
 )
 async def interrupt(call: Call[None], chat_id: str) -> None:
-    await _ask(call, await owned_chat_id(call, chat_id), Interrupt())
+    await _ask(call, await owned_chat_id(call, chat_id), call.keyed(Interrupt()))
 
 
 @routes.http(
@@ -471,11 +476,12 @@ async def interrupt(call: Call[None], chat_id: str) -> None:
     summary="Answer the chat's pending dynamic tool calls, all at once",
     body=ToolResultsBody,
     errors=(404, 409),
+    commits_key=True,
 )
 async def submit_tool_results(call: Call[ToolResultsBody], chat_id: str) -> None:
     ident = await owned_chat_id(call, chat_id)
     results = tuple(ToolResult(r.call_id, r.output) for r in call.body.results)
-    await _ask(call, ident, SubmitToolResults(results))
+    await _ask(call, ident, call.keyed(SubmitToolResults(results)))
 
 
 @routes.http(
@@ -483,10 +489,11 @@ async def submit_tool_results(call: Call[ToolResultsBody], chat_id: str) -> None
     "/chats/<chat_id>/queue/<queued_id>",
     summary="Drop a queued message",
     errors=(404,),
+    commits_key=True,
 )
 async def delete_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
     target = parse_uuid("queued_id", queued_id)
-    await _ask(call, await owned_chat_id(call, chat_id), DeleteQueued(target))
+    await _ask(call, await owned_chat_id(call, chat_id), call.keyed(DeleteQueued(target)))
 
 
 @routes.http(
@@ -494,10 +501,11 @@ async def delete_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
     "/chats/<chat_id>/queue/<queued_id>/promote",
     summary="Move a queued message to the front of the queue",
     errors=(404,),
+    commits_key=True,
 )
 async def promote_queued(call: Call[None], chat_id: str, queued_id: str) -> None:
     target = parse_uuid("queued_id", queued_id)
-    await _ask(call, await owned_chat_id(call, chat_id), PromoteQueued(target))
+    await _ask(call, await owned_chat_id(call, chat_id), call.keyed(PromoteQueued(target)))
 
 
 # -- diff status ---------------------------------------------------------------------------

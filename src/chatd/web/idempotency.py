@@ -17,14 +17,18 @@ its crash window are described in ``chatd.store.idempotency``. What a client see
   first runs *in this process* waits for its answer (at most ``idempotency_wait_s``) and then
   answers as a retry does; a duplicate on another process, or one that waited its bound out,
   gets 409 ``idempotency_key_in_progress`` with ``Retry-After: 1``;
-- after a crash (kill -9) between the command's commit and the record of its answer, the key
-  stays pending. The same worker restarted on its home (its stable identity) takes it over at
-  the next retry; any other worker once ``idempotency_pending_timeout_s`` has passed. When the
-  database was down instead, this process remembers how the claim ended and writes it before
-  the next request with the key. A take-over on a route whose command creates rows (create a
-  chat, send, edit) finds the rows derived from the key and answers from them
-  (``ApiRoutes.http(recover=...)``) instead of doing it again; other commands run again, and
-  their own rules keep them from being done twice (see ``chatd.store.idempotency``).
+- after a crash (kill -9) or a database outage between the command's commit and the record of
+  its answer, the key stays pending. The same worker restarted on its home (its stable
+  identity) takes it over at the next retry; any other worker once
+  ``idempotency_pending_timeout_s`` has passed. When the database was down instead, this
+  process remembers how the claim ended and writes it before the next request with the key.
+  The commands that go through a chat's actor (``ApiRoutes.http(commits_key=True)``) mark the
+  key in their own commit, so a take-over knows whether the command was done: done, the
+  answer is rebuilt from what is stored (``recover``; 204 for the routes without a body) and
+  the command is not run again; not done, it runs now. The other routes run again, and their
+  own rules keep them from being done twice (see ``chatd.store.idempotency``);
+- a request whose key another request took over meanwhile (its command refused at its
+  commit, ``AttemptSuperseded``): 409 ``idempotency_key_in_progress``; it did nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import trio
 from quart import Quart, Response
 from werkzeug.datastructures import Headers
 
+from chatd.domain.mailbox import AttemptSuperseded
 from chatd.store import idempotency as store
 from chatd.store.idempotency import Claimed, InProgress, Mismatch, Replay
 from chatd.web.context import Services
@@ -123,8 +128,8 @@ class _InFlight:
     slots: dict[tuple[UUID, str], _Slot] = field(default_factory=dict)
     unsettled: dict[tuple[UUID, str], tuple[UUID, _Ending]] = field(default_factory=dict)
 
-    def remember(self, slot: tuple[UUID, str], seed: UUID, ending: _Ending) -> None:
-        self.unsettled[slot] = (seed, ending)
+    def remember(self, slot: tuple[UUID, str], attempt: UUID, ending: _Ending) -> None:
+        self.unsettled[slot] = (attempt, ending)
         while len(self.unsettled) > _MAX_UNSETTLED:
             del self.unsettled[next(iter(self.unsettled))]
 
@@ -231,28 +236,28 @@ async def _settle_earlier(svc: Services, in_flight: _InFlight, *, user_id: UUID,
     unsettled = in_flight.unsettled.pop(slot, None)
     if unsettled is None:
         return
-    seed, ending = unsettled
+    attempt, ending = unsettled
     try:
-        await _write_ending(svc, user_id=user_id, key=key, seed=seed, ending=ending)
+        await _write_ending(svc, user_id=user_id, key=key, attempt=attempt, ending=ending)
     except BaseException:
         in_flight.unsettled.setdefault(slot, unsettled)
         raise
 
 
 async def _write_ending(
-    svc: Services, *, user_id: UUID, key: str, seed: UUID, ending: _Ending
+    svc: Services, *, user_id: UUID, key: str, attempt: UUID, ending: _Ending
 ) -> None:
     if ending == "release":
-        await store.release(svc.db, user_id=user_id, key=key, seed=seed)
+        await store.release(svc.db, user_id=user_id, key=key, attempt=attempt)
     elif ending == "abandon":
-        await store.abandon(svc.db, user_id=user_id, key=key, seed=seed)
+        await store.abandon(svc.db, user_id=user_id, key=key, attempt=attempt)
     else:
         assert isinstance(ending, Answer)
         await store.record(
             svc.db,
             user_id=user_id,
             key=key,
-            seed=seed,
+            attempt=attempt,
             status=ending.status,
             content_type=ending.content_type,
             body=ending.body,
@@ -270,16 +275,20 @@ async def _do(
 ) -> Response:
     try:
         answer = await attempt(claimed)
+    except AttemptSuperseded as exc:
+        # Another request took the key over while this one's command was on its way: that
+        # request does (or did) it; this one wrote nothing and must not touch the key.
+        raise _in_progress() from exc
     except BaseException as exc:
-        await _after_failure(svc, in_flight, user_id=user_id, key=key, seed=claimed.seed, exc=exc)
+        await _after_failure(svc, in_flight, user_id=user_id, key=key, claimed=claimed, exc=exc)
         raise
     try:
-        await _write_ending(svc, user_id=user_id, key=key, seed=claimed.seed, ending=answer)
+        await _write_ending(svc, user_id=user_id, key=key, attempt=claimed.attempt, ending=answer)
     except Exception:
         # The command is done and durable: its answer stands, and is recorded by the next
         # request with the key (or, on another process, recovered after the pending timeout).
         log.warning("the answer for an idempotency key was not recorded", exc_info=True)
-        in_flight.remember((user_id, key), claimed.seed, answer)
+        in_flight.remember((user_id, key), claimed.attempt, answer)
     return answer.response()
 
 
@@ -289,20 +298,23 @@ async def _after_failure(
     *,
     user_id: UUID,
     key: str,
-    seed: UUID,
+    claimed: Claimed,
     exc: BaseException,
 ) -> None:
     """A refusal (4xx) did nothing: free the key. Anything else (5xx, a timeout, the request
-    cancelled) may or may not have done the command: let the next retry take over at once."""
+    cancelled) may or may not have done the command: let the next retry take over at once.
+    A key whose command is known done (``claimed.committed``) is never freed: its answer
+    failed, not its command."""
     error = api_error_for(exc) if isinstance(exc, Exception) else None
-    refused = error is not None and 400 <= error.status < 500
+    refused = error is not None and 400 <= error.status < 500 and not claimed.committed
     ending: _Ending = "release" if refused else "abandon"
+    attempt = claimed.attempt
     written = False
     with trio.move_on_after(_CLEANUP_TIMEOUT_S, shield=True):
         try:
-            await _write_ending(svc, user_id=user_id, key=key, seed=seed, ending=ending)
+            await _write_ending(svc, user_id=user_id, key=key, attempt=attempt, ending=ending)
             written = True
         except Exception:
             log.warning("an idempotency key could not be freed after a failure", exc_info=True)
     if not written:
-        in_flight.remember((user_id, key), seed, ending)
+        in_flight.remember((user_id, key), attempt, ending)

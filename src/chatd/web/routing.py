@@ -17,6 +17,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request, websocket
 
+from chatd.domain.mailbox import IdempotencyMark, Keyed
 from chatd.store.idempotency import Claimed, derived_id
 from chatd.store.records import User
 from chatd.web import idempotency
@@ -56,9 +57,13 @@ class RouteSpec:
     # The success body's content type. JSON: the view's result encoded by msgspec; anything
     # else (a text format such as Prometheus exposition): the view returns the body as ``str``.
     media_type: str = JSON_MEDIA_TYPE
-    # Mutating routes only: when a retry takes over an Idempotency-Key whose first attempt
-    # died without an answer, ``recover(call, **params)`` looks for the rows the command
-    # creates (ids from ``Call.new_id``) and returns the answer they give, or ``NOT_DONE``.
+    # Mutating routes only. ``commits_key``: the view's command commits the Idempotency-Key
+    # in its own transaction (it sends ``Call.keyed(command)`` to the chat's actor), so a
+    # retry that takes over a key whose first attempt died without an answer knows whether
+    # the command was done: done, it answers with ``recover(call, **params)`` (the answer
+    # rebuilt from what is stored; no body without ``recover``) and does not run the view;
+    # not done, it runs the view. Without ``commits_key`` a take-over runs the view again.
+    commits_key: bool = False
     recover: View | None = None
 
     @property
@@ -81,6 +86,15 @@ class Call(Generic[B]):
     services: Services
     # The claimed Idempotency-Key's seed (None without the header): see ``new_id``.
     idempotency_seed: UUID | None = None
+    # The claimed Idempotency-Key's attempt (None without the header): see ``keyed``.
+    idempotency_mark: IdempotencyMark | None = None
+
+    def keyed(self, command: object) -> object:
+        """``command`` as the chat's actor must get it: with the request's Idempotency-Key
+        mark, which the actor commits in the command's own transaction."""
+        if self.idempotency_mark is None:
+            return command
+        return Keyed(command, self.idempotency_mark)
 
     def new_id(self, purpose: str) -> UUID:
         """The id of a row the command creates: random, or with an Idempotency-Key the same
@@ -92,8 +106,6 @@ class Call(Generic[B]):
 
 
 View = Callable[..., Awaitable[Any]]
-# What a route's ``recover`` returns when the command's rows are not there: do it now.
-NOT_DONE: Any = object()
 
 
 class ApiRoutes:
@@ -117,6 +129,7 @@ class ApiRoutes:
         query: Sequence[QueryParam] = (),
         errors: Sequence[int] = (),
         media_type: str = JSON_MEDIA_TYPE,
+        commits_key: bool = False,
         recover: View | None = None,
     ) -> Callable[[View], View]:
         """Declare an HTTP route. With a ``media_type`` other than JSON, the view returns its
@@ -136,8 +149,11 @@ class ApiRoutes:
             tuple(query),
             tuple(errors),
             media_type,
+            commits_key,
             recover,
         )
+        if recover is not None and not commits_key:
+            raise ValueError(f"{method} {path}: recover needs commits_key")
         self.specs.append(spec)
 
         def register(view: View) -> View:
@@ -162,13 +178,14 @@ class ApiRoutes:
                     return _answer(spec, result).response()
 
                 async def attempt(claimed: Claimed) -> idempotency.Answer:
-                    call = Call(user, decoded, query_args, svc, claimed.seed)
-                    result = NOT_DONE
-                    if claimed.took_over and spec.recover is not None:
-                        result = await spec.recover(call, **params)
-                    if result is NOT_DONE:
-                        result = await view(call, **params)
-                    return _answer(spec, result)
+                    assert key is not None
+                    mark = IdempotencyMark(user.id, key, claimed.attempt)
+                    call = Call(user, decoded, query_args, svc, claimed.seed, mark)
+                    if spec.commits_key and claimed.committed:
+                        # The first attempt's command committed; only its answer was lost.
+                        done = None if spec.recover is None else await spec.recover(call, **params)
+                        return _answer(spec, done)
+                    return _answer(spec, await view(call, **params))
 
                 # Compared as decoded (fields sorted), so that a retry that serialises the
                 # same body differently is the same request.

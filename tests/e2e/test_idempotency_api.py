@@ -15,10 +15,13 @@ import httpx2
 import pytest
 import trio
 
+from chatd.domain.effects import MessageAccepted
+from chatd.domain.mailbox import AttemptSuperseded, IdempotencyMark, Keyed, SendMessage
 from chatd.providers.fake import knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
-from chatd.store import users
+from chatd.store import idempotency, users
 from chatd.store.database import Database
+from chatd.store.idempotency import Claimed
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
 from tests.e2e.chatd_process import chatd_server
 from tests.e2e.test_hot_path import Cost, cost_of_turn
@@ -348,6 +351,48 @@ async def test_a_send_done_but_not_acknowledged_is_not_sent_again_once_its_entry
         detail = (await alice.http.get(base)).json()
         assert (detail["status"], detail["queue"]) == ("requires_action", [])
         assert body["text"] not in await user_texts(alice, chat["id"])
+
+
+async def test_a_superseded_attempts_command_is_refused_whole_and_the_chat_goes_on(
+    api: ApiWorld,
+) -> None:
+    """A command still on its way to the chat's actor when a retry took its key over (its
+    request abandoned, say after the ask timed out) is refused at its commit: nothing of it is
+    written, and the actor goes on with the command of the attempt that holds the key."""
+    alice = await api.client("alice")
+    chat_id = await idle_chat(alice)
+    router, user_id = api.engine.router, alice.user.id
+
+    async def claimed() -> Claimed:
+        outcome = await idempotency.claim(
+            api.db,
+            user_id=user_id,
+            key="late",
+            fingerprint=bytes(32),
+            ttl_s=api.settings.idempotency_key_ttl_s,
+            pending_timeout_s=api.settings.idempotency_pending_timeout_s,
+            worker_id="the-same-worker",
+        )
+        assert isinstance(outcome, Claimed)
+        return outcome
+
+    first = await claimed()
+    second = await claimed()  # the same worker's key: taken over at once, by a new attempt
+    late = SendMessage(uuid.uuid4(), f"{QUICK} late")
+    stale = Keyed(late, IdempotencyMark(user_id, "late", first.attempt))
+    with pytest.raises(AttemptSuperseded, match="another request holds it now"):
+        await router.ask(uuid.UUID(chat_id), stale)
+    on_time = SendMessage(uuid.uuid4(), f"{QUICK} on time")
+    current = Keyed(on_time, IdempotencyMark(user_id, "late", second.attempt))
+    reply = await router.ask(uuid.UUID(chat_id), current)
+    assert isinstance(reply, MessageAccepted)
+    assert reply.message_id == on_time.message_id
+    assert [t for t in await user_texts(alice, chat_id) if t.startswith(QUICK)] == [
+        f"{QUICK} hello",
+        f"{QUICK} on time",
+    ]
+    committed = await api.db.fetchval("SELECT committed FROM idempotency_keys WHERE key = 'late'")
+    assert committed is True
 
 
 @pytest.fixture

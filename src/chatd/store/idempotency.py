@@ -66,12 +66,20 @@ read marks, prompts, API tokens, the admin routes; ``PATCH /chats/{id}``, which 
 archive through the actor and rename in the store) do not mark the key in their write. A
 take-over of one of them runs it again; each is idempotent by its own rules (a value set to
 the same value again, a duplicate name refused with 409), so nothing is done twice, but the
-retry's answer may then differ from the first (a 409 or 404 instead of the 2xx).
+retry's answer may then differ from the first (a 409 or 404 instead of the 2xx; ``PATCH
+/chats/{id}`` answers 200 again, with the chat as it is now).
+
+The cost: with the header, the claim and the record (one statement each, outside the command's
+transaction) and the mark (one statement inside the command's commit); a command that changes
+nothing (an interrupt of a waiting chat, say) commits its mark in a transaction of its own.
+Without the header, nothing.
 
 Another worker's pending key is taken over only once its ``locked_until`` has passed: the
 pending timeout must exceed the longest a live request can take (``ask_timeout_s``), so a slow
-first attempt is never taken over while it still runs. A worker id is held by one live process
-at a time (the identity's lock), which is what makes the same-worker take-over safe.
+first attempt is not taken over while it still runs (and should its command outlast that, a
+stalled commit say, the command is refused at its commit, as any superseded attempt's). A
+worker id is held by one live process at a time (the identity's lock), which is what makes the
+same-worker take-over safe.
 
 Expiry uses the database's clock (``now()``) unless a test passes ``now``. Expired keys are
 deleted on write: every fresh claim also deletes a bounded number of expired keys of any user

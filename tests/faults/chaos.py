@@ -20,7 +20,7 @@ import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -30,7 +30,22 @@ from tests.faults.client import ApiClient, ChatStream, Op, settle
 from tests.faults.world import FaultWorld
 
 TOOLS = [{"name": "lookup", "description": "look something up"}]
-FAULT_KINDS = ("pause", "cut", "delay", "kill")
+FAULT_KINDS = ("pause", "cut", "delay", "kill", "commit", "kill_at_commit")
+# Bytes that only the commits of chat writes send (see Trigger): a user message (its text
+# "c<n>-m<k>-..."), an answer (the fake model's first word), tool results (their output).
+COMMIT_MARKERS = (b"-m", b"w1 ", b"tool-output")
+# How often each kind is picked: faults at a commit point hit the narrowest windows, so they
+# come most often.
+FAULT_WEIGHTS = {
+    "pause": 1.0,
+    "cut": 1.0,
+    "delay": 0.5,
+    "kill": 0.5,
+    "commit": 2.0,
+    "kill_at_commit": 1.0,
+}
+# How long an armed commit fault waits for its commit before it is withdrawn.
+ARMED_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,7 @@ class ChaosResult:
 
     def figures(self) -> dict[str, Any]:
         recoveries = sorted(f.recovered_s for f in self.faults if f.recovered_s is not None)
-        by_kind = {k: sum(1 for f in self.faults if f.kind == k) for k in FAULT_KINDS}
+        by_kind = {k: sum(1 for f in self.faults if f.kind.split(":")[0] == k) for k in FAULT_KINDS}
         return {
             **self.report.figures(),
             "faults": len(self.faults),
@@ -283,11 +298,33 @@ async def _nemesis(
         await trio.sleep(rng.expovariate(config.fault_rate_per_s))
         if trio.current_time() >= stop_at:
             return
-        kind = rng.choice(config.fault_kinds)
+        [kind] = rng.choices(config.fault_kinds, [FAULT_WEIGHTS[k] for k in config.fault_kinds])
         length = rng.uniform(*config.fault_length_s)
         record = FaultRecord(kind, trio.current_time(), 0.0)
+        if kind in ("commit", "kill_at_commit"):
+            # At the commit of the next chat write of some kind: lost on its way
+            # ("request") or done with its acknowledgement lost ("reply").
+            at: Literal["request", "reply"] = rng.choice(("request", "reply"))
+            marker = rng.choice(COMMIT_MARKERS)
+            action: Literal["cut", "pause"] = "cut" if kind == "commit" else "pause"
+            trigger = proxy.arm(marker, action=action, at=at)
+            with trio.move_on_after(ARMED_S):
+                await trigger.fired.wait()
+            proxy.disarm(trigger)
+            if not trigger.fired.is_set():
+                continue  # no such commit came: no fault
+            record.kind = f"{kind}:{at}"
+            record.started = trio.current_time()
         if kind == "kill":
             await world.kill()
+            await trio.sleep(length)  # chatd stays down this long
+            await world.start()
+        elif kind == "kill_at_commit":
+            await world.kill()
+            if at == "request":
+                proxy.cut()  # the held commit dies with the process's connections
+                proxy.restore()
+            proxy.resume()
             await trio.sleep(length)  # chatd stays down this long
             await world.start()
         else:
@@ -295,7 +332,7 @@ async def _nemesis(
                 proxy.pause()
             elif kind == "cut":
                 proxy.cut()
-            else:
+            elif kind == "delay":
                 proxy.delay_s = rng.uniform(0.05, 0.3)
             await trio.sleep(length)  # the fault's length
             proxy.resume()

@@ -160,7 +160,8 @@ class ApiClient:
         op = Op(self.name, "tool_results", chat_id, call_ids=tuple(call_ids))
         if key is not None:
             op.key = key
-        output = json.dumps({"result": op.key})
+        # "tool-output" marks every tool results commit for the fault proxy's triggers.
+        output = json.dumps({"result": op.key, "note": "tool-output"})
         body = {"results": [{"call_id": c, "output": output} for c in call_ids]}
         await self._run(op, "POST", f"/api/v1/chats/{chat_id}/tool-results", body)
         return op

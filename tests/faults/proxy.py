@@ -187,6 +187,11 @@ class PgProxy:
         self._triggers.append(trigger)
         return trigger
 
+    def disarm(self, trigger: Trigger) -> None:
+        """Withdraw a trigger that has not struck (no effect once it has)."""
+        if trigger in self._triggers:
+            self._triggers.remove(trigger)
+
     def url_for(self, url: str) -> str:
         """``url`` (of the proxied server) through this proxy."""
         return proxied_url(url, self.address)

@@ -1,9 +1,10 @@
 """The chaos run, short: random clients under random faults, then the history checker.
 
 A few clients send, edit, interrupt, answer tools and reconnect their streams at random for a
-few seconds while the nemesis pauses, cuts and slows the database and kills chatd; afterwards
-the checker reads every chat through the API and every client's log (``tests/faults``). Zero
-lost, duplicated, reordered or stranded is the only pass. The long run is
+few seconds while the nemesis pauses, cuts and slows the database, breaks it at the commit of
+a chat write, and kills chatd (``tests/faults/chaos.py``); afterwards the checker reads every
+chat through the API and every client's log. Zero lost, duplicated, reordered or stranded is
+the only pass. The long run is
 ``python -m benchmarks.chaos``. The seed is random per run and printed on failure; set
 ``CHAOS_SEED`` to replay one.
 """

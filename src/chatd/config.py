@@ -129,9 +129,10 @@ class Settings:
     # Open client connections (HTTP and WebSocket) this process serves at once; one more is
     # answered 503 with Retry-After and closed, and the open ones are not disturbed.
     max_connections: int = 20_000
-    # A refused connection is read (and its bytes discarded) at most this long after its 503,
-    # so that closing it does not reset the connection before the client has read the 503.
-    refused_connection_linger_s: float = 1.0
+    # A connection the server closes (after a Connection: close answer, a refusal at
+    # max_connections, an idle timeout) is still read, its bytes discarded, at most this long,
+    # so that the close does not reset the connection before the client read the last answer.
+    close_linger_s: float = 1.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -183,7 +184,7 @@ class Settings:
             "max_websockets_per_user",
             "max_running_chats_per_user",
             "max_connections",
-            "refused_connection_linger_s",
+            "close_linger_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

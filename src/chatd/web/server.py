@@ -115,6 +115,7 @@ async def serve(
             lifespan_state,
             stream,
             close_grace_s=settings.shutdown_grace_s,
+            close_linger_s=settings.close_linger_s,
             on_close=gate.leave,
         )
         await connection.run()
@@ -169,20 +170,29 @@ class ConnectionGate:
 
 async def refuse_over_capacity(stream: trio.SocketStream, settings: Settings) -> None:
     """Answer 503 without parsing the request, and close: the open connections are not
-    slowed down, and the client knows to come back rather than seeing a reset.
-
-    Closing a socket with unread bytes makes the kernel reset it, and a reset can destroy the
-    503 before the client read it; so the request is read and discarded, for a short time.
-    """
+    slowed down, and the client knows to come back rather than seeing a reset."""
     log.warning("connection refused: at the limit of %d open connections", settings.max_connections)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         with trio.move_on_after(settings.client_send_timeout_s):
             await stream.send_all(_OVER_CAPACITY)
-            await stream.send_eof()
-        with trio.move_on_after(settings.refused_connection_linger_s):
+        await stream.send_eof()
+    await linger_and_close(stream, settings.close_linger_s)
+
+
+async def linger_and_close(stream: trio.SocketStream, linger_s: float) -> None:
+    """Close a stream whose sending side was shut, after reading (and discarding) what the
+    client still sends, until it closes too or ``linger_s`` passed.
+
+    Closing a socket with unread bytes makes the kernel reset the connection, and a reset can
+    destroy our last answer (a 413, a 503) before the client read it: a client still sending
+    its body would see "connection reset" instead.
+    """
+    with trio.move_on_after(linger_s):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while await stream.receive_some(_RECEIVE_BYTES):
                 pass
-    await stream.aclose()
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 class Connection:
@@ -204,6 +214,7 @@ class Connection:
         stream: trio.SocketStream,
         *,
         close_grace_s: float,
+        close_linger_s: float,
         on_close: Callable[[], None],
     ) -> None:
         self.app = app
@@ -212,6 +223,7 @@ class Connection:
         self.lifespan_state = lifespan_state
         self.stream = stream
         self.close_grace_s = close_grace_s
+        self.close_linger_s = close_linger_s
         self.on_close = on_close
         self.peer = "?"
         self._scope = trio.CancelScope()
@@ -220,6 +232,10 @@ class Connection:
         self._tasks: TaskGroup | None = None
         self._protocol: ProtocolWrapper | None = None
         self._closed = False
+        self._reading = False
+
+    def is_closed(self) -> bool:
+        return self._closed
 
     async def run(self) -> None:
         try:
@@ -229,6 +245,8 @@ class Connection:
             log.warning("connection from %s failed: %s", self.peer, _summary(group))
         finally:
             await self._close()
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()  # if the reader was cancelled before it closed it
 
     async def _serve(self) -> None:
         sock = self.stream.socket
@@ -258,22 +276,30 @@ class Connection:
             await self._read(self._protocol)
 
     async def _read(self, protocol: ProtocolWrapper) -> None:
-        while not self._closed:
+        self._reading = True
+        while not self.is_closed():
             try:
                 data = await self.stream.receive_some(_RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                break
+                data = b""
+            if self.is_closed():  # closed by another task while we waited
+                break  # bytes after our close are the linger's to discard
             # b"" (the peer's EOF) goes to the protocol too: h11 turns it into its own event.
             await protocol.handle(RawData(bytes(data)))
             if not data:
                 break
+        self._reading = False
+        closed_by_us = self.is_closed()
         # What is left (a request task finishing, Hypercorn's WebSocket ping task asleep)
         # gets the grace period; the connection no longer counts against the limit.
         await self._close()
+        if closed_by_us:
+            await linger_and_close(self.stream, self.close_linger_s)
         await protocol.handle(Closed())
 
     async def _protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
+            broken = False
             async with self._send_lock:
                 try:
                     # A half-written response or frame would corrupt the stream, so writes are
@@ -281,10 +307,11 @@ class Connection:
                     with trio.CancelScope(shield=True):
                         await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._close()
-                    await self._handle(Closed())
-                    return
-            if self._response_ended_the_connection():
+                    broken = True
+            if broken:
+                await self._close()
+                await self._handle(Closed())
+            elif self._response_ended_the_connection():
                 # The reader sees the close and tells the protocol.
                 await self._close()
         elif isinstance(event, Closed):
@@ -335,7 +362,11 @@ class Connection:
             await self._handle(Closed())
 
     async def _close(self) -> None:
-        """Close the socket (once); what is left of the connection gets the grace period."""
+        """End the connection (once): what is left of it gets the grace period.
+
+        Our side is shut at once; while the reader runs, it lingers (see
+        ``linger_and_close``) and closes the socket, otherwise the socket is closed here.
+        """
         if self._closed:
             return
         self._closed = True
@@ -344,11 +375,13 @@ class Connection:
         # Shielded: the caller is often a request task being cancelled (its response is sent),
         # and a close cut short at its first checkpoint would leave the socket open.
         with trio.CancelScope(shield=True):
-            with contextlib.suppress(
-                trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
-            ):
-                await self.stream.send_eof()
-            await self.stream.aclose()
+            # Under the send lock: a write of another task in progress ends first (a shut
+            # during it would fail that write with BusyResourceError).
+            async with self._send_lock:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.stream.send_eof()
+            if not self._reading:
+                await self.stream.aclose()
 
 
 def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:

@@ -94,7 +94,9 @@ def test_nesting_past_the_parser_is_refused_naming_the_depth_rule(levels: int) -
     assert (error.field, error.rule) == ("body", "nested at most 64 levels")
 
 
-@pytest.mark.parametrize("raw", [b'{"text": "\xff\xfe"}', b'{"t\xffext": "a"}', b'{"text": "\xc3"}'])
+@pytest.mark.parametrize(
+    "raw", [b'{"text": "\xff\xfe"}', b'{"t\xffext": "a"}', b'{"text": "\xc3"}']
+)
 def test_invalid_utf8_is_refused(raw: bytes) -> None:
     error = refusal(raw)
     assert (error.field, error.rule) == ("body", "must be valid UTF-8")

@@ -93,6 +93,8 @@ class ChaosResult:
         by_kind = {k: sum(1 for f in self.faults if f.kind.split(":")[0] == k) for k in FAULT_KINDS}
         return {
             **self.report.figures(),
+            # Requests that needed more than one attempt: faults struck them in flight.
+            "retried": sum(1 for op in self.ops if len(op.attempts) > 1),
             "faults": len(self.faults),
             **{f"faults_{k}": n for k, n in by_kind.items()},
             "unrecovered": self.unrecovered,

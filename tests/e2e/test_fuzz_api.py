@@ -30,9 +30,21 @@ BUDGET_S = 25.0
 MAX_EXAMPLES = 400
 
 
+# Request bodies past what schemathesis generates: nesting deeper than any parser's recursion,
+# invalid UTF-8 inside otherwise valid JSON, and arbitrary bytes.
+HOSTILE_BODIES = st.one_of(
+    st.integers(min_value=1, max_value=5_000).map(
+        lambda depth: b'{"text": ' + b"[" * depth + b"]" * depth + b"}"
+    ),
+    st.binary(min_size=1, max_size=8).map(lambda junk: b'{"text": "' + junk + b'"}'),
+    st.binary(max_size=256),
+)
+
+
 @dataclass
 class FuzzReport:
     sent: int = 0
+    hostile_bodies: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
     server_errors: list[str] = field(default_factory=list)
 
@@ -58,6 +70,9 @@ def _fuzz(base_url: str, document: dict[str, Any], tokens: tuple[str, str]) -> F
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
         ]
     )
+    with_body = {
+        operation.label for operation in operations if "requestBody" in operation.definition.raw
+    }
     report = FuzzReport()
     session = requests.Session()
     deadline = time.monotonic() + BUDGET_S
@@ -69,18 +84,26 @@ def _fuzz(base_url: str, document: dict[str, Any], tokens: tuple[str, str]) -> F
         phases=[hypothesis.Phase.generate],
         suppress_health_check=list(hypothesis.HealthCheck),
     )
-    @hypothesis.given(case=strategy, as_admin=st.booleans())
-    def send(case: Any, as_admin: bool) -> None:
+    @hypothesis.given(case=strategy, as_admin=st.booleans(), raw=st.none() | HOSTILE_BODIES)
+    def send(case: Any, as_admin: bool, raw: bytes | None) -> None:
         if time.monotonic() > deadline:
             return
         token = tokens[1] if as_admin else tokens[0]
+        auth = {"Authorization": f"Bearer {token}"}
         try:
-            response = case.call(
-                base_url=base_url,
-                session=session,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=10,
-            )
+            if raw is not None and case.operation.label in with_body:
+                # Bytes no JSON library would write, where the route expects a JSON body.
+                report.hostile_bodies += 1
+                response = session.request(
+                    case.method,
+                    base_url + case.formatted_path,
+                    params=case.query,
+                    data=raw,
+                    headers={**auth, "Content-Type": "application/json"},
+                    timeout=10,
+                )
+            else:
+                response = case.call(base_url=base_url, session=session, headers=auth, timeout=10)
         except (requests.exceptions.InvalidHeader, UnicodeEncodeError, ValueError):
             return  # the client library would not send this request at all
         report.sent += 1
@@ -108,8 +131,12 @@ async def test_fuzzing_the_api_never_gets_a_server_error(database_url: str, db: 
             report = await trio.to_thread.run_sync(partial(_fuzz, server.url, document, tokens))
         async with httpx2.AsyncClient(base_url=server.url, timeout=10) as http:
             health = await http.get("/healthz")
-    print(f"fuzz: {report.sent} requests, statuses {sorted(report.statuses.items())}")
+    print(
+        f"fuzz: {report.sent} requests ({report.hostile_bodies} with hostile bodies), "
+        f"statuses {sorted(report.statuses.items())}"
+    )
     assert report.sent >= 100, report
+    assert report.hostile_bodies >= 10, report
     assert report.server_errors == []
     assert health.status_code == 200
     assert server.process.returncode == 0

@@ -121,6 +121,10 @@ def _post(path: str, body: bytes, *, token: str = "chatd_nope") -> bytes:
     ).encode() + body
 
 
+# The next request on a connection, the last one: the server closes after answering it.
+_LAST_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
 def _statuses(answer: bytes) -> list[int]:
     return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
 
@@ -134,9 +138,7 @@ async def test_a_rejected_request_with_an_unread_body_does_not_hang_the_next_one
 ) -> None:
     token = await _token(db, "alice") if as_user else "chatd_nope"
     body = b'{"text": "' + b"x" * 500_000 + b'"}'
-    answer = await _exchange_concurrently(
-        server, _post(path, body, token=token) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    )
+    answer = await _exchange_concurrently(server, _post(path, body, token=token) + _LAST_HEALTHZ)
     statuses = _statuses(answer)
     assert statuses[0] == status
     # Either the next request is answered, or the connection was closed cleanly after the refusal.
@@ -152,7 +154,7 @@ async def test_a_body_past_the_limit_gets_413_and_the_connection_does_not_hang(
     body = b'{"text": "' + b"x" * 2_000_000 + b'"}'
     answer = await _exchange_concurrently(
         server,
-        _post("/api/v1/chats", body, token=token) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        _post("/api/v1/chats", body, token=token) + _LAST_HEALTHZ,
     )
     statuses = _statuses(answer)
     assert statuses[0] == 413

@@ -194,6 +194,8 @@ async def test_database_down_mid_stream(database_url: str, kind: Literal["cut", 
 async def test_database_down_at_the_answers_commit(
     database_url: str, at: Literal["request", "reply"]
 ) -> None:
+    """The client's stream stays connected through the fault: whatever the commit did (or did
+    not do) must reach it live, as it would have without the fault."""
     async with fault_case(database_url) as case:
         trigger = case.world.proxy.arm(answer_marker(12), action="cut", at=at)
         text = case.text("commit", chunks=12, chunk_interval_ms=10)
@@ -201,10 +203,34 @@ async def test_database_down_at_the_answers_commit(
         assert op.acked, op.describe()
         with trio.fail_after(DEADLINE_S):
             await trigger.fired.wait()
-        case.stream.drop()
         await trio.sleep(OUTAGE_S)  # the outage's length, not a wait for a condition
         case.world.proxy.restore()
         assert_answered(await case.verify(), text, reply(12))
+
+
+async def test_database_down_after_an_edits_commit(database_url: str) -> None:
+    """The edit committed, its acknowledgement lost; the client's stream stays connected and
+    must still learn that the edited turn is gone (a history reset), then get the new one."""
+    async with fault_case(database_url) as case:
+        text = case.text("second", chunks=2)
+        sent = await case.api.send(case.chat_id, text)
+        assert sent.acked, sent.describe()
+        assert sent.message_id is not None
+        await settle(case.api, case.stream, deadline_s=DEADLINE_S)
+        edited = case.text("edited", chunks=3)
+        marker = edited.split()[0].encode()
+        trigger = case.world.proxy.arm(marker, action="cut", at="reply")
+        edit = await case.background(
+            lambda: case.api.edit(case.chat_id, str(sent.message_id), edited)
+        )
+        with trio.fail_after(DEADLINE_S):
+            await trigger.fired.wait()
+        await trio.sleep(OUTAGE_S)  # the outage's length, not a wait for a condition
+        case.world.proxy.restore()
+        await case.done(edit)
+        history = await case.verify()
+        assert text not in [text_of(m["content"]) for m in history]
+        assert_answered(history, edited, reply(3))
 
 
 @pytest.mark.parametrize("at", ["request", "reply"])

@@ -26,21 +26,23 @@ from chatd.domain.effects import MessageAccepted
 from chatd.domain.events import (
     ChatEvent,
     CommittedMessage,
+    HistoryReset,
     MessagePart,
     PreviewReset,
     QueueUpdated,
     StatusChanged,
 )
-from chatd.domain.mailbox import SendMessage, SetArchived
+from chatd.domain.mailbox import EditMessage, SendMessage, SetArchived
 from chatd.domain.stream_parts import TextDelta
 from chatd.domain.watch_events import ChatStatusChanged
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
 from chatd.store import chats, users
 from chatd.store.chats import AppendMessage, Enqueue, UpdateChat
-from chatd.store.database import Database
+from chatd.store.database import Database, DatabaseUnavailable
 from chatd.web.errors import api_error_for
 from tests.actors.pg_proxy import PgProxy, pg_proxy
+from tests.faults.proxy import open_pg_proxy
 
 DEADLINE_S = 20
 ANSWER = "".join(f"w{i} " for i in range(1, 41))
@@ -299,6 +301,80 @@ async def test_a_refused_command_that_went_through_after_all_is_found_by_a_reloa
     assert any(isinstance(e, QueueUpdated) and [q.id for q in e.queue] == [queued] for e in seen), (
         "the subscribers were told of the message queued behind the actor's back"
     )
+
+
+async def _until(
+    events: AsyncIterator[list[ChatEvent]],
+    seen: list[ChatEvent],
+    done: type[object],
+    **want: object,
+) -> None:
+    """Read ``events`` into ``seen`` until an event of type ``done`` with the fields ``want``."""
+    with trio.fail_after(DEADLINE_S):
+        async for batch in events:
+            seen.extend(batch)
+            if any(
+                isinstance(e, done) and all(getattr(e, k) == v for k, v in want.items())
+                for e in batch
+            ):
+                return
+
+
+async def test_an_edit_committed_with_its_acknowledgement_lost_resets_a_connected_stream(
+    db: Database, database_url: str
+) -> None:
+    """The edit's COMMIT went through, the connection died before its answer: the restarted
+    actor must tell a subscriber that stayed connected what the commit did, the history reset
+    first (its cursor only moves forward: reconnecting could not repair it), exactly once."""
+    owner = await users.create_user(db, "erin")
+    async with (
+        open_fake_llm() as llm,
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(
+            proxy.url_for(database_url), min_size=1, max_size=4, connect_timeout_s=5
+        ) as proxied,
+    ):
+        await register_default_model(db, base_url=f"{llm.url}/v1")
+        options = EngineOptions(
+            worker_id="worker-e",
+            shard_count=4,
+            lease_ttl_s=30.0,
+            restart_limit=1,
+            db_retry_base_delay_s=0.05,
+            db_retry_max_delay_s=0.4,
+        )
+        async with open_engine(proxied, options) as engine:
+            sup = engine.supervisor
+            chat_id = uuid.uuid4()
+            first = uuid.uuid4()
+            text = f"{knobs_marker(chunks=2)} first"
+            await engine.router.ask(chat_id, CreateChatRequest(owner.id, first, text))
+            seen: list[ChatEvent] = []
+            async with engine.hub.subscribe(chat_id, None) as events:
+                await _until(events, seen, StatusChanged, status=ChatStatus.WAITING)
+                assert [e.seq for e in seen if isinstance(e, CommittedMessage)] == [1, 2]
+                seen.clear()
+                marker = f"edited-{uuid.uuid4().hex}"
+                edited = f"{knobs_marker(chunks=3)} {marker}"
+                trigger = proxy.arm(marker.encode(), action="cut", at="reply")
+                with trio.fail_after(DEADLINE_S), pytest.raises((ActorDead, DatabaseUnavailable)):
+                    await engine.router.ask(chat_id, EditMessage(first, uuid.uuid4(), edited))
+                assert trigger.fired.is_set()
+                proxy.restore()
+                await _until(events, seen, StatusChanged, status=ChatStatus.WAITING)
+
+            assert sup.stats.outages >= 1
+            messages = await chats.list_messages(db, chat_id, after_seq=0, limit=10)
+            assert [(m.seq, m.role) for m in messages] == [(3, "user"), (4, "assistant")]
+            resets = [e for e in seen if isinstance(e, HistoryReset)]
+            # Nothing left before the edited message (seq 1); a version newer than the old turn's.
+            assert [r.after_seq for r in resets] == [0], seen
+            assert resets[0].history_version >= messages[0].history_version - 1
+            committed = [(e.seq, e.role) for e in seen if isinstance(e, CommittedMessage)]
+            assert committed == [(3, "user"), (4, "assistant")]
+            # The reset comes before the edited turn's messages, as it did live.
+            first_message = next(i for i, e in enumerate(seen) if isinstance(e, CommittedMessage))
+            assert seen.index(resets[0]) < first_message
 
 
 def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:

@@ -73,6 +73,7 @@ from chatd.domain.events import (
     ErrorRaised,
     HistoryReset,
     MessagePart,
+    PreviewReset,
     QueueUpdated,
     RetryScheduled,
     StatusChanged,
@@ -307,13 +308,40 @@ class ChatActor:
         return generation is not None and not generation.done.is_set()
 
     async def _catch_up(self, published: ChatState) -> None:
-        """Publish what the reloaded state shows beyond ``published``, the state the previous
-        incarnation had published before a database outage ended it: a commit reported failed
-        may have gone through, and nobody told the chat's subscribers or its owner's list."""
+        """Publish what takes a subscriber from ``published`` to the reloaded state.
+
+        ``published`` is the state the previous incarnation had published before a database
+        outage ended it, on a commit whose outcome was unknown: if that commit went through,
+        nobody told the chat's subscribers or its owner's list. Whatever that commit was (an
+        edit, a step, a retry, a queued message...), the events are derived from the two
+        states, not from the lost decision, in the order ``_events`` publishes them live:
+
+        - ``HistoryReset`` when messages that were live are gone (an edit truncated the
+          history): a subscriber that stayed connected must drop them, and its cursor only
+          moves forward, so no reconnect could repair it later;
+        - the messages committed after ``published``'s last one;
+        - ``ErrorRaised`` for a chat now in ``error`` (before the status it explains);
+        - ``StatusChanged`` and ``QueueUpdated`` when they moved;
+        - ``PreviewReset`` when a new generation episode is to stream, ``ActionRequired``
+          when tool calls now wait on the owner, ``RetryScheduled`` for a newly armed retry.
+
+        This is the snapshot a reconnecting client gets (``stream_snapshot``), taken from the
+        last published state rather than from each subscriber's cursor: the actor knows what
+        it published, which is what every live subscriber holds. Published without a commit
+        id (the lost commit's is unknown): a subscriber whose own snapshot already read the
+        commit drops the reset and the messages (the hub's version floor and seq), but may
+        see its status, queue, retry or action events twice; only one that subscribed between
+        the database's return and this restart can.
+        """
         assert self._state is not None
         assert self._setup is not None
         state = self._state
         events: list[ChatEvent] = []
+        # The last message the subscribers hold that is still live: the edited turn's
+        # messages after it are gone (the new ones have higher seqs, and come below).
+        kept = max((s for s in self._seqs if s <= published.last_message_seq), default=0)
+        if kept < published.last_message_seq:
+            events.append(HistoryReset(state.history_version, kept))
         if state.last_message_seq > published.last_message_seq:
             rows = await chats.list_messages(
                 self._deps.db, self._ctx.chat_id, after_seq=published.last_message_seq, limit=100
@@ -322,8 +350,10 @@ class ChatActor:
                 CommittedMessage(m.id, m.seq, m.role, parts_from_json(m.content), m.history_version)
                 for m in rows
             ]
-        if state.last_error is not None and state.last_error != published.last_error:
-            events.append(ErrorRaised(state.last_error))  # before the status it explains
+        failure = state.last_error
+        failed_anew = (published.status, published.last_error) != (state.status, failure)
+        if state.status is ChatStatus.ERROR and failure is not None and failed_anew:
+            events.append(ErrorRaised(failure))  # before the status it explains
         moved = (published.status, published.archived) != (state.status, state.archived)
         if moved or published.episode != state.episode:
             events.append(
@@ -333,6 +363,22 @@ class ChatActor:
             )
         if state.queue != published.queue:
             events.append(QueueUpdated(state.queue))
+        running = state.status is ChatStatus.RUNNING
+        if running and state.retry_at is None and published.episode != state.episode:
+            events.append(PreviewReset(state.episode))
+        calls_waiting = state.status is ChatStatus.REQUIRES_ACTION and state.pending_calls
+        new_calls = (published.status, published.pending_calls) != (
+            state.status,
+            state.pending_calls,
+        )
+        action: ActionRequired | None = None
+        if calls_waiting and new_calls:
+            action = ActionRequired(state.pending_calls, state.action_deadline or 0.0)
+            events.append(action)
+        at = state.retry_at
+        if running and at is not None and failure is not None and at != published.retry_at:
+            delay = max(0.0, at - self._deps.clock.now())
+            events.append(RetryScheduled(state.retry_count + 1, delay, failure, at))
         if events:
             log.info("chat %s publishes a commit an outage hid from it", self._ctx.chat_id)
             self._deps.hub.publish(self._ctx.chat_id, events)
@@ -340,6 +386,11 @@ class ChatActor:
             self._deps.watch.publish(
                 self._setup.owner_id,
                 ChatStatusChanged(self._ctx.chat_id, state.status, state.archived),
+            )
+        if action is not None:
+            self._deps.watch.publish(
+                self._setup.owner_id,
+                ChatActionRequired(self._ctx.chat_id, action.calls, action.deadline),
             )
 
     def _run_claim(

@@ -27,6 +27,7 @@ import pytest
 import trio
 import trio.testing
 
+from chatd.actors.chat_loader import load_chat
 from chatd.actors.hub import (
     SLOW_CONSUMER_CLOSE_CODE,
     ChatHub,
@@ -35,6 +36,7 @@ from chatd.actors.hub import (
     StreamCursor,
     Subscription,
 )
+from chatd.actors.stream_snapshot import StateKey, snapshot_key, state_key
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_to_json
 from chatd.domain.conversation import TextPart, ToolCallPart, ToolResultPart
@@ -55,6 +57,7 @@ from chatd.domain.events import (
 )
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.stream_parts import TextDelta
+from chatd.store.chat_snapshot import read_chat_snapshot
 from chatd.store.chats import (
     AppendMessage,
     ChatWrite,
@@ -908,6 +911,71 @@ def test_cursor_from_query_parameters() -> None:
         with pytest.raises(CursorError) as caught:
             StreamCursor.from_query(params)
         assert caught.value.field == field_name
+
+
+# -- a commit whose acknowledgement was lost ---------------------------------------------------
+
+
+async def stored_key(db: Database, chat_id: UUID) -> StateKey:
+    snapshot = await read_chat_snapshot(db, chat_id)
+    assert snapshot is not None
+    return snapshot_key(snapshot)
+
+
+async def test_a_lost_commits_events_reach_only_who_had_not_read_it(db: Database) -> None:
+    """An outage hid a commit's acknowledgement: its actor, restarted, publishes what it did
+    without its transaction id. Who subscribed before it gets them; who read it does not."""
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    async with hub.subscribe(chat.id, StreamCursor(1)) as before:
+        await next_batch(before)
+        lost = await chat.fail(FAILURE, publish=False)  # committed, never acknowledged
+        async with hub.subscribe(chat.id, StreamCursor(1)) as after:
+            snapshot = await next_batch(after)
+            assert [type(e) for e in snapshot] == [StatusChanged, QueueUpdated, RetryScheduled]
+            hub.publish_recovered(chat.id, lost.events, state=await stored_key(db, chat.id))
+            chat.stream("a")
+            assert await next_batch(after) == [part(chat.episode, 1, "a")]
+        assert await next_batch(before) == [*lost.events, part(chat.episode, 1, "a")]
+
+
+async def test_a_lost_commit_back_to_a_state_read_before_still_reaches_the_subscriber(
+    db: Database,
+) -> None:
+    """Archived, then unarchived by the lost commit: the stored chat is again the one the
+    subscriber's snapshot read, but it was told of the archiving since, so it must hear."""
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    await chat.finish()
+    waiting = chat.status(ChatStatus.WAITING)
+    archived = StatusChanged(ChatStatus.WAITING, True, chat.history_version, 1)
+    async with hub.subscribe(chat.id, StreamCursor(2)) as events:
+        assert await next_batch(events) == [waiting, QueueUpdated(())]
+        await chat._commit([UpdateChat(archived=True)])
+        hub.publish(chat.id, [archived], commit=chat.xid)
+        assert await next_batch(events) == [archived]
+        await chat._commit([UpdateChat(archived=False)])  # its acknowledgement lost
+        hub.publish_recovered(chat.id, [waiting], state=await stored_key(db, chat.id))
+        assert await next_batch(events) == [waiting]
+
+
+async def test_the_actors_state_and_a_snapshot_of_the_same_chat_have_the_same_key(
+    db: Database,
+) -> None:
+    hub = ChatHub(db)
+    chat = await scripted_chat(db, hub)
+    await chat.user_turn("q")
+    await chat.enqueue("next")
+    loaded = await load_chat(db, chat.id)
+    assert loaded is not None
+    assert state_key(loaded.state) == await stored_key(db, chat.id)
+    await chat.dequeue()
+    await chat.finish()
+    loaded = await load_chat(db, chat.id)
+    assert loaded is not None
+    assert state_key(loaded.state) == await stored_key(db, chat.id)
 
 
 # -- slow consumers ----------------------------------------------------------------------------

@@ -11,28 +11,36 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import trio
 
-from chatd.actors.chat_actor import CommandNotCommitted, CreateChatRequest
+from chatd.actors.chat_actor import CommandNotCommitted, CreateChatRequest, hidden_state_events
 from chatd.actors.engine import Engine, EngineOptions, open_engine
 from chatd.actors.errors import ActorDead
 from chatd.config import Settings, SettingsError
+from chatd.domain.chat_state import ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import TextPart
 from chatd.domain.effects import MessageAccepted
 from chatd.domain.events import (
+    ActionRequired,
     ChatEvent,
     CommittedMessage,
+    Episode,
+    ErrorRaised,
     HistoryReset,
     MessagePart,
+    PendingToolCall,
     PreviewReset,
+    QueuedEntry,
     QueueUpdated,
+    RetryScheduled,
     StatusChanged,
 )
 from chatd.domain.mailbox import EditMessage, SendMessage, SetArchived
+from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.stream_parts import TextDelta
 from chatd.domain.watch_events import ChatStatusChanged
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
@@ -45,6 +53,7 @@ from tests.actors.pg_proxy import PgProxy, pg_proxy
 from tests.faults.proxy import open_pg_proxy
 
 DEADLINE_S = 20
+QUEUED_ID = uuid.UUID(int=7)
 ANSWER = "".join(f"w{i} " for i in range(1, 41))
 
 
@@ -375,6 +384,67 @@ async def test_an_edit_committed_with_its_acknowledgement_lost_resets_a_connecte
             # The reset comes before the edited turn's messages, as it did live.
             first_message = next(i for i, e in enumerate(seen) if isinstance(e, CommittedMessage))
             assert seen.index(resets[0]) < first_message
+
+
+FAILURE = ProviderFailure(ErrorKind.RATE_LIMIT, "openai", 429, True, 30.0, "Slow down", "")
+CALL = PendingToolCall("c1", "lookup", "{}")
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # A retry armed: the chat stays running in the same episode.
+        (
+            {"retry_count": 1, "retry_at": 1030.0, "last_error": FAILURE},
+            [RetryScheduled(2, 30.0, FAILURE, 1030.0)],
+        ),
+        # The retry timer fired: a new attempt, a new episode to stream.
+        (
+            {"generation_attempt": 2},
+            [StatusChanged(ChatStatus.RUNNING, False, 3, 2), PreviewReset(Episode(3, 2))],
+        ),
+        # A step with a dynamic tool call: the calls wait on the owner.
+        (
+            {
+                "status": ChatStatus.REQUIRES_ACTION,
+                "history_version": 4,
+                "last_message_seq": 4,
+                "pending_calls": (CALL,),
+                "action_deadline": 1300.0,
+            },
+            [
+                StatusChanged(ChatStatus.REQUIRES_ACTION, False, 4, 1),
+                ActionRequired((CALL,), 1300.0),
+            ],
+        ),
+        # Given up: the details before the status they explain.
+        (
+            {"status": ChatStatus.ERROR, "last_error": FAILURE},
+            [ErrorRaised(FAILURE), StatusChanged(ChatStatus.ERROR, False, 3, 1)],
+        ),
+        # A message queued behind the run.
+        (
+            {"queue": (QueuedEntry(QUEUED_ID, "next"),)},
+            [QueueUpdated((QueuedEntry(QUEUED_ID, "next"),))],
+        ),
+        (
+            {},
+            [],
+        ),
+    ],
+)
+def test_a_lost_commits_state_events_are_derived_from_the_two_states(
+    changes: dict[str, object], expected: list[ChatEvent]
+) -> None:
+    published = ChatState(
+        uuid.uuid4(),
+        status=ChatStatus.RUNNING,
+        history_version=3,
+        generation_attempt=1,
+        last_message_seq=3,
+    )
+    stored = replace(published, **changes)  # type: ignore[arg-type]
+    assert hidden_state_events(published, stored, now=1000.0) == expected
 
 
 def test_the_outage_settings_are_validated_and_reach_the_engine() -> None:

@@ -16,8 +16,9 @@ it committed. Whether the failed commit went through is unknown, so the outcome 
 if the reloaded chat still waits for it (running, or interrupting, in the same episode);
 otherwise it was committed, or the chat moved on, and the chat resumes as usual. A commit that
 went through although the outage reported it failed was never published: the restart publishes
-what the reloaded chat shows beyond the state the previous incarnation had published (its new
-messages, error, status and queue; the hub drops what a subscriber already has).
+what takes a subscriber from the state the previous incarnation had published to the reloaded
+one (a history reset, new messages, error, status, queue, preview reset, pending calls, retry;
+see ``ChatActor._catch_up``), and the hub drops them for a subscriber that already read it.
 
 A user's command whose commit an outage cut while an answer streams does not end the actor (that
 would throw the answer away): the command is refused (``CommandNotCommitted``, a 503 at the
@@ -44,6 +45,7 @@ from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
+from chatd.actors.stream_snapshot import state_key
 from chatd.domain.chat_state import ChatPolicy, ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json, tool_spec_to_json
@@ -327,11 +329,11 @@ class ChatActor:
 
         This is the snapshot a reconnecting client gets (``stream_snapshot``), taken from the
         last published state rather than from each subscriber's cursor: the actor knows what
-        it published, which is what every live subscriber holds. Published without a commit
-        id (the lost commit's is unknown): a subscriber whose own snapshot already read the
-        commit drops the reset and the messages (the hub's version floor and seq), but may
-        see its status, queue, retry or action events twice; only one that subscribed between
-        the database's return and this restart can.
+        it published, which is what every live subscriber holds. The lost commit's
+        transaction id is unknown, so the exactly-once cut cannot use it: the events go out
+        with the key of the stored state (``ChatHub.publish_recovered``), and a subscriber
+        whose own snapshot read that state (it subscribed between the database's return and
+        this restart) skips them.
         """
         assert self._state is not None
         assert self._setup is not None
@@ -350,48 +352,25 @@ class ChatActor:
                 CommittedMessage(m.id, m.seq, m.role, parts_from_json(m.content), m.history_version)
                 for m in rows
             ]
-        failure = state.last_error
-        failed_anew = (published.status, published.last_error) != (state.status, failure)
-        if state.status is ChatStatus.ERROR and failure is not None and failed_anew:
-            events.append(ErrorRaised(failure))  # before the status it explains
-        moved = (published.status, published.archived) != (state.status, state.archived)
-        if moved or published.episode != state.episode:
-            events.append(
-                StatusChanged(
-                    state.status, state.archived, state.history_version, state.generation_attempt
-                )
-            )
-        if state.queue != published.queue:
-            events.append(QueueUpdated(state.queue))
-        running = state.status is ChatStatus.RUNNING
-        if running and state.retry_at is None and published.episode != state.episode:
-            events.append(PreviewReset(state.episode))
-        calls_waiting = state.status is ChatStatus.REQUIRES_ACTION and state.pending_calls
-        new_calls = (published.status, published.pending_calls) != (
-            state.status,
-            state.pending_calls,
-        )
-        action: ActionRequired | None = None
-        if calls_waiting and new_calls:
-            action = ActionRequired(state.pending_calls, state.action_deadline or 0.0)
-            events.append(action)
-        at = state.retry_at
-        if running and at is not None and failure is not None and at != published.retry_at:
-            delay = max(0.0, at - self._deps.clock.now())
-            events.append(RetryScheduled(state.retry_count + 1, delay, failure, at))
+        events += hidden_state_events(published, state, now=self._deps.clock.now())
         if events:
             log.info("chat %s publishes a commit an outage hid from it", self._ctx.chat_id)
-            self._deps.hub.publish(self._ctx.chat_id, events)
-        if moved:
+            stored = state_key(state)
+            if stored != state_key(published):
+                # Skipped by a subscriber whose own snapshot read the commit.
+                self._deps.hub.publish_recovered(self._ctx.chat_id, events, state=stored)
+            else:  # cannot happen (every event comes with a key change): rather twice than never
+                self._deps.hub.publish(self._ctx.chat_id, events)
+        owner = self._setup.owner_id
+        if (published.status, published.archived) != (state.status, state.archived):
             self._deps.watch.publish(
-                self._setup.owner_id,
-                ChatStatusChanged(self._ctx.chat_id, state.status, state.archived),
+                owner, ChatStatusChanged(self._ctx.chat_id, state.status, state.archived)
             )
-        if action is not None:
-            self._deps.watch.publish(
-                self._setup.owner_id,
-                ChatActionRequired(self._ctx.chat_id, action.calls, action.deadline),
-            )
+        for event in events:
+            if isinstance(event, ActionRequired):
+                self._deps.watch.publish(
+                    owner, ChatActionRequired(self._ctx.chat_id, event.calls, event.deadline)
+                )
 
     def _run_claim(
         self, message: MailboxMessage, before: ChatState, after: ChatState
@@ -701,6 +680,37 @@ _INTERNAL = (
 # that the incarnation it ended had published.
 _CUT_SHORT = "outcome whose commit failed"
 _PUBLISHED = "state published"
+
+
+def hidden_state_events(published: ChatState, state: ChatState, *, now: float) -> list[ChatEvent]:
+    """The events other than resets and messages that take a subscriber from ``published`` to
+    ``state`` (see ``ChatActor._catch_up``), in the order they go out live: an error before
+    the status it explains, status, queue, then a new episode's preview reset, the calls
+    waiting on the owner and a newly armed retry (``now``: wall-clock epoch seconds)."""
+    events: list[ChatEvent] = []
+    failure = state.last_error
+    failed_anew = (published.status, published.last_error) != (state.status, failure)
+    if state.status is ChatStatus.ERROR and failure is not None and failed_anew:
+        events.append(ErrorRaised(failure))
+    moved = (published.status, published.archived) != (state.status, state.archived)
+    if moved or published.episode != state.episode:
+        events.append(
+            StatusChanged(
+                state.status, state.archived, state.history_version, state.generation_attempt
+            )
+        )
+    if state.queue != published.queue:
+        events.append(QueueUpdated(state.queue))
+    running = state.status is ChatStatus.RUNNING
+    if running and state.retry_at is None and published.episode != state.episode:
+        events.append(PreviewReset(state.episode))
+    waits = state.status is ChatStatus.REQUIRES_ACTION and state.pending_calls
+    if waits and (published.status, published.pending_calls) != (state.status, state.pending_calls):
+        events.append(ActionRequired(state.pending_calls, state.action_deadline or 0.0))
+    at = state.retry_at
+    if running and at is not None and failure is not None and at != published.retry_at:
+        events.append(RetryScheduled(state.retry_count + 1, max(0.0, at - now), failure, at))
+    return events
 
 
 def awaits(state: ChatState, outcome: StepCompleted | GenerationStopped) -> bool:

@@ -18,7 +18,8 @@ read (``StatusChanged``, ``QueueUpdated``, ``ErrorRaised`` before an ``error`` s
 messages the client holds are gone, ``PreviewReset`` when its preview belongs to another
 episode); every live committed message after the cursor up to that read, in seq order, in
 pages; the parts of the current episode the client lacks; then every event of every later
-commit and every later part. Each event once: see ``chatd.actors.subscription``.
+commit and every later part. Each event once: see ``chatd.actors.subscription`` (and
+``publish_recovered`` for a commit whose acknowledgement, and so its transaction id, was lost).
 
 Slow consumers: each subscriber has a queue of ``subscriber_queue_size`` events. Once it is
 full, parts are no longer queued (the chat's buffer keeps them; they are filled in, in their
@@ -42,18 +43,20 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
 import trio
 
 from chatd.actors.stream_cursor import CursorError, StreamCursor
+from chatd.actors.stream_snapshot import StateKey
 from chatd.actors.subscription import (
     SLOW_CONSUMER_CLOSE_CODE,
     Channel,
     Committed,
     PageHook,
+    Recovered,
     SlowConsumer,
     Subscription,
 )
@@ -138,6 +141,16 @@ class ChatHub:
         snapshot saw that commit skips them. Parts are published as they stream, without. A
         subscriber that fails to keep up is dropped here, not the publisher.
         """
+        # 0 is no transaction id in PostgreSQL: such events are not from a commit.
+        self._fan_out(chat_id, events, (lambda event: Committed(event, commit)) if commit else None)
+
+    def _fan_out(
+        self,
+        chat_id: UUID,
+        events: Sequence[ChatEvent],
+        wrap: Callable[[ChatEvent], Committed | Recovered] | None,
+    ) -> None:
+        """Queue ``events`` for the chat's subscribers, each but parts through ``wrap``."""
         self.stats.events_published += len(events)
         if self._idle:
             self._evict_idle(trio.current_time())
@@ -158,13 +171,27 @@ class ChatHub:
                 continue
             if not channel.subscribers:
                 continue
-            # 0 is no transaction id in PostgreSQL: such events are not from a commit.
-            item = (
-                event if not commit or isinstance(event, MessagePart) else Committed(event, commit)
-            )
+            item = event if wrap is None or isinstance(event, MessagePart) else wrap(event)
             slow.extend(sub for sub in channel.subscribers if not sub._offer(item, now))
         for sub in slow:
             self._drop(sub)
+
+    def publish_recovered(
+        self, chat_id: UUID, events: Sequence[ChatEvent], *, state: StateKey
+    ) -> None:
+        """Hand over the events of a commit whose transaction id was lost with its
+        acknowledgement (a database outage), published by the chat's restarted actor: they
+        take a subscriber from the last state published to the stored one, whose key is
+        ``state`` (``chatd.actors.stream_snapshot.state_key``).
+
+        A subscriber whose snapshot read that stored state, and that was delivered no commit
+        since, already holds them and skips them; every other one gets them. Exact, because
+        the actor is the chat's one writer and was down from the lost commit to this call:
+        the only stored states a subscriber may have read without being told of a later
+        commit are the last published one (whose key differs, or there is nothing to tell)
+        and the stored one. Never waits; call from the trio thread.
+        """
+        self._fan_out(chat_id, events, lambda event: Recovered(event, state))
 
     # -- subscribing ---------------------------------------------------------------------
 

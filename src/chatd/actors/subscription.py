@@ -12,6 +12,10 @@ repeatable-read transaction that also says which commits it saw. That read is th
   the commit's transaction id, and queued events whose commit the read saw are dropped, so an
   event published after its commit but read by the snapshot (a retry, a status, a queue) is not
   repeated. Events published without a commit are not in the database and are always delivered.
+- a commit whose acknowledgement an outage lost has no known transaction id: its restarted
+  actor publishes what it did with the key of the stored state it reached
+  (``ChatHub.publish_recovered``), and a subscriber whose snapshot read that very state, with
+  no commit delivered since, skips those events.
 
 Parts are not committed: they carry ``(episode, seq)`` and are delivered contiguously per
 episode (1, 2, ...): a missing run is filled from the chat's episode buffer, or, when the
@@ -35,7 +39,7 @@ import trio
 
 from chatd.actors.episode_buffer import EpisodeBuffer, episode_of, order
 from chatd.actors.stream_cursor import StreamCursor
-from chatd.actors.stream_snapshot import snapshot_view
+from chatd.actors.stream_snapshot import StateKey, snapshot_key, snapshot_view
 from chatd.domain.content_json import parts_from_json
 from chatd.domain.events import (
     ChatEvent,
@@ -96,7 +100,16 @@ class Fill:
     upto: int
 
 
-Item = ChatEvent | Committed | Fill
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """Queue item: ``event`` was published for a commit whose transaction id was lost (see
+    ``ChatHub.publish_recovered``); it brings a subscriber to the stored state ``state``."""
+
+    event: ChatEvent
+    state: StateKey
+
+
+Item = ChatEvent | Committed | Recovered | Fill
 
 
 class Channel:
@@ -131,6 +144,7 @@ class Subscription:
         "_out",
         "_paging",
         "_queue",
+        "_read_state",
         "_scope",
         "_seen",
         "_skipped",
@@ -155,6 +169,9 @@ class Subscription:
         # Consumer side: the cut (set by the snapshot), and what the client holds.
         self._seen = ReadSnapshot(0, 0, frozenset())
         self._cut_seq = 0  # the chat's last message seq at the snapshot's read
+        # The stored state the snapshot read, while it is the last one the client was told of
+        # (None once a later commit was delivered): see ``Recovered``.
+        self._read_state: StateKey | None = None
         self._out: list[ChatEvent] = []
         self._paging = True
         self._last_seq = cursor.message_seq
@@ -194,7 +211,7 @@ class Subscription:
 
     # -- publisher side --------------------------------------------------------------------
 
-    def _offer(self, item: ChatEvent | Committed, now: float) -> bool:
+    def _offer(self, item: ChatEvent | Committed | Recovered, now: float) -> bool:
         """Queue ``item``; ``False`` when this subscriber must be dropped."""
         if self._dropped is not None:
             return True
@@ -254,6 +271,7 @@ class Subscription:
         view = snapshot_view(snapshot, cursor, now=time.time())
         chat = snapshot.chat
         self._seen = snapshot.seen
+        self._read_state = snapshot_key(snapshot)
         self._cut_seq = chat.last_message_seq
         self._last_seq = view.kept_seq
         self._version_floor = chat.history_version
@@ -293,6 +311,10 @@ class Subscription:
         for item in queue:
             if isinstance(item, Committed):
                 if not seen.sees(item.xid):
+                    self._read_state = None
+                    self._accept(item.event)
+            elif isinstance(item, Recovered):
+                if item.state != self._read_state:
                     self._accept(item.event)
             else:
                 self._accept(item)

@@ -478,3 +478,23 @@ def test_an_outage_logged_by_the_pool_is_one_line(caplog: pytest.LogCaptureFixtu
         "ConnectionRefusedError: [Errno 111] Connection refused"
     )
     assert bug.exc_info is not None, "a failure that is not an outage keeps its traceback"
+
+
+async def test_a_statement_cancelled_while_prepared_leaves_its_connection_in_sync(
+    database_url: str,
+) -> None:
+    """asyncpg cancelled between a statement's Parse and its Sync left the server inside the
+    implicit transaction of that Parse; the next ``BEGIN ISOLATION LEVEL`` on the connection
+    failed. The cancellation moment is swept over the first 2 ms of a fresh statement (each
+    text is new, so each is parsed), on a pool of one connection."""
+
+    async def repeatable_read(conn: Connection) -> int:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            value: int = await conn.fetchval("SELECT 1")
+            return value
+
+    async with Database.connect(database_url, min_size=1, max_size=1) as db:
+        for i in range(600):
+            with trio.move_on_after(0.002 * i / 600):
+                await db.fetchval(f"SELECT count(*) + {i} FROM pg_class")
+            assert await db.run(repeatable_read) == 1

@@ -260,24 +260,17 @@ class Database:
 
     async def run(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` on a pooled connection, outside any explicit transaction."""
-        pool = self._pool
-
-        async def job() -> T:
-            async with pool.acquire() as conn:
-                return await fn(conn)
-
-        return await self._crossing(job)
+        return await self._crossing(lambda: _on_pooled_connection(self._pool, fn))
 
     async def transaction(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``fn(conn)`` inside one transaction: committed if it returns, rolled back if not."""
-        pool = self._pool
         self.stats.transactions += 1
 
-        async def job() -> T:
-            async with pool.acquire() as conn, conn.transaction():
+        async def in_transaction(conn: Connection) -> T:
+            async with conn.transaction():
                 return await fn(conn)
 
-        return await self._crossing(job)
+        return await self._crossing(lambda: _on_pooled_connection(self._pool, in_transaction))
 
     async def _crossing(self, job: Callable[[], Awaitable[T]]) -> T:
         """Run ``job`` on the asyncio thread; an outage comes back as ``DatabaseUnavailable``."""
@@ -291,16 +284,16 @@ class Database:
             raise
 
     async def fetch(self, query: str, *args: Any) -> list[Record]:
-        return await self._crossing(lambda: self._pool.fetch(query, *args))
+        return await self.run(lambda conn: conn.fetch(query, *args))
 
     async def fetchrow(self, query: str, *args: Any) -> Record | None:
-        return await self._crossing(lambda: self._pool.fetchrow(query, *args))
+        return await self.run(lambda conn: conn.fetchrow(query, *args))
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        return await self._crossing(lambda: self._pool.fetchval(query, *args))
+        return await self.run(lambda conn: conn.fetchval(query, *args))
 
     async def execute(self, query: str, *args: Any) -> str:
-        return await self._crossing(lambda: self._pool.execute(query, *args))
+        return await self.run(lambda conn: conn.execute(query, *args))
 
     async def ping(self) -> None:
         """Raise unless the database answers a trivial query."""
@@ -475,6 +468,40 @@ class _Listener:
                 return
         finally:
             self._reconnecting = None
+
+
+async def _on_pooled_connection(
+    pool: asyncpg.Pool[Record], fn: Callable[[Connection], Awaitable[T]]
+) -> T:
+    """``fn(conn)`` on a connection of ``pool``, which goes back to the pool in sync with the
+    server even when ``fn`` was cancelled (a caller that went away, a command timeout).
+
+    asyncpg prepares a statement with Parse, Describe and Flush, no Sync. Cancelled at that
+    point, it leaves the server inside the implicit transaction the Parse opened, with a
+    snapshot taken, while asyncpg believes the connection idle; asyncpg's release would end it
+    only through the reset query, which chatd skips (``_Connection``). The next user's ``BEGIN
+    ISOLATION LEVEL ...`` then failed ("must be called before any query"), and a plain
+    ``BEGIN`` would have run inside the leftover. One simple query ends such a leftover; a
+    connection that cannot answer it in ``_RESYNC_TIMEOUT_S`` is closed instead.
+    """
+    async with pool.acquire() as conn:
+        try:
+            return await fn(conn)
+        except (asyncio.CancelledError, TimeoutError):
+            await _resync(conn)
+            raise
+
+
+# A cancelled connection's clean-up query is a trivial round trip; past this, it is closed.
+_RESYNC_TIMEOUT_S = 2.0
+
+
+async def _resync(conn: Connection) -> None:
+    try:
+        async with asyncio.timeout(_RESYNC_TIMEOUT_S):
+            await conn.execute("SELECT 1")
+    except BaseException:  # noqa: BLE001 - whatever failed, the connection is not reused
+        conn.terminate()
 
 
 def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:

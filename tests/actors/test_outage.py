@@ -49,8 +49,7 @@ from chatd.store import chats, users
 from chatd.store.chats import AppendMessage, Enqueue, UpdateChat
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.web.errors import api_error_for
-from tests.actors.pg_proxy import PgProxy, pg_proxy
-from tests.faults.proxy import open_pg_proxy
+from tests.faults.proxy import PgProxy, open_pg_proxy
 
 DEADLINE_S = 20
 QUEUED_ID = uuid.UUID(int=7)
@@ -72,8 +71,10 @@ async def outage(db: Database, database_url: str) -> AsyncIterator[Outage]:
     owner = await users.create_user(db, "olga")
     async with (
         open_fake_llm() as llm,
-        pg_proxy(database_url) as (proxy, url),
-        Database.connect(url, min_size=1, max_size=4, connect_timeout_s=5) as proxied,
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(
+            proxy.url_for(database_url), min_size=1, max_size=4, connect_timeout_s=5
+        ) as proxied,
     ):
         await register_default_model(db, base_url=f"{llm.url}/v1")
         options = EngineOptions(
@@ -112,7 +113,7 @@ async def test_a_database_outage_mid_turn_is_waited_out_and_the_turn_completes(
             await outage.engine.router.ask(chat_id, SetArchived(archived=True))
         assert (sup.stats.crashes, sup.stats.restarts, sup.stats.parked) == (0, 0, 0)
 
-        await outage.proxy.restore()
+        outage.proxy.restore()
         back = trio.current_time()
         with trio.fail_after(DEADLINE_S):
             async for batch in events:
@@ -185,7 +186,7 @@ async def test_a_commit_that_went_through_although_the_outage_cut_it_is_publishe
             outage.db, fence, chat_id, [written, UpdateChat(status=ChatStatus.WAITING)]
         )
 
-        await outage.proxy.restore()
+        outage.proxy.restore()
         with trio.fail_after(DEADLINE_S):
             async for batch in events:
                 seen.extend(batch)
@@ -231,7 +232,7 @@ async def test_a_message_refused_by_an_outage_leaves_the_streaming_answer_alone(
             await router.ask(chat_id, SendMessage(uuid.uuid4(), "lost in the outage"))
         with trio.fail_after(5), pytest.raises(CommandNotCommitted):
             await router.ask(chat_id, SendMessage(uuid.uuid4(), "still down"))
-        await outage.proxy.restore()
+        outage.proxy.restore()
         # The chat is the stored one (nothing went through): the next message is taken.
         with trio.fail_after(DEADLINE_S):
             reply = await router.ask(
@@ -284,7 +285,7 @@ async def test_a_refused_command_that_went_through_after_all_is_found_by_a_reloa
         await chats.commit(
             outage.db, fence, chat_id, [Enqueue(id=queued, position=1, content=content)]
         )
-        await outage.proxy.restore()
+        outage.proxy.restore()
         # The stored chat is not the actor's: it refuses commands until it has reloaded it.
         with trio.fail_after(5), pytest.raises((CommandNotCommitted, ActorDead)):
             await router.ask(chat_id, SendMessage(uuid.uuid4(), "too early"))

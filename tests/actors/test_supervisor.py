@@ -31,7 +31,6 @@ from chatd.domain.sharding import shard_of
 from chatd.store.chats import CreateChat, UpdateChat, commit
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.leases import Fence, acquire_shards, list_leases
-from tests.actors.pg_proxy import pg_proxy
 from tests.actors.toy import (
     Add,
     Block,
@@ -45,6 +44,7 @@ from tests.actors.toy import (
     Toy,
     start_ask,
 )
+from tests.faults.proxy import open_pg_proxy
 from tests.store.helpers import make_user
 
 SHARDS = 4
@@ -728,8 +728,10 @@ async def test_every_runnable_chat_of_a_held_shard_is_resumed_once_the_database_
     registry = OutageRegistry()
     delays: dict[str, Any] = {"db_retry_base_delay_s": 0.05, "db_retry_max_delay_s": 0.3}
     async with (
-        pg_proxy(database_url) as (proxy, url),
-        Database.connect(url, min_size=1, max_size=2, connect_timeout_s=5) as proxied,
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(
+            proxy.url_for(database_url), min_size=1, max_size=2, connect_timeout_s=5
+        ) as proxied,
         supervising(proxied, registry=registry, lease_ttl_s=30, **delays) as h,
     ):
         sup = h.supervisor
@@ -749,7 +751,7 @@ async def test_every_runnable_chat_of_a_held_shard_is_resumed_once_the_database_
         assert sup.fences == epochs
         assert sup.active_actors == 1
 
-        await proxy.restore()
+        proxy.restore()
         await h.until(lambda: stranded in registry.incarnations, deadline_s=5)
         assert sup.fences == epochs
         assert sup.stats.sweeps >= 1
@@ -782,8 +784,10 @@ async def test_leases_that_lapse_in_an_outage_are_taken_back_and_their_chats_res
     registry = OutageRegistry()
     delays: dict[str, Any] = {"db_retry_base_delay_s": 0.05, "db_retry_max_delay_s": 0.3}
     async with (
-        pg_proxy(database_url) as (proxy, url),
-        Database.connect(url, min_size=1, max_size=2, connect_timeout_s=5) as proxied,
+        open_pg_proxy(database_url) as proxy,
+        Database.connect(
+            proxy.url_for(database_url), min_size=1, max_size=2, connect_timeout_s=5
+        ) as proxied,
         supervising(proxied, registry=registry, lease_ttl_s=2.0, **delays) as h,
     ):
         sup = h.supervisor
@@ -793,7 +797,7 @@ async def test_leases_that_lapse_in_an_outage_are_taken_back_and_their_chats_res
         # Past the ttl without a renewal the shards may be someone else's: let go of them.
         await h.until(lambda: not sup.fences)
         assert sup.active_actors == 0
-        await proxy.restore()
+        proxy.restore()
         await h.until(lambda: len(registry.incarnations[running]) == 2)
         assert sup.fences[0].epoch == epoch + 1
         assert registry.latest(running).ctx.fence == sup.fences[0]

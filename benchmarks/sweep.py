@@ -245,6 +245,11 @@ def run_one(
         token = admin_token(chatd, env, logs / f"{name}.token.log")
         server_env = {
             **env,
+            # One admin drives thousands of chats, each with its stream: the per-user limits
+            # (admins included) would refuse most of them, so they are off; --server-env can
+            # still set them to measure their cost.
+            "CHATD_MAX_RUNNING_CHATS_PER_USER": "0",
+            "CHATD_MAX_WEBSOCKETS_PER_USER": "0",
             **options.server_env,
             "CHATD_SHARD_COUNT": str(spec.shards),
         }

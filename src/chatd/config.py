@@ -114,10 +114,12 @@ class Settings:
     # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
     ws_allowed_origins: str = ""
     ws_ping_interval_s: float = 20.0  # 0: no pings
-    # Per user (admins exempt: operators and the load driver): WebSockets open at once on this
-    # process, stream, watch and inbox watch together (one more: 429 at the handshake); and
-    # chats running at once (running, interrupting or waiting to retry; a command that would
-    # start one more run: 429, nothing written), counted in PostgreSQL across every worker.
+    # Per user, admins included (`make run` hands people an admin token): WebSockets open at
+    # once on this process, stream, watch and inbox watch together (one more: 429 at the
+    # handshake); and chats running at once (running, interrupting or waiting to retry; a
+    # command that would start one more run: 429, nothing written), counted in PostgreSQL
+    # across every worker. 0: no limit, and no cost (a load test driving thousands of chats as
+    # one user turns both off).
     max_websockets_per_user: int = 64
     max_running_chats_per_user: int = 32
     # A client that accepts none of our data for this long is disconnected (HTTP and WebSocket).
@@ -181,8 +183,6 @@ class Settings:
             "client_send_timeout_s",
             "shutdown_grace_s",
             "listen_backlog",
-            "max_websockets_per_user",
-            "max_running_chats_per_user",
             "max_connections",
             "close_linger_s",
         )
@@ -193,6 +193,9 @@ class Settings:
             raise SettingsError(f"{_label('ws_ping_interval_s')} must not be negative (0: off)")
         if self.auth_cache_ttl_s < 0:
             raise SettingsError(f"{_label('auth_cache_ttl_s')} must not be negative (0: off)")
+        limits = ("max_websockets_per_user", "max_running_chats_per_user")
+        if negative := [name for name in limits if getattr(self, name) < 0]:
+            raise SettingsError(f"{_label(negative[0])} must be 0 (no limit) or more")
         if self.restart_limit < 0:
             raise SettingsError(f"{_label('restart_limit')} must not be negative")
         if not 0 <= self.port <= 65535:

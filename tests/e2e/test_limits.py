@@ -4,6 +4,7 @@ nothing written), over real sockets against a real server and PostgreSQL."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
@@ -11,12 +12,14 @@ from uuid import UUID
 import pytest
 import trio
 
+from chatd.config import Settings, SettingsError
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.effects import RunningChatsLimit
 from chatd.providers.fake import knobs_marker
 from chatd.store.chats import ChatWrite, ClaimRun, UpdateChat, commit
 from chatd.store.database import Database
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client, serve_api
+from tests.e2e.test_hot_path import QUICK, Cost, cost_of_turn
 from tests.store.helpers import lease, make_chat, make_user
 
 WS_LIMIT = 3
@@ -94,12 +97,38 @@ async def test_closing_one_websocket_frees_its_place(api: ApiWorld) -> None:
             assert sockets.count(alice.user.id) == WS_LIMIT
 
 
-async def test_admins_are_not_limited(api: ApiWorld) -> None:
+async def test_an_admin_is_limited_like_anyone(api: ApiWorld) -> None:
+    """``make run`` hands people an admin token: the limit must hold for it too."""
     admin = await api.client("root", admin=True)
+    sockets = api.services.websockets
     async with contextlib.AsyncExitStack() as stack:
-        for _ in range(WS_LIMIT + 1):
+        for _ in range(WS_LIMIT):
             conn = await stack.enter_async_context(admin.ws("/api/v1/chats/watch"))
             await conn.ping()
+        assert sockets.count(admin.user.id) == WS_LIMIT
+        refused = await api.refused("/api/v1/chats/watch", _bearer(admin))
+        assert refused.status_code == 429
+        assert _error(refused.json())["code"] == "max_websockets_per_user"
+
+
+async def test_a_websocket_limit_of_0_is_no_limit(db: Database) -> None:
+    beyond_default = Settings().max_websockets_per_user + 1
+    async with serve_api(db, max_websockets_per_user=0) as api:
+        alice = await api.client("alice")
+        sockets = api.services.websockets
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(beyond_default):
+                conn = await stack.enter_async_context(alice.ws("/api/v1/chats/watch"))
+                await conn.ping()
+            assert sockets.count(alice.user.id) == 0  # nothing is counted
+
+
+@pytest.mark.parametrize("name", ["max_websockets_per_user", "max_running_chats_per_user"])
+def test_a_negative_limit_is_refused_naming_the_setting_and_the_rule(name: str) -> None:
+    with pytest.raises(
+        SettingsError, match=rf"{name} \(CHATD_{name.upper()}\) must be 0 \(no limit\) or more"
+    ):
+        Settings().replace(**{name: -1})
 
 
 # -- running chats -----------------------------------------------------------------------------
@@ -158,6 +187,52 @@ async def test_a_run_past_the_limit_is_refused_and_writes_nothing(api: ApiWorld)
     sent = await alice.http.post(f"/api/v1/chats/{idle['id']}/messages", json={"text": "now"})
     assert sent.status_code == 202, sent.text
     assert sent.json()["queued"] is False
+
+
+async def test_an_admins_runs_are_limited_like_anyones(api: ApiWorld) -> None:
+    admin = await api.client("root", admin=True)
+    for n in range(RUN_LIMIT):
+        chat = await admin.create_chat(f"long {n} {ENDLESS}")
+        assert chat["status"] == "running"
+    refused = await admin.http.post("/api/v1/chats", json={"text": "one too many"})
+    assert refused.status_code == 429, refused.text
+    assert _error(refused.json())["code"] == "max_running_chats_per_user"
+
+
+async def _warm_turn_cost(db: Database, **limits: int) -> Cost:
+    """The SQL of one warm turn (a send that starts a run) on a server with ``limits``."""
+    async with serve_api(db, lease_ttl_s=3600.0, **limits) as api:  # no lease renewal
+        alice = await api.client(f"alice-{uuid.uuid4().hex[:8]}")
+        chat = await alice.create_chat(f"{QUICK} one")
+        await alice.wait_status(chat["id"], "waiting")
+        chat_id = UUID(chat["id"])
+
+        async def send() -> UUID:
+            url = f"/api/v1/chats/{chat_id}/messages"
+            response = await alice.http.post(url, json={"text": f"{QUICK} more"})
+            assert response.status_code == 202, response.text
+            assert response.json()["queued"] is False  # a run starts
+            return chat_id
+
+        await cost_of_turn(api, alice, send)  # warm every cache on the way
+        return await cost_of_turn(api, alice, send)
+
+
+async def test_a_running_chats_limit_of_0_makes_no_claim_at_all(db: Database) -> None:
+    """Off, the limit costs nothing: no ClaimRun statement (no per-owner lock) in the commit
+    that starts a run, so the hot path is what it was before the limit existed."""
+    limited = await _warm_turn_cost(db, max_running_chats_per_user=RUN_LIMIT)
+    unlimited = await _warm_turn_cost(db, max_running_chats_per_user=0)
+    assert unlimited.transactions == limited.transactions
+    assert unlimited.statements == limited.statements - 1
+
+
+async def test_a_running_chats_limit_of_0_is_no_limit(db: Database) -> None:
+    async with serve_api(db, max_running_chats_per_user=0) as api:
+        admin = await api.client("root", admin=True)
+        for n in range(RUN_LIMIT + 1):
+            chat = await admin.create_chat(f"long {n} {ENDLESS}")
+            assert chat["status"] == "running"
 
 
 async def test_the_limit_is_exact_for_concurrent_run_starts_on_several_workers(

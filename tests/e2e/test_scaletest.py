@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,21 @@ import trio
 
 from chatd.scaletest.report import PHASES
 from chatd.store import users
-from tests.e2e.api_world import ApiWorld
+from chatd.store.database import Database
+from tests.e2e.api_world import ApiWorld, serve_api
 from tests.e2e.chatd_process import chatd_env, run_chatd
 
 pytestmark = pytest.mark.slow
 
 RUN_BOUND_S = 120
+
+
+@pytest.fixture
+async def api(db: Database) -> AsyncIterator[ApiWorld]:
+    """A server being load-tested as one user: its per-user limits are off (0), as
+    ``benchmarks.sweep`` sets them, or the driver's chats would be refused past them."""
+    async with serve_api(db, max_running_chats_per_user=0, max_websockets_per_user=0) as world:
+        yield world
 
 
 async def _admin_token(api: ApiWorld) -> str:

@@ -170,7 +170,8 @@ class ChatDeps:
     # How long stopping a generation may take before the actor gives up waiting for it.
     cancel_grace_s: float = 10.0
     # A user command that would start a run is refused while its owner has this many chats
-    # running (checked in the run's commit, exact across workers); None: no limit.
+    # running (checked in the run's commit, exact across workers), admins included; None or 0:
+    # no limit, and no check at all (no ClaimRun: no lock, no statement in the commit).
     max_running_chats_per_user: int | None = None
 
 
@@ -379,7 +380,7 @@ class ChatActor:
         requires_action). A message queued behind a run, a queued message started when a run
         ends, tool results, retries and resumes continue a run: never refused."""
         limit = self._deps.max_running_chats_per_user
-        if limit is None or not isinstance(message, SendMessage | EditMessage):
+        if not limit or not isinstance(message, SendMessage | EditMessage):
             return None
         if before.status in _RUN_STATUSES or after.status is not ChatStatus.RUNNING:
             return None

@@ -130,7 +130,8 @@ class AddNotification:
 class ClaimRun:
     """The commit starts a new run of the chat: refuse it (``RunningChatsLimit``, nothing
     written) when ``owner_id`` already has ``limit`` other chats running or interrupting; exact
-    across workers (see migration 0003). Put it before the ``UpdateChat`` that starts the run."""
+    across workers (see migration 0003). Put it before the ``UpdateChat`` that starts the run.
+    ``limit`` is at least 1: with the limit off, the commit has no ``ClaimRun`` at all."""
 
     owner_id: UUID
     limit: int
@@ -361,8 +362,10 @@ async def _apply(  # noqa: PLR0912 - one case per kind of write
 
 async def _claim_run(conn: Connection, chat_id: UUID, claim: ClaimRun) -> None:
     """One round trip: the owner's lock, then the count of its other running chats."""
-    running = await conn.fetchval("SELECT chatd_running_chats_of($1, $2)", claim.owner_id, chat_id)
-    if running is not None and running >= claim.limit:
+    running: int = await conn.fetchval(
+        "SELECT chatd_running_chats_of($1, $2)", claim.owner_id, chat_id
+    )
+    if running >= claim.limit:
         raise RunningChatsLimit(claim.limit)
 
 

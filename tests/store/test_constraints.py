@@ -25,6 +25,7 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 EARLIER = T0 - timedelta(seconds=1)
 PAST = datetime(2000, 1, 1, tzinfo=UTC)
 WORLD_HASH = bytes(range(32))
+IDEMPOTENCY_SEED = UUID(int=1)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,14 @@ async def build_world(db: Database) -> World:
             w.chat,
         )
         await conn.execute("INSERT INTO chat_diff_statuses (chat_id) VALUES ($1)", w.chat)
+        await conn.execute(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, seed, expires_at,"
+            " locked_until, claimed_by, attempt) VALUES ($1, 'k1', $2, $3, $4, $4, 'w1', $3)",
+            w.user,
+            WORLD_HASH,
+            IDEMPOTENCY_SEED,
+            T0,
+        )
 
     await db.transaction(insert)
     return w
@@ -143,6 +152,16 @@ def fresh_row(table: str, w: World) -> dict[str, Any]:
             "title": "done",
         },
         "chat_diff_statuses": {"chat_id": w.other_chat},
+        "idempotency_keys": {
+            "user_id": w.user,
+            "key": "k2",
+            "fingerprint": WORLD_HASH,
+            "seed": uuid4(),
+            "expires_at": T0,
+            "locked_until": T0,
+            "claimed_by": "w1",
+            "attempt": uuid4(),
+        },
     }
     return rows[table]
 
@@ -160,6 +179,7 @@ WORLD_KEYS: dict[str, tuple[str, Callable[[World], object]]] = {
     "queued_messages": ("id", lambda w: w.queued),
     "inbox_notifications": ("id", lambda w: w.notification),
     "chat_diff_statuses": ("chat_id", lambda w: w.chat),
+    "idempotency_keys": ("seed", lambda _w: IDEMPOTENCY_SEED),
 }
 
 Values = Callable[[World], dict[str, Any]]
@@ -461,6 +481,31 @@ CASES: list[Case] = [
     check("chat_diff_statuses", "chat_diff_statuses_changed_files_check", changed_files=-1),
     *not_null(
         "chat_diff_statuses", "chat_id", "additions", "deletions", "changed_files", "updated_at"
+    ),
+    # idempotency_keys
+    unique("idempotency_keys", "idempotency_keys_pkey", _const({"key": "k1"})),
+    fk("idempotency_keys", "idempotency_keys_user_id_fkey", "user_id"),
+    check("idempotency_keys", "idempotency_keys_key_check", "empty", key=""),
+    check("idempotency_keys", "idempotency_keys_key_check", "too-long", key=long(1025)),
+    check("idempotency_keys", "idempotency_keys_fingerprint_check", fingerprint=b"x" * 31),
+    check("idempotency_keys", "idempotency_keys_status_check", status=500, body=b"{}"),
+    check("idempotency_keys", "idempotency_keys_claimed_by_check", "empty", claimed_by=""),
+    check("idempotency_keys", "idempotency_keys_claimed_by_check", "long", claimed_by=long(201)),
+    # a recorded answer has both its status and its body
+    check("idempotency_keys", "idempotency_keys_check", "no-body", status=200),
+    check("idempotency_keys", "idempotency_keys_check", "no-status", body=b"{}"),
+    *not_null(
+        "idempotency_keys",
+        "user_id",
+        "key",
+        "fingerprint",
+        "seed",
+        "created_at",
+        "expires_at",
+        "locked_until",
+        "claimed_by",
+        "attempt",
+        "committed",
     ),
 ]
 

@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 
-from chatd.actors.chat_loader import load_chat
+from chatd.actors.chat_loader import StateKey, load_chat, state_key
 from chatd.actors.hub import (
     SLOW_CONSUMER_CLOSE_CODE,
     ChatHub,
@@ -36,7 +36,7 @@ from chatd.actors.hub import (
     StreamCursor,
     Subscription,
 )
-from chatd.actors.stream_snapshot import StateKey, snapshot_key, state_key
+from chatd.actors.stream_snapshot import snapshot_key
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_to_json
 from chatd.domain.conversation import TextPart, ToolCallPart, ToolResultPart

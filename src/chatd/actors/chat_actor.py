@@ -39,13 +39,12 @@ from uuid import UUID
 import trio
 
 from chatd.actors.behavior import ActorContext
-from chatd.actors.chat_loader import ChatSetup, fingerprint, load_chat, stored_fingerprint
+from chatd.actors.chat_loader import ChatSetup, load_chat, read_stored_key, state_key
 from chatd.actors.clock import WallClock
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
-from chatd.actors.stream_snapshot import state_key
 from chatd.domain.chat_state import ChatPolicy, ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json, tool_spec_to_json
@@ -284,10 +283,10 @@ class ChatActor:
         (``_end_or_refuse``)."""
         assert self._state is not None
         try:
-            stored = await stored_fingerprint(self._deps.db, self._ctx.chat_id)
+            stored = await read_stored_key(self._deps.db, self._ctx.chat_id)
         except DatabaseUnavailable as exc:
             self._end_or_refuse(message, exc)
-        if stored == fingerprint(self._state):
+        if stored == state_key(self._state):
             self._unsure = False
             self._ctx.carried.pop(_PUBLISHED, None)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -140,12 +141,16 @@ async def pending_calls(db: Database, chat: Chat) -> tuple[PendingToolCall, ...]
     return unanswered_calls(history, dynamic)
 
 
-Fingerprint = tuple[object, ...]
+StateKey = tuple[ChatStatus, bool, int, int, int, int, tuple[UUID, ...]]
+"""What tells two stored states of a chat apart: status, archived, history version, generation
+attempt, retry count, last message seq and the ids of the queue. Every commit that publishes an
+event changes one of them (a message its seq, a reset or a new episode the version or attempt,
+a retry its count, an error or pending calls the status), so the actor compares it with the
+stored one after a commit whose outcome is unknown, and a stream subscriber with its snapshot's."""
 
 
-def fingerprint(state: ChatState) -> Fingerprint:
-    """What a chat's row and queue record of its execution state, to compare a state in memory
-    with the stored one (``stored_fingerprint``)."""
+def state_key(state: ChatState) -> StateKey:
+    """The key of a chat's state as its actor holds it."""
     return (
         state.status,
         state.archived,
@@ -157,19 +162,24 @@ def fingerprint(state: ChatState) -> Fingerprint:
     )
 
 
-async def stored_fingerprint(db: Database, chat_id: UUID) -> Fingerprint | None:
-    """``fingerprint`` of the chat as stored (None if it is gone): two reads, no transaction,
-    enough to tell whether a commit whose outcome is unknown went through."""
+def stored_key(chat: Chat, queue: Iterable[QueuedMessage]) -> StateKey:
+    """The key of a chat as read from the database (the same as ``state_key`` of the state an
+    actor loads from that read)."""
+    return (
+        chat.status,
+        chat.archived,
+        chat.history_version,
+        chat.generation_attempt,
+        chat.retry_count,
+        chat.last_message_seq,
+        tuple(q.id for q in queue),
+    )
+
+
+async def read_stored_key(db: Database, chat_id: UUID) -> StateKey | None:
+    """``stored_key`` of the chat now (None if it is gone): two reads, no transaction, enough
+    to tell whether a commit whose outcome is unknown went through."""
     row = await chats.get_chat(db, chat_id)
     if row is None:
         return None
-    queue = await chats.list_queue(db, chat_id)
-    return (
-        row.status,
-        row.archived,
-        row.history_version,
-        row.generation_attempt,
-        row.retry_count,
-        row.last_message_seq,
-        tuple(q.id for q in queue),
-    )
+    return stored_key(row, await chats.list_queue(db, chat_id))

@@ -49,8 +49,8 @@ from uuid import UUID
 
 import trio
 
+from chatd.actors.chat_loader import StateKey
 from chatd.actors.stream_cursor import CursorError, StreamCursor
-from chatd.actors.stream_snapshot import StateKey
 from chatd.actors.subscription import (
     SLOW_CONSUMER_CLOSE_CODE,
     Channel,
@@ -182,7 +182,7 @@ class ChatHub:
         """Hand over the events of a commit whose transaction id was lost with its
         acknowledgement (a database outage), published by the chat's restarted actor: they
         take a subscriber from the last state published to the stored one, whose key is
-        ``state`` (``chatd.actors.stream_snapshot.state_key``).
+        ``state`` (``chatd.actors.chat_loader.state_key``).
 
         A subscriber whose snapshot read that stored state, and that was delivered no commit
         since, already holds them and skips them; every other one gets them. Exact, because

@@ -8,11 +8,14 @@ as they do live: an ``error`` before the ``error`` status.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from uuid import UUID
 
-from chatd.actors.chat_loader import queued_entry, unanswered_calls
+from chatd.actors.chat_loader import (
+    StateKey,
+    queued_entry,
+    stored_key,
+    unanswered_calls,
+)
 from chatd.actors.stream_cursor import StreamCursor
-from chatd.domain.chat_state import ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json
 from chatd.domain.conversation import Message
@@ -75,36 +78,6 @@ def snapshot_view(snapshot: ChatSnapshot, cursor: StreamCursor, *, now: float) -
     return SnapshotView(events, current, min(snapshot.kept_seq, cursor.message_seq), resume_part)
 
 
-StateKey = tuple[ChatStatus, bool, int, int, int, int, tuple[UUID, ...]]
-"""What tells two stored states of a chat apart for its stream: status, archived, history
-version, generation attempt, retry count, last message seq and the ids of the queue. Every
-commit that publishes an event changes one of them (a message its seq, a reset or a new episode
-the version or attempt, a retry its count, an error or pending calls the status)."""
-
-
-def state_key(state: ChatState) -> StateKey:
-    """The key of a chat's state as its actor holds it (``chatd.actors.chat_actor``)."""
-    return (
-        state.status,
-        state.archived,
-        state.history_version,
-        state.generation_attempt,
-        state.retry_count,
-        state.last_message_seq,
-        tuple(entry.id for entry in state.queue),
-    )
-
-
 def snapshot_key(snapshot: ChatSnapshot) -> StateKey:
-    """The key of the chat as a subscriber's snapshot read it (the same as ``state_key`` of
-    the state an actor loads from that read)."""
-    chat = snapshot.chat
-    return (
-        chat.status,
-        chat.archived,
-        chat.history_version,
-        chat.generation_attempt,
-        chat.retry_count,
-        chat.last_message_seq,
-        tuple(q.id for q in snapshot.queue),
-    )
+    """The key of the chat as a subscriber's snapshot read it."""
+    return stored_key(snapshot.chat, snapshot.queue)

@@ -37,9 +37,10 @@ from uuid import UUID
 
 import trio
 
+from chatd.actors.chat_loader import StateKey
 from chatd.actors.episode_buffer import EpisodeBuffer, episode_of, order
 from chatd.actors.stream_cursor import StreamCursor
-from chatd.actors.stream_snapshot import StateKey, snapshot_key, snapshot_view
+from chatd.actors.stream_snapshot import snapshot_key, snapshot_view
 from chatd.domain.content_json import parts_from_json
 from chatd.domain.events import (
     ChatEvent,

@@ -13,6 +13,7 @@ from functools import partial
 from uuid import UUID
 
 from chatd.domain.chat_status import ChatStatus
+from chatd.store.chats import LAST_STEP_SQL
 from chatd.store.database import Connection, Database
 from chatd.store.records import (
     Chat,
@@ -70,16 +71,7 @@ async def _read(conn: Connection, *, chat_id: UUID, message_seq: int) -> ChatSna
             queue = tuple(queued_message_from_row(r) for r in rows)
         last_step: tuple[ChatMessage, ...] = ()
         if chat.status is ChatStatus.REQUIRES_ACTION:
-            rows = await conn.fetch(
-                """
-                SELECT * FROM chat_messages
-                WHERE chat_id = $1 AND deleted_at IS NULL
-                  AND seq >= (SELECT coalesce(max(seq), 0) FROM chat_messages
-                              WHERE chat_id = $1 AND deleted_at IS NULL AND role = 'assistant')
-                ORDER BY seq
-                """,
-                chat_id,
-            )
+            rows = await conn.fetch(LAST_STEP_SQL, chat_id)
             last_step = tuple(chat_message_from_row(r) for r in rows)
         kept = message_seq if message_seq == 0 else row["kept_seq"]
         return ChatSnapshot(chat, queue, last_step, kept, ReadSnapshot.parse(row["seen"]))

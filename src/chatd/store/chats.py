@@ -540,19 +540,19 @@ async def list_messages(
     return [chat_message_from_row(row) for row in rows]
 
 
+# The live messages of chat $1 from its last assistant message on (where pending calls live).
+LAST_STEP_SQL = """
+    SELECT * FROM chat_messages
+    WHERE chat_id = $1 AND deleted_at IS NULL
+      AND seq >= (SELECT coalesce(max(seq), 0) FROM chat_messages
+                  WHERE chat_id = $1 AND deleted_at IS NULL AND role = 'assistant')
+    ORDER BY seq
+"""
+
+
 async def list_last_step(db: Database, chat_id: UUID) -> list[ChatMessage]:
     """The live messages from the last assistant message on (where pending calls live)."""
-    rows = await db.fetch(
-        """
-        SELECT * FROM chat_messages
-        WHERE chat_id = $1 AND deleted_at IS NULL
-          AND seq >= (SELECT coalesce(max(seq), 0) FROM chat_messages
-                      WHERE chat_id = $1 AND deleted_at IS NULL AND role = 'assistant')
-        ORDER BY seq
-        """,
-        chat_id,
-    )
-    return [chat_message_from_row(row) for row in rows]
+    return [chat_message_from_row(row) for row in await db.fetch(LAST_STEP_SQL, chat_id)]
 
 
 async def list_queue(db: Database, chat_id: UUID) -> list[QueuedMessage]:

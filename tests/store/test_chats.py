@@ -24,7 +24,7 @@ from chatd.store.chats import (
     list_chats,
     list_messages,
     list_queue,
-    list_resumable_chats,
+    list_resumable_chats_in,
     rename_chat,
 )
 from chatd.store.database import Database
@@ -549,9 +549,9 @@ async def test_list_resumable_chats(db: Database) -> None:
             resumable.add(chat.id)
     elsewhere = await make_chat(db, fence1, user.id)
     await commit(db, fence1, elsewhere.id, [UpdateChat(status=ChatStatus.RUNNING)])
-    assert set(await list_resumable_chats(db, 0)) == resumable
-    assert await list_resumable_chats(db, 1) == [elsewhere.id]
-    assert await list_resumable_chats(db, 2) == []
+    assert {chat_id for _, chat_id in await list_resumable_chats_in(db, [0])} == resumable
+    assert await list_resumable_chats_in(db, [1]) == [(1, elsewhere.id)]
+    assert await list_resumable_chats_in(db, [2]) == []
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ from chatd.actors.behavior import ActorBehavior, ActorFactory, ParkHook
 from chatd.actors.errors import ActorDead, NotOwner
 from chatd.actors.host import ActorHost, ExitReason
 from chatd.domain.sharding import shard_of
-from chatd.store.chats import list_resumable_chats, list_resumable_chats_in
+from chatd.store.chats import list_resumable_chats_in
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.errors import Fenced
 from chatd.store.leases import Fence, acquire_shards, release_leases
@@ -310,8 +310,7 @@ class Supervisor:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     gained = await self._check_leases(initial=True)
-                    for fence in gained:
-                        await self._resume(fence)
+                    await self._resume(gained)
                     self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
                     nursery.start_soon(self._lease_loop)
                     nursery.start_soon(self._passivation_loop)
@@ -360,7 +359,7 @@ class Supervisor:
                 await self._check_requested.wait()
             gained = await self._check_leases()
             if gained:
-                self._nursery_or_fail().start_soon(self._resume_soon, gained)
+                self._sweep_due = True  # their chats with work left are resumed just below
             if self._check_failures == 0 and (
                 self._sweep_due or trio.current_time() >= self._next_sweep
             ):
@@ -454,40 +453,33 @@ class Supervisor:
 
     # -- resuming ------------------------------------------------------------------------------
 
-    async def _resume(self, fence: Fence) -> None:
-        """Activate every chat of a gained shard that was left with work to do."""
-        chat_ids = await list_resumable_chats(self._db, fence.shard)
-        if self._fences.get(fence.shard) != fence:
-            return  # lost again meanwhile
-        for chat_id in chat_ids:
-            if chat_id not in self._slots:
+    async def _resume(self, fences: Iterable[Fence]) -> int:
+        """Activate every chat of the shards of ``fences`` that was left with work to do and has
+        no actor here (one query); returns how many were activated."""
+        held = {f.shard: f for f in fences}
+        rows = await list_resumable_chats_in(self._db, sorted(held))
+        activated = 0
+        for shard, chat_id in rows:
+            fence = held[shard]
+            if self._fences.get(shard) == fence and chat_id not in self._slots:
                 self._activate(chat_id, fence)
                 self.stats.resumed += 1
+                activated += 1
         self._notify()
-
-    async def _resume_soon(self, fences: list[Fence]) -> None:
-        """``_resume`` for shards gained while running: retried until done or the shard is lost."""
-        for fence in fences:
-            while self._fences.get(fence.shard) == fence:
-                try:
-                    with trio.fail_after(self._check_interval_s):
-                        await self._resume(fence)
-                    break
-                except Exception:
-                    log.warning("resuming shard %d failed; retrying", fence.shard, exc_info=True)
-                    await trio.sleep(self._check_interval_s)
+        return activated
 
     async def _sweep(self) -> None:
-        """Activate every runnable chat of the held shards that has no actor here (one query);
+        """Resume the runnable chats of every held shard that have no actor here: after shards
+        were gained, after a database call failed, and every ``resume_sweep_interval_s``;
         called by the lease loop after a successful check. A failure leaves it due."""
-        fences = dict(self._fences)
+        fences = list(self._fences.values())
         self._sweep_due = False
         self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
         if not fences:
             return
         try:
             with trio.fail_after(self._check_interval_s):
-                rows = await list_resumable_chats_in(self._db, sorted(fences))
+                activated = await self._resume(fences)
         except Exception as exc:
             self._sweep_due = True
             outage = _contains(exc, DatabaseUnavailable) or isinstance(exc, trio.TooSlowError)
@@ -498,15 +490,8 @@ class Supervisor:
             )
             return
         self.stats.sweeps += 1
-        activated = 0
-        for shard, chat_id in rows:
-            if self._fences.get(shard) == fences[shard] and chat_id not in self._slots:
-                self._activate(chat_id, fences[shard])
-                self.stats.resumed += 1
-                activated += 1
         if activated:
             log.info("resume sweep: %d runnable chats had no actor; activated them", activated)
-        self._notify()
 
     # -- actors --------------------------------------------------------------------------------
 

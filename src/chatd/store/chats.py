@@ -567,24 +567,13 @@ async def _list_queue(conn: Connection, chat_id: UUID) -> list[QueuedMessage]:
     return [queued_message_from_row(row) for row in rows]
 
 
-async def list_resumable_chats(db: Database, shard: int) -> list[UUID]:
-    """Chats of the shard with work left to do, which a new owner of the shard resumes."""
-    # The literal list matches the partial index chats_runnable, so the planner can use it;
-    # a test keeps it equal to RESUMABLE_STATUSES.
-    rows = await db.fetch(
-        "SELECT id FROM chats WHERE shard = $1"
-        " AND status IN ('running', 'interrupting', 'requires_action') ORDER BY id",
-        shard,
-    )
-    return [row["id"] for row in rows]
-
-
 async def list_resumable_chats_in(db: Database, shards: Sequence[int]) -> list[tuple[int, UUID]]:
     """``(shard, chat id)`` of every chat of ``shards`` with work left to do, in one query: the
-    supervisor's periodic sweep of its held shards (and the one after a database outage)."""
+    chats a new owner of those shards resumes, and the supervisor's sweeps of its held shards."""
     if not shards:
         return []
-    # The same literal list as list_resumable_chats (the partial index chats_runnable).
+    # The literal list matches the partial index chats_runnable, so the planner can use it;
+    # a test keeps it equal to RESUMABLE_STATUSES.
     rows = await db.fetch(
         "SELECT shard, id FROM chats WHERE shard = ANY($1::integer[])"
         " AND status IN ('running', 'interrupting', 'requires_action') ORDER BY shard, id",

@@ -169,9 +169,9 @@ class ChatDeps:
     # How long stopping a generation may take before the actor gives up waiting for it.
     cancel_grace_s: float = 10.0
     # A user command that would start a run is refused while its owner has this many chats
-    # running (checked in the run's commit, exact across workers), admins included; None or 0:
+    # running (checked in the run's commit, exact across workers), admins included; 0:
     # no limit, and no check at all (no ClaimRun: no lock, no statement in the commit).
-    max_running_chats_per_user: int | None = None
+    max_running_chats_per_user: int = 0
 
 
 @dataclass

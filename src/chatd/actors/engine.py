@@ -57,7 +57,7 @@ class EngineOptions:
     slow_consumer_timeout_s: float = 10.0
     config_cache_ttl_s: float = 30.0
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
-    max_running_chats_per_user: int | None = None  # None: no limit
+    max_running_chats_per_user: int = 0  # 0: no limit
 
     @classmethod
     def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:

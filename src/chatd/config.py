@@ -50,6 +50,34 @@ class Settings:
     shard_count: int = 64
     lease_ttl_s: float = 15.0
 
+    # Several workers (README, "Running several workers"). `chatd serve --workers N` starts N
+    # worker processes on one listening socket ("auto": one per core) and restarts a crashed one
+    # unless more than worker_restart_limit crashed in worker_restart_window_s (then it stops,
+    # saying so). A worker that does not say it is ready within worker_ready_timeout_s counts as
+    # crashed; at a stop each has worker_stop_timeout_s to end before it is killed.
+    workers: str = "1"
+    worker_restart_limit: int = 5
+    worker_restart_window_s: float = 60.0
+    worker_ready_timeout_s: float = 60.0
+    worker_stop_timeout_s: float = 15.0
+    # The listening socket a parent process hands its workers (a file descriptor); -1: bind
+    # host:port. Set by `chatd serve --workers`, not by hand.
+    listen_fd: int = -1
+    # The internal link between workers (forwarded commands, relayed streams): it listens on
+    # link_host:link_port (0: any free port) and peers reach it at link_advertise_host (empty:
+    # link_host). Requests carry the cluster's secret (kept in PostgreSQL). A forwarded command
+    # is answered within ask_timeout_s + link_timeout_s or fails as retryable (503).
+    link_host: str = "127.0.0.1"
+    link_port: int = 0
+    link_advertise_host: str = ""
+    link_timeout_s: float = 10.0
+    # A shard handed to a joining worker: its actors finish their turn in progress for at most
+    # handover_timeout_s (new commands meanwhile get 503 + Retry-After), then it is released.
+    handover_timeout_s: float = 10.0
+    # A relayed stream whose owner went away looks for the new owner this long before closing
+    # (1012, "try again"); the client may reconnect with its cursor.
+    relay_reconnect_timeout_s: float = 30.0
+
     # Chat actors.
     mailbox_capacity: int = 256
     actor_idle_timeout_s: float = 300.0
@@ -185,6 +213,12 @@ class Settings:
             "listen_backlog",
             "max_connections",
             "close_linger_s",
+            "worker_restart_window_s",
+            "worker_ready_timeout_s",
+            "worker_stop_timeout_s",
+            "link_timeout_s",
+            "handover_timeout_s",
+            "relay_reconnect_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -198,6 +232,7 @@ class Settings:
             raise SettingsError(f"{_label(negative[0])} must be 0 (no limit) or more")
         if self.restart_limit < 0:
             raise SettingsError(f"{_label('restart_limit')} must not be negative")
+        self._check_workers()
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"{_label('port')} must be between 0 (any free port) and 65535")
         if self.default_page_size > self.max_page_size:
@@ -222,6 +257,31 @@ class Settings:
             raise SettingsError(
                 f"{_label('db_pool_min_size')} must not exceed {_label('db_pool_max_size')}"
             )
+
+    def _check_workers(self) -> None:
+        if self.worker_restart_limit < 0:
+            raise SettingsError(f"{_label('worker_restart_limit')} must not be negative")
+        self.worker_count()  # validates `workers`
+        if not 0 <= self.link_port <= 65535:
+            raise SettingsError(
+                f"{_label('link_port')} must be between 0 (any free port) and 65535"
+            )
+
+    def worker_count(self) -> int:
+        """The number of worker processes: ``workers`` as a number, or the cores for "auto"."""
+        text = self.workers.strip().lower()
+        if text == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 256:
+            raise SettingsError(
+                f"{_label('workers')} must be a number from 1 to 256, or auto (one per core)"
+            )
+        return int(text)
+
+    @property
+    def link_url_host(self) -> str:
+        """The host peers use to reach this worker's internal link."""
+        return self.link_advertise_host or self.link_host
 
     @property
     def uses_embedded_database(self) -> bool:

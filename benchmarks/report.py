@@ -33,29 +33,43 @@ class RunSpec:
     chats: int
     turns: int
     rate: float | None = None  # open loop: turns started per second
+    workers: int = 1  # `chatd serve --workers`
 
     @property
     def name(self) -> str:
+        # One worker keeps the names runs had before the workers axis existed.
+        workers = "" if self.workers == 1 else f"-w{self.workers}"
         if self.kind == "sweep":
-            return f"sweep-s{self.shards}-c{self.chats}-t{self.turns}"
+            return f"sweep-s{self.shards}-c{self.chats}-t{self.turns}{workers}"
         shards = "" if self.shards == DEFAULT_SHARDS else f"-s{self.shards}"
         if self.kind == "headline":
-            return f"headline{shards}-c{self.chats}-t{self.turns}"
-        return f"openloop{shards}-c{self.chats}-t{self.turns}-r{self.rate:g}"
+            return f"headline{shards}-c{self.chats}-t{self.turns}{workers}"
+        return f"openloop{shards}-c{self.chats}-t{self.turns}-r{self.rate:g}{workers}"
 
 
-def grid(shards: Iterable[int], chats: Iterable[int], turns: int) -> list[RunSpec]:
-    """Smallest load first, every shard count at each size: an interrupted sweep still has
-    complete rows for the sizes it reached."""
-    return [RunSpec("sweep", s, c, turns) for c in sorted(set(chats)) for s in sorted(set(shards))]
+def grid(
+    shards: Iterable[int], chats: Iterable[int], turns: int, workers: Iterable[int] = (1,)
+) -> list[RunSpec]:
+    """Smallest load first, every shard count and worker count at each size: an interrupted
+    sweep still has complete rows for the sizes it reached."""
+    return [
+        RunSpec("sweep", s, c, turns, workers=w)
+        for c in sorted(set(chats))
+        for w in sorted(set(workers))
+        for s in sorted(set(shards))
+    ]
 
 
-def headline_spec() -> RunSpec:
-    return RunSpec("headline", DEFAULT_SHARDS, HEADLINE_CHATS, HEADLINE_TURNS)
+def headline_spec(workers: int = 1) -> RunSpec:
+    return RunSpec("headline", DEFAULT_SHARDS, HEADLINE_CHATS, HEADLINE_TURNS, workers=workers)
 
 
 def open_loop_spec(
-    max_rate: float, *, chats: int = OPEN_LOOP_CHATS, target_s: float = OPEN_LOOP_TARGET_S
+    max_rate: float,
+    *,
+    chats: int = OPEN_LOOP_CHATS,
+    target_s: float = OPEN_LOOP_TARGET_S,
+    workers: int = 1,
 ) -> RunSpec:
     """Half the maximum rate, with enough turns per chat for about ``target_s`` seconds (at
     least one each: every chat is created whatever the rate)."""
@@ -63,7 +77,7 @@ def open_loop_spec(
         raise ValueError(f"the maximum rate must be greater than 0, not {max_rate}")
     rate = round(max_rate * OPEN_LOOP_LOAD, 1) or 0.1
     turns = max(1, round(rate * target_s / chats))
-    return RunSpec("openloop", DEFAULT_SHARDS, chats, turns, rate)
+    return RunSpec("openloop", DEFAULT_SHARDS, chats, turns, rate, workers)
 
 
 def completed(result: Result) -> bool:
@@ -71,12 +85,17 @@ def completed(result: Result) -> bool:
     return "phases" in result
 
 
-def max_closed_loop_rate(results: Iterable[Result], shards: int = DEFAULT_SHARDS) -> float | None:
-    """Turns/s of the largest closed-loop run at ``shards``: most chats, then most turns."""
+def max_closed_loop_rate(
+    results: Iterable[Result], shards: int = DEFAULT_SHARDS, workers: int = 1
+) -> float | None:
+    """Turns/s of the largest closed-loop run at ``shards`` and ``workers``: most chats, then
+    most turns."""
     best: tuple[int, int, float] | None = None
     for r in results:
         run = r.get("sweep", {})
         if run.get("shards") != shards or not completed(r) or r["config"].get("rate"):
+            continue
+        if run.get("workers", 1) != workers:
             continue
         key = (r["config"]["chats"], r["turns"]["planned"], float(r["turns_per_s"]))
         if best is None or key[:2] > best[:2]:
@@ -84,10 +103,11 @@ def max_closed_loop_rate(results: Iterable[Result], shards: int = DEFAULT_SHARDS
     return None if best is None else best[2]
 
 
-def sort_key(result: Result) -> tuple[int, int, int, int, float]:
+def sort_key(result: Result) -> tuple[int, int, int, int, int, float]:
     run = result["sweep"]
     return (
         KINDS.index(run["kind"]),
+        run.get("workers", 1),
         run["shards"],
         run["chats"],
         run["turns"],
@@ -104,6 +124,10 @@ def _phase(result: Result, phase: str, stat: str) -> float | None:
 
 
 def _server(result: Result, key: str) -> float | None:
+    if key == "cpu_ms_per_turn" and (tree := result.get("sweep", {}).get("cpu_ms_per_turn")):
+        # Measured by the sweep over every process of the server (all its workers), where
+        # the server's own /metrics would count the one worker that answered the scrape.
+        return float(tree)
     server = result.get("server")
     value = None if server is None else server.get(key)
     return None if value is None else float(value)
@@ -144,6 +168,7 @@ def _errors_cell(result: Result) -> str:
 
 COLUMNS = (
     "run",
+    "workers",
     "shards",
     "chats",
     "turns",
@@ -165,6 +190,7 @@ def table_row(result: Result) -> list[str]:
     peak = _server(result, "peak_rss_bytes")
     return [
         _run_label(run),
+        str(run.get("workers", 1)),
         str(run["shards"]),
         f"{run['chats']:,}",
         str(run["turns"]),
@@ -229,8 +255,11 @@ def markdown(results: Sequence[Result], machine: dict[str, Any] | None) -> str:
         (
             "Latencies are in ms, measured by the client; *overhead* is first output minus the "
             "fake LLM's delay to its first chunk. Closed-loop runs start each chat's next turn "
-            "when the last ended; the open-loop run starts turns at a fixed rate. Server "
-            "figures come from its `/metrics` (n/a when it was not served)."
+            "when the last ended; the open-loop run starts turns at a fixed rate. *workers*: "
+            "`chatd serve --workers N`, the clients spread over them by the kernel. Server CPU "
+            "per turn is that of every server process (all workers, the whole run, setup "
+            "included) over the turns; the other server figures come from one worker's "
+            "`/metrics` (n/a when it was not served)."
         ),
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -261,11 +290,15 @@ def series(results: Iterable[Result], value: str) -> Series:
             y = _phase(r, phase, stat)
         if y is None:
             continue
-        points.setdefault((run["shards"], run["turns"]), {})[run["chats"]] = y
-    several_turns = len({turns for _, turns in points}) > 1
+        key = (run.get("workers", 1), run["shards"], run["turns"])
+        points.setdefault(key, {})[run["chats"]] = y
+    several_turns = len({turns for *_, turns in points}) > 1
+    several_workers = len({workers for workers, *_ in points}) > 1
     out: Series = {}
-    for (shards, turns), by_chats in sorted(points.items()):
+    for (workers, shards, turns), by_chats in sorted(points.items()):
         label = f"{shards} shard" + ("" if shards == 1 else "s")
+        if several_workers:
+            label = f"{workers} worker{'' if workers == 1 else 's'}, {label}"
         if several_turns:
             label += f", {turns} turns"
         out[label] = sorted(by_chats.items())

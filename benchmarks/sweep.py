@@ -270,6 +270,8 @@ def run_one(
             *reply_shape,
         ]
         serve_argv = [*chatd, "serve", "--host", HOST, "--port", str(port)]
+        if spec.workers > 1:
+            serve_argv += ["--workers", str(spec.workers)]
         llm_log, server_log = logs / f"{name}.llm.log", logs / f"{name}.server.log"
         with (
             started(llm_argv, llm_log) as llm,
@@ -305,12 +307,14 @@ def run_one(
             if options.ramp_s:
                 driver_argv += ["--ramp-s", f"{options.ramp_s:g}"]
             driver_log = logs / f"{name}.driver.log"
+            cpu_before = tree_cpu_s(server.pid)
             code = run_driver(
                 driver_argv,
                 {**env, "CHATD_TOKEN": token},
                 driver_log,
                 options.timeout_s + DRIVER_GRACE_S,
             )
+            server_cpu_s = tree_cpu_s(server.pid) - cpu_before
             died = server.poll()  # before stopping it: a server that died under load is news
         summary: Result | None = json.loads(output.read_text()) if output.is_file() else None
         if died is not None:
@@ -322,7 +326,30 @@ def run_one(
             raise RunFailed(
                 f"driver exited with status {code} and no summary{log_tail(driver_log)}"
             )
+        turns = summary.get("turns", {}).get("completed")
+        if turns:
+            summary["server_tree"] = {
+                "cpu_s": round(server_cpu_s, 3),
+                "cpu_ms_per_turn": round(server_cpu_s * 1000 / turns, 2),
+            }
         return summary, code
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants (a
+    ``--workers`` parent and its workers), from /proc; a process gone meanwhile counts 0."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def record(
@@ -340,6 +367,7 @@ def record(
         "name": spec.name,
         "kind": spec.kind,
         "shards": spec.shards,
+        "workers": spec.workers,
         "chats": spec.chats,
         "turns": spec.turns,
         "rate": spec.rate,
@@ -347,6 +375,7 @@ def record(
         "failure": failure,
         "elapsed_s": round(elapsed_s, 1),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_ms_per_turn": (result.get("server_tree") or {}).get("cpu_ms_per_turn"),
         "machine": machine,
     }
     return result
@@ -418,15 +447,16 @@ class Sweep:
         save(result, self.options.out_dir)
         print(progress_line(result, elapsed), flush=True)
 
-    def run_open_loop(self, max_rate: float | None) -> None:
+    def run_open_loop(self, max_rate: float | None, workers: int = 1) -> None:
         """Sized from ``max_rate``, or from the results so far (the grid and headline runs of
-        this sweep included)."""
-        rate = max_rate or max_closed_loop_rate(load_results(self.options.out_dir))
+        this sweep included) with as many workers."""
+        found = max_closed_loop_rate(load_results(self.options.out_dir), workers=workers)
+        rate = max_rate or found
         if rate is None:
             print(f"open loop skipped: no closed-loop run at {DEFAULT_SHARDS} shards to size it")
             self.failures += 1
             return
-        spec = open_loop_spec(rate)
+        spec = open_loop_spec(rate, workers=workers)
         print(
             f"open loop at half of {rate:,.1f} turns/s: {spec.rate:g} turns/s, "
             f"{spec.chats:,} chats x {spec.turns} turns, "
@@ -459,7 +489,7 @@ def run_all(
             for spec in specs:
                 sweep.run(spec)
             if open_loop:
-                sweep.run_open_loop(max_rate)
+                sweep.run_open_loop(max_rate, max((s.workers for s in specs), default=1))
     finally:
         shutil.rmtree(work / "pg", ignore_errors=True)
         ok = sweep is not None and sweep.failures == 0
@@ -483,6 +513,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--chats", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="worker processes per server (chatd serve --workers); the grid runs each, and "
+        "--headline / --open-loop run with the largest",
+    )
     parser.add_argument("--turns", type=int, default=3, help="turns per chat in the grid")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(
@@ -538,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _positive_ints(args.shards, "--shards", parser)
     _positive_ints(args.chats, "--chats", parser)
+    _positive_ints(args.workers, "--workers", parser)
     _positive_ints([args.turns], "--turns", parser)
     if not args.timeout_s > 0:
         parser.error("--timeout-s must be greater than 0")
@@ -548,9 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--server-env takes CHATD_NAME=VALUE")
     specs = []
     if args.grid or not (args.headline or args.open_loop):
-        specs += grid(args.shards, args.chats, args.turns)
+        specs += grid(args.shards, args.chats, args.turns, args.workers)
     if args.headline:
-        specs.append(headline_spec())
+        specs.append(headline_spec(max(args.workers)))
     options = Options(
         out_dir=out_dir,
         timeout_s=args.timeout_s,

@@ -61,6 +61,7 @@ def _sweep(spec: RunSpec, failure: str | None = None) -> dict[str, Any]:
         "name": spec.name,
         "kind": spec.kind,
         "shards": spec.shards,
+        "workers": spec.workers,
         "chats": spec.chats,
         "turns": spec.turns,
         "rate": spec.rate,
@@ -131,25 +132,25 @@ def test_table_has_one_row_per_run_in_order_with_the_machine() -> None:
     assert "Machine: 2 cores (AMD EPYC), 23.5 GiB RAM, Python 3.11.7, PostgreSQL 15.8" in text
     assert "20 chunks" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| run | shards | chats | turns | turns/s | create p99 |")
-    assert [row.split(" | ")[1:3] for row in rows[1:]] == [
+    assert rows[0].startswith("| run | workers | shards | chats | turns | turns/s | create p99 |")
+    assert [row.split(" | ")[2:4] for row in rows[1:]] == [
         ["1", "100"],
         ["1", "5,000"],
         ["64", "100"],
         ["64", "5,000"],
     ]
     assert rows[3] == (
-        "| sweep | 64 | 100 | 3 | 100.0 | 12.5 | 9.0 | 55.0 / 80.0 | 30.0 | 140 "
+        "| sweep | 1 | 64 | 100 | 3 | 100.0 | 12.5 | 9.0 | 55.0 / 80.0 | 30.0 | 140 "
         "| 7 (create 5, stream 2) | 21.3 | 2.00 | 300 |"
     )
     assert "**failed**: chatd serve exited \\| boom" in rows[2]
-    assert rows[4].startswith("| open loop, 120/s | 64 | 5,000 | 1 |")
+    assert rows[4].startswith("| open loop, 120/s | 1 | 64 | 5,000 | 1 |")
     assert rows[1].endswith("| 0 | n/a | n/a | n/a |")  # no /metrics
 
 
 def test_empty_results_still_render() -> None:
     assert "no runs yet" in markdown([], None)
-    assert table_row(_result(RunSpec("sweep", 1, 1, 1)))[10] == "0"
+    assert table_row(_result(RunSpec("sweep", 1, 1, 1)))[11] == "0"
 
 
 def test_chart_series_are_grid_runs_per_shard_count_over_chats() -> None:
@@ -181,3 +182,15 @@ def test_progress_line_gives_the_headline_numbers_or_the_failure() -> None:
     assert line.endswith("(12 s)")
     failed = {"sweep": _sweep(spec, failure="driver killed after 1920 s")}
     assert progress_line(failed, 1920.0) == "FAILED: driver killed after 1920 s (1920 s)"
+
+
+def test_the_workers_axis_names_runs_labels_lines_and_uses_the_whole_servers_cpu() -> None:
+    one, two = RunSpec("sweep", 64, 1000, 3), RunSpec("sweep", 64, 1000, 3, workers=2)
+    assert (one.name, two.name) == ("sweep-s64-c1000-t3", "sweep-s64-c1000-t3-w2")
+    assert [s.workers for s in grid([64], [1000], 3, [2, 1])] == [1, 2]
+    results = [_result(one, turns_per_s=100.0), _result(two, turns_per_s=170.0)]
+    results[1]["sweep"]["cpu_ms_per_turn"] = 11.5
+    assert set(series(results, "turns_per_s")) == {"1 worker, 64 shards", "2 workers, 64 shards"}
+    assert table_row(results[1])[1] == "2"
+    assert table_row(results[1])[12] == "11.5"
+    assert max_closed_loop_rate(results, workers=2) == 170.0

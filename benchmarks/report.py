@@ -278,7 +278,7 @@ def series(results: Iterable[Result], value: str) -> Series:
     """Chart lines over concurrent chats, one per shard count, from the grid runs only (the
     headline and open-loop runs have other turn counts). ``value`` is ``turns_per_s`` or
     ``<phase>.<stat>``. Turn counts are named in the label only when they differ."""
-    points: dict[tuple[int, int], dict[int, float]] = {}
+    points: dict[tuple[int, int, int], dict[int, float]] = {}
     for r in results:
         run = r.get("sweep", {})
         if run.get("kind") != "sweep" or not completed(r):
@@ -292,8 +292,8 @@ def series(results: Iterable[Result], value: str) -> Series:
             continue
         key = (run.get("workers", 1), run["shards"], run["turns"])
         points.setdefault(key, {})[run["chats"]] = y
-    several_turns = len({turns for *_, turns in points}) > 1
-    several_workers = len({workers for workers, *_ in points}) > 1
+    several_turns = len({turns for _, _, turns in points}) > 1
+    several_workers = len({workers for workers, _, _ in points}) > 1
     out: Series = {}
     for (workers, shards, turns), by_chats in sorted(points.items()):
         label = f"{shards} shard" + ("" if shards == 1 else "s")

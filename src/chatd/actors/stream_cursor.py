@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from chatd.domain.events import Episode
+from chatd.domain.events import (
+    ChatEvent,
+    CommittedMessage,
+    Episode,
+    HistoryReset,
+    MessagePart,
+    PreviewReset,
+)
 
 
 class CursorError(ValueError):
@@ -57,3 +64,26 @@ class StreamCursor:
             raise CursorError(missing, "history_version and generation_attempt go together")
         episode = None if version is None or attempt is None else Episode(version, attempt)
         return cls(numbers["message_seq"] or 0, episode, numbers["part_seq"] or 0)
+
+    def after(self, events: Iterable[ChatEvent]) -> StreamCursor:
+        """The cursor of a client that held this one and was then sent ``events``, as a client
+        keeps it (README, "Streams"): a message raises ``message_seq``, a history reset lowers
+        it to what is left, a part moves the preview to its episode and seq, a preview reset to
+        its episode with no part yet. A relay resumes its client from it when the owner moves.
+        """
+        seq, episode, part = self.message_seq, self.episode, self.part_seq
+        for event in events:
+            match event:
+                case MessagePart():
+                    episode, part = event.episode, event.seq
+                case CommittedMessage():
+                    seq = max(seq, event.seq)
+                case HistoryReset(after_seq=after):
+                    seq = min(seq, after)
+                case PreviewReset():
+                    episode, part = event.episode, 0
+                case _:
+                    pass
+        if (seq, episode, part) == (self.message_seq, self.episode, self.part_seq):
+            return self
+        return StreamCursor(seq, episode, part)

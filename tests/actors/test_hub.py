@@ -32,6 +32,7 @@ from chatd.actors.hub import (
     SLOW_CONSUMER_CLOSE_CODE,
     ChatHub,
     CursorError,
+    OwnerMoved,
     SlowConsumer,
     StreamCursor,
     Subscription,
@@ -1292,3 +1293,90 @@ async def test_a_subscriber_joining_at_any_moment_gets_each_event_once(
         for kind in (RetryScheduled, ErrorRaised, ActionRequired):
             assert kinds.count(kind) <= 1, snapshot
         assert reader.client.view() == reference.view()
+
+
+# -- the shard leaves the worker --------------------------------------------------------------
+
+
+class Moved:
+    """Consumes a subscription until it ends with ``OwnerMoved`` (kept), counting events."""
+
+    def __init__(self) -> None:
+        self.events: list[ChatEvent] = []
+        self.moved: OwnerMoved | None = None
+        self.done = trio.Event()
+        self.got_event = trio.Event()
+
+    async def run(
+        self,
+        hub: ChatHub,
+        chat_id: UUID,
+        cursor: StreamCursor,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            async with hub.subscribe(chat_id, cursor) as events:
+                task_status.started()
+                async for batch in events:
+                    self.events.extend(batch)
+                    self.got_event.set()
+        except OwnerMoved as exc:
+            self.moved = exc
+        finally:
+            self.done.set()
+
+
+async def test_disown_ends_the_streams_of_the_lost_shards_only(db: Database) -> None:
+    hub = ChatHub(db)
+    lost, kept = await scripted_chat(db, hub), await scripted_chat(db, hub)
+    await lost.user_turn("q")
+    await kept.user_turn("q")
+    shards = {lost.id: 3, kept.id: 4}
+    first, second, other = Moved(), Moved(), Moved()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run, hub, lost.id, StreamCursor(1))
+        await nursery.start(second.run, hub, lost.id, StreamCursor(1))
+        await nursery.start(other.run, hub, kept.id, StreamCursor(1))
+        lost.stream("a")
+        with trio.fail_after(DEADLINE_S):
+            await first.got_event.wait()
+        assert hub.stats.subscribers == 3
+
+        hub.disown(frozenset({3, 9}), shards.__getitem__)
+        with trio.fail_after(DEADLINE_S):
+            await first.done.wait()
+            await second.done.wait()
+        for reader in (first, second):
+            assert reader.moved is not None
+            assert reader.moved.chat_id == lost.id
+        assert hub.stats.subscribers == 1
+        assert hub.tracked_chats == 1  # the lost chat's buffer is gone with it
+
+        kept.stream("b")  # the chat still served here streams on
+        with trio.fail_after(DEADLINE_S):
+            while not any(isinstance(e, MessagePart) for e in other.events):
+                other.got_event = trio.Event()
+                await other.got_event.wait()
+        assert not other.done.is_set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_disown_during_the_history_read_ends_the_stream_before_anything_live(
+    db: Database,
+) -> None:
+    hub: ChatHub
+
+    async def disown_now(chat_id: UUID, after_seq: int) -> None:
+        hub.disown(frozenset({0}), lambda _chat: 0)
+        await trio.lowlevel.checkpoint()
+
+    hub = ChatHub(db, page_hook=disown_now)
+    lost = await scripted_chat(db, hub)
+    await lost.user_turn("q")
+    reader = Moved()
+    with trio.fail_after(DEADLINE_S):
+        await reader.run(hub, lost.id, StreamCursor())
+    assert reader.moved is not None
+    assert not any(isinstance(e, CommittedMessage) for e in reader.events)
+    assert hub.stats.subscribers == 0

@@ -55,6 +55,7 @@ from chatd.actors.subscription import (
     SLOW_CONSUMER_CLOSE_CODE,
     Channel,
     Committed,
+    OwnerMoved,
     PageHook,
     Recovered,
     SlowConsumer,
@@ -68,6 +69,7 @@ __all__ = [
     "ChatHub",
     "CursorError",
     "HubStats",
+    "OwnerMoved",
     "PageHook",
     "SlowConsumer",
     "StreamCursor",
@@ -221,10 +223,29 @@ class ChatHub:
             with trio.CancelScope() as scope:
                 sub._scope = scope
                 yield sub
+            if scope.cancelled_caught and sub._moved:
+                raise OwnerMoved(chat_id)
             if scope.cancelled_caught and sub._dropped is not None:
                 raise SlowConsumer(chat_id, sub._dropped)
         finally:
             self._leave(sub)
+
+    def disown(self, shards: frozenset[int], shard_of: Callable[[UUID], int]) -> None:
+        """The chats of ``shards`` are no longer served here (their actors were stopped): end
+        each of their subscriptions with ``OwnerMoved`` (its body is cancelled, as for a slow
+        consumer), so that the stream goes on from the client's cursor at the new owner, and
+        forget their buffers (the new owner streams its own). Never waits; call from the trio
+        thread (the Supervisor's ``on_shards_lost``)."""
+        if not shards:
+            return
+        for chat_id in [c for c in self._channels if shard_of(c) in shards]:
+            channel = self._channels.pop(chat_id)
+            self._idle.pop(chat_id, None)
+            for sub in list(channel.subscribers):
+                sub._moved = True
+                channel.subscribers.discard(sub)
+                self.stats.subscribers -= 1
+                sub._release()
 
     def _leave(self, sub: Subscription) -> None:
         channel = sub._channel

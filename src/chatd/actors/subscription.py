@@ -81,6 +81,16 @@ class SlowConsumer(Exception):
         self.reason = reason  # short enough for a WebSocket close frame (at most 123 bytes)
 
 
+class OwnerMoved(Exception):
+    """The chat's shard left this worker (handed over, taken over, dropped, or the worker is
+    stopping): its events are no longer published here. The stream goes on from the client's
+    cursor at the new owner (``ChatHub.disown``; the web layer relays it)."""
+
+    def __init__(self, chat_id: UUID) -> None:
+        super().__init__(f"chat {chat_id} is no longer served by this worker")
+        self.chat_id = chat_id
+
+
 @dataclass(frozen=True, slots=True)
 class Committed:
     """Queue item: ``event`` was published for the commit of transaction ``xid``."""
@@ -141,6 +151,7 @@ class Subscription:
         "_full_since",
         "_hub",
         "_last_seq",
+        "_moved",
         "_next_part",
         "_out",
         "_paging",
@@ -166,6 +177,7 @@ class Subscription:
         self._full_since: float | None = None
         self._skipped = False  # parts were left out of a full queue since the last marker
         self._dropped: str | None = None
+        self._moved = False  # the shard left this worker: see ``OwnerMoved``
         self._scope: trio.CancelScope | None = None
         # Consumer side: the cut (set by the snapshot), and what the client holds.
         self._seen = ReadSnapshot(0, 0, frozenset())
@@ -191,6 +203,8 @@ class Subscription:
 
     async def __anext__(self) -> list[ChatEvent]:
         while True:
+            if self._moved:
+                raise OwnerMoved(self.chat_id)
             if self._dropped is not None:
                 raise SlowConsumer(self.chat_id, self._dropped)
             if self._out:

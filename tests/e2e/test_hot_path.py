@@ -39,10 +39,16 @@ async def cost_of_turn(
     api: ApiWorld, client: Client, start: Callable[[], Awaitable[uuid.UUID]]
 ) -> Cost:
     """The database work from ``start()`` until its chat (the id it returns) is back in
-    ``waiting``; the end is seen on the owner's watch feed, which reads nothing."""
+    ``waiting``; the end is seen on the owner's watch feed, which reads nothing. The NOTIFYs
+    relaying the turn's watch events to other workers are counted, all of them: the relay
+    sends after local delivery, so its last one is waited for (and the one before is not
+    counted in the turn)."""
     stats = api.db.stats
+    feeds = api.engine.feeds
     with trio.fail_after(DEADLINE_S):
         async with api.engine.watch.subscribe(client.user.id) as events:
+            if feeds is not None:
+                await feeds.drained()
             statements, transactions = stats.statements, stats.transactions
             chat_id = await start()
             async for batch in events:
@@ -53,6 +59,8 @@ async def cost_of_turn(
                     for e in batch
                 ):
                     break
+            if feeds is not None:
+                await feeds.drained()
     return Cost(stats.statements - statements, stats.transactions - transactions)
 
 

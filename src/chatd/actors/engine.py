@@ -13,6 +13,7 @@ import trio
 
 from chatd.actors.behavior import ActorBehavior, ActorContext
 from chatd.actors.chat_actor import ChatActor, ChatCounters, ChatDeps
+from chatd.actors.feed_bridge import FeedBridge
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog
@@ -109,6 +110,8 @@ class Engine:
     inbox: UserFeed[InboxNotification]
     # Turns, retries and errors of the process's chats, counted by their actors (/metrics).
     counters: ChatCounters = field(default_factory=ChatCounters)
+    # Relays watch and inbox to and from the other workers (None: an engine assembled by hand).
+    feeds: FeedBridge | None = None
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +121,14 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         subscriber_queue_size=options.subscriber_queue_size,
         slow_consumer_timeout_s=options.slow_consumer_timeout_s,
     )
-    config = ConfigCache(db, ttl_s=options.config_cache_ttl_s)
+    # The config cache and the feeds reach the other workers through LISTEN/NOTIFY (their
+    # follow/run tasks below); an outage is waited out at the database retry pace.
+    config = ConfigCache(
+        db,
+        ttl_s=options.config_cache_ttl_s,
+        worker_id=options.worker_id,
+        retry_delay_s=options.db_retry_max_delay_s,
+    )
     models = ModelCatalog(config, timeouts=options.timeouts)
     watch: UserFeed[WatchEvent] = UserFeed(
         queue_size=options.subscriber_queue_size,
@@ -127,6 +137,9 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
     inbox: UserFeed[InboxNotification] = UserFeed(
         queue_size=options.subscriber_queue_size,
         slow_consumer_timeout_s=options.slow_consumer_timeout_s,
+    )
+    bridge = FeedBridge(
+        db, options.worker_id, watch, inbox, retry_delay_s=options.db_retry_max_delay_s
     )
     counters = ChatCounters()
     deps = ChatDeps(
@@ -167,12 +180,28 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         resume_sweep_interval_s=options.resume_sweep_interval_s,
     )
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
-            yield Engine(
-                Router(supervisor), hub, supervisor, models, config, watch, inbox, counters
-            )
-            supervisor.shutdown()
+        # The cross-worker tasks listen before the first chat runs, and stop after the last
+        # actor did, once what it published was sent (within db_retry_max_delay_s).
+        async with trio.open_nursery() as relays:
+            await relays.start(config.follow)
+            await relays.start(bridge.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+                yield Engine(
+                    Router(supervisor),
+                    hub,
+                    supervisor,
+                    models,
+                    config,
+                    watch,
+                    inbox,
+                    counters,
+                    bridge,
+                )
+                supervisor.shutdown()
+            with trio.move_on_after(options.db_retry_max_delay_s):
+                await bridge.drained()
+            relays.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await models.aclose()

@@ -12,12 +12,16 @@ subscriber, and a consumer that comes back late to an idle feed loses nothing, s
 Dropping cancels the body of the subscriber's ``async with`` (a consumer stuck in a socket
 send wakes up) and ``SlowConsumer`` leaves it, as with the hub: close the WebSocket with
 ``SlowConsumer.close_code`` (4008) and its ``reason``. Its ``chat_id`` holds the user's id.
+
+Several workers: ``publish`` also hands the item to ``relay`` when one is set (the NOTIFY
+bridge, ``chatd.actors.feed_bridge``), which sends it to the other workers; there, what other
+workers published comes in through ``deliver``, to local subscribers only (never relayed again).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from uuid import UUID
@@ -35,7 +39,8 @@ class FeedStats:
 
     subscribers: int = 0  # open now
     subscriptions: int = 0  # opened since start
-    published: int = 0  # items published, watched or not
+    published: int = 0  # items published here, watched or not
+    received: int = 0  # items other workers published, delivered here
     slow_consumers_dropped: int = 0
 
 
@@ -55,15 +60,32 @@ class UserFeed(Generic[T]):
         self._timeout_s = slow_consumer_timeout_s
         self._subscribers: dict[UUID, set[FeedSubscription[T]]] = {}
         self.stats = FeedStats()
+        # Called with every item published here, after local delivery (see the module docstring).
+        self.relay: Callable[[UUID, T], None] | None = None
 
     @property
     def watched_users(self) -> int:
         """Users with at least one subscriber."""
         return len(self._subscribers)
 
+    def watched(self) -> list[UUID]:
+        """The users with at least one subscriber here."""
+        return list(self._subscribers)
+
     def publish(self, user_id: UUID, item: T) -> None:
-        """Hand ``item`` to the user's subscribers. Never waits; call from the trio thread."""
+        """Hand ``item`` to the user's subscribers, on every worker. Never waits; call from the
+        trio thread."""
         self.stats.published += 1
+        self._fan_out(user_id, item)
+        if self.relay is not None:
+            self.relay(user_id, item)
+
+    def deliver(self, user_id: UUID, item: T) -> None:
+        """Hand ``item``, published by another worker, to this worker's subscribers only."""
+        self.stats.received += 1
+        self._fan_out(user_id, item)
+
+    def _fan_out(self, user_id: UUID, item: T) -> None:
         subscribers = self._subscribers.get(user_id)
         if not subscribers:
             return

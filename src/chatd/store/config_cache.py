@@ -8,8 +8,12 @@ Freshness rules:
 
 - every write made by this process is followed by an ``invalidate_*`` call (write-through), so
   it is visible on the next lookup, not after the TTL;
-- writes made by other processes are seen after at most the TTL (until they are also announced
-  across processes: ``ConfigCache.apply_invalidation`` is the seam a NOTIFY listener will call);
+- writes made by other workers are seen on their next lookup too: ``announce()`` (awaited by
+  the edge after its ``invalidate_*`` calls, before it answers) NOTIFYs them on
+  ``CONFIG_CHANNEL``, and every worker's ``follow`` task applies what the others announce
+  (``apply_invalidation``). NOTIFY is a hint: when the listener reports lost notifications,
+  everything is invalidated; an announcement that cannot be sent (the database is away) leaves
+  the other workers on the TTL, which stays as the last backstop;
 - a load that started before an invalidation never stores its result (it may have read the old
   row), thanks to a per-key generation counter;
 - "nothing there" (no prompt for this user, no default model config) is cached like a value.
@@ -20,15 +24,17 @@ Freshness rules:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Final, Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, TypeVar, get_args
 from uuid import UUID
 
+import msgspec
 import trio
 
-from chatd.store.database import Database
+from chatd.store.database import Database, DatabaseUnavailable, NotificationsLost, is_unavailable
 from chatd.store.prompts import get_user_prompt
 from chatd.store.providers import get_default_model_config, get_model_config, get_provider
 from chatd.store.records import ModelConfig, Provider
@@ -36,8 +42,15 @@ from chatd.store.records import ModelConfig, Provider
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TTL_S: Final = 30.0
 DEFAULT_MAX_SIZE: Final = 10_000
+
+CONFIG_CHANNEL: Final = "chatd_config"
+"""Invalidations made by one worker, for the others' caches."""
+# Invalidations per NOTIFY payload: each is at most ~50 bytes, far under the 8000-byte limit.
+_ITEMS_PER_PAYLOAD: Final = 100
 
 
 @dataclass(slots=True)
@@ -187,20 +200,39 @@ class TtlCache(Generic[K, V]):
         self._epoch += 1
 
 
-InvalidationKind = Literal["provider", "model_config", "user_prompt", "all"]
+InvalidationKind = Literal[
+    "provider", "model_config", "model_configs", "user_prompt", "tokens", "all"
+]
+_KINDS: Final[frozenset[str]] = frozenset(get_args(InvalidationKind))
 
 
 class ConfigCache:
     """Providers, model configs and user prompts, cached process-wide for ``ttl_s`` seconds.
 
     Lookups return what the store functions return (``None`` for a missing row). The edge calls
-    the ``invalidate_*`` helpers right after each write it makes.
+    the ``invalidate_*`` helpers right after each write it makes, then ``await announce()``.
+    With a ``worker_id``, the invalidations are announced to the other workers (module doc);
+    without one (a lone cache), ``announce`` does nothing.
     """
 
     def __init__(
-        self, db: Database, *, ttl_s: float = DEFAULT_TTL_S, max_size: int = DEFAULT_MAX_SIZE
+        self,
+        db: Database,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_size: int = DEFAULT_MAX_SIZE,
+        worker_id: str = "",
+        retry_delay_s: float = 1.0,
     ) -> None:
         self._db = db
+        self._worker_id = worker_id
+        self._retry_delay_s = retry_delay_s
+        self._unannounced: list[str] = []
+        # Called when another worker revoked a token (or notifications were lost): the token
+        # cache of the edge registers its invalidate_all (``on_tokens_revoked``).
+        self._token_hooks: list[Callable[[], None]] = []
+        self.announced = 0  # invalidations sent to the other workers
+        self.applied_remote = 0  # invalidations other workers sent, applied here
         self.providers: TtlCache[UUID, Provider | None] = TtlCache(ttl_s=ttl_s, max_size=max_size)
         # Key ``None`` is the default model config.
         self.model_configs: TtlCache[UUID | None, ModelConfig | None] = TtlCache(
@@ -237,7 +269,7 @@ class ConfigCache:
 
     def invalidate_provider(self, provider_id: UUID) -> None:
         """After creating, updating or deleting the provider."""
-        self.apply_invalidation("provider", provider_id)
+        self._invalidate("provider", provider_id)
 
     def invalidate_model_config(self, config_id: UUID) -> None:
         """After creating, updating or deleting the model config; drops the default entry too.
@@ -246,31 +278,146 @@ class ConfigCache:
         create with ``is_default``), the old default's cached ``is_default`` is stale as well:
         use ``invalidate_model_configs()`` then.
         """
-        self.apply_invalidation("model_config", config_id)
+        self._invalidate("model_config", config_id)
 
     def invalidate_model_configs(self) -> None:
         """Every model config, the default included (after the default changed)."""
-        self.model_configs.invalidate_all()
+        self._invalidate("model_configs", None)
 
     def invalidate_user_prompt(self, user_id: UUID) -> None:
         """After putting or deleting the user's prompt."""
-        self.apply_invalidation("user_prompt", user_id)
+        self._invalidate("user_prompt", user_id)
 
     def invalidate_all(self) -> None:
-        self.apply_invalidation("all", None)
+        self._invalidate("all", None)
+
+    def tokens_revoked(self) -> None:
+        """After revoking an API token: the other workers forget the tokens they cached (this
+        worker's token cache forgot it already, ``TokenCache.revoke``)."""
+        self._record("tokens", None)
+
+    def on_tokens_revoked(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` when another worker revoked a token or notifications were lost."""
+        self._token_hooks.append(hook)
+
+    def _invalidate(self, kind: InvalidationKind, key: UUID | None) -> None:
+        self.apply_invalidation(kind, key)
+        self._record(kind, key)
+
+    def _record(self, kind: InvalidationKind, key: UUID | None) -> None:
+        if self._worker_id:
+            self._unannounced.append(kind if key is None else f"{kind}:{key}")
+
+    # -- across workers ---------------------------------------------------------------------
+
+    async def announce(self) -> None:
+        """Send the invalidations made here since the last call to the other workers.
+
+        Returns once the NOTIFY is committed, so another worker's listener has it before the
+        caller answers its client. A database outage is logged, not raised (the write it
+        follows is done): the other workers then see the change after at most the TTL.
+        """
+        items, self._unannounced = self._unannounced, []
+        if not items:
+            return
+        payloads = [
+            msgspec.json.encode(
+                {"w": self._worker_id, "i": items[at : at + _ITEMS_PER_PAYLOAD]}
+            ).decode()
+            for at in range(0, len(items), _ITEMS_PER_PAYLOAD)
+        ]
+        try:
+            await self._db.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n)"
+                " ORDER BY n",
+                CONFIG_CHANNEL,
+                payloads,
+            )
+        except DatabaseUnavailable as exc:
+            log.warning(
+                "could not announce %d config invalidations to the other workers (they see "
+                "the change within the cache TTL): %s",
+                len(items),
+                exc,
+            )
+            return
+        self.announced += len(items)
+
+    async def follow(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Apply the invalidations other workers announce, until cancelled.
+
+        Returns from ``nursery.start`` once listening (or once the first try failed: an outage
+        at start is waited out). Lost notifications, or listening again after a failure,
+        invalidate everything.
+        """
+        started = False
+        while True:
+            try:
+                async with self._db.listen(CONFIG_CHANNEL) as events:
+                    if started:
+                        self.apply_invalidation("all", None)
+                    else:
+                        task_status.started()
+                        started = True
+                    async for event in events:
+                        if isinstance(event, NotificationsLost):
+                            log.info("config notifications may have been lost: cache cleared")
+                            self.apply_invalidation("all", None)
+                        else:
+                            self._apply_remote(event.payload)
+            except Exception as exc:
+                if not (isinstance(exc, DatabaseUnavailable) or is_unavailable(exc)):
+                    raise
+                log.warning("config listener lost the database (%s)", exc)
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self._retry_delay_s)
+
+    def _apply_remote(self, payload: str) -> None:
+        try:
+            message = msgspec.json.decode(payload, type=dict[str, object])
+            origin, items = message["w"], message["i"]
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+            log.warning("ignored a malformed config notification: %.200r", payload)
+            return
+        if origin == self._worker_id or not isinstance(items, list):
+            return
+        for item in items:
+            kind, _, key = str(item).partition(":")
+            if kind not in _KINDS:
+                log.warning("ignored an unknown config invalidation: %.200r", item)
+                continue
+            try:
+                self.apply_invalidation(kind, key or None)  # type: ignore[arg-type]
+            except ValueError:
+                log.warning("ignored a malformed config invalidation: %.200r", item)
+                continue
+            self.applied_remote += 1
 
     def apply_invalidation(self, kind: InvalidationKind, key: UUID | str | None) -> None:
         """Apply one invalidation by name and key, whoever made the write.
 
-        The seam for cross-process invalidation: a LISTEN consumer will parse a NOTIFY payload
-        such as ``"model_config:<uuid>"`` and call this, so the local write-through helpers and
-        remote notifications share one path. ``key`` may be a UUID or its text form; ``"all"``
-        takes no key (and is also what a consumer should do on ``NotificationsLost``).
+        The seam for cross-process invalidation: ``follow`` parses a NOTIFY item such as
+        ``"model_config:<uuid>"`` and calls this, so the local write-through helpers and
+        remote notifications share one path. Local only: nothing is announced. ``key`` may be a
+        UUID or its text form; ``"all"``, ``"model_configs"`` and ``"tokens"`` take no key.
         """
         if kind == "all":
             self.providers.invalidate_all()
             self.model_configs.invalidate_all()
             self.user_prompts.invalidate_all()
+            for hook in self._token_hooks:
+                hook()
+            return
+        if kind == "model_configs":
+            self.model_configs.invalidate_all()
+            return
+        if kind == "tokens":
+            for hook in self._token_hooks:
+                hook()
             return
         if key is None:
             raise ValueError(f"invalidation of {kind!r} needs a key")

@@ -1,8 +1,9 @@
 """Providers and model configs: the admin's configuration of which models answer chats.
 
 Every write is checked here first, so a database CHECK never answers a request, and is followed
-at once by the config cache's invalidation, so the next turn of any chat sees it (not after the
-cache's TTL). A provider's API key goes in but never comes out: views carry ``has_api_key``.
+at once by the config cache's invalidation, announced to every worker before the answer, so the
+next turn of any chat, on any worker, sees it (not after the cache's TTL). A provider's API key
+goes in but never comes out: views carry ``has_api_key``.
 
 The default model config answers chats created without one. While any model config exists,
 exactly one is the default: the first one created becomes it, making another the default clears
@@ -252,6 +253,7 @@ async def create_provider(call: Call[CreateProvider]) -> ProviderView:
         enabled=body.enabled,
     )
     call.services.engine.config.invalidate_provider(row.id)
+    await call.services.engine.config.announce()
     return provider_view(row)
 
 
@@ -324,6 +326,7 @@ async def update_provider(call: Call[UpdateProvider], provider_id: str) -> Provi
         raise ApiError(409, "conflict", "the provider changed meanwhile; retry") from None
     finally:
         call.services.engine.config.invalidate_provider(target)
+        await call.services.engine.config.announce()
     return provider_view(row)
 
 
@@ -338,6 +341,7 @@ async def delete_provider(call: Call[None], provider_id: str) -> None:
     target = parse_uuid("provider_id", provider_id)
     await providers.delete_provider(call.services.db, target)
     call.services.engine.config.invalidate_provider(target)
+    await call.services.engine.config.announce()
 
 
 # -- model configs -------------------------------------------------------------------------
@@ -400,6 +404,7 @@ async def create_model_config(call: Call[CreateModelConfig]) -> ModelConfigView:
         cache.invalidate_model_configs()  # the old default's cached row is stale too
     else:
         cache.invalidate_model_config(row.id)
+    await cache.announce()
     return model_config_view(row)
 
 
@@ -463,11 +468,13 @@ async def update_model_config(call: Call[UpdateModelConfig], config_id: str) -> 
             raise _unknown_provider(exc) from None
         finally:
             cache.invalidate_model_config(target)
+            await cache.announce()
     if body.is_default is True and not row.is_default:
         try:
             row = await providers.set_default_model_config(db, target)
         finally:
             cache.invalidate_model_configs()
+            await cache.announce()
     return model_config_view(row)
 
 
@@ -492,3 +499,4 @@ async def delete_model_config(call: Call[None], config_id: str) -> None:
         await providers.delete_model_config(db, target)
     finally:
         call.services.engine.config.invalidate_model_config(target)
+        await call.services.engine.config.announce()

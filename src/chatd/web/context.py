@@ -39,6 +39,8 @@ class Services:
     def __post_init__(self) -> None:
         tokens = TokenCache(self.db, ttl_s=self.settings.auth_cache_ttl_s)
         object.__setattr__(self, "tokens", tokens)  # frozen: set once, here
+        # A token another worker revoked is forgotten here too (cross-worker invalidation).
+        self.engine.config.on_tokens_revoked(tokens.invalidate_all)
         object.__setattr__(self, "chat_owners", ChatOwners(self.db))
         websockets = UserSockets(self.settings.max_websockets_per_user)
         object.__setattr__(self, "websockets", websockets)

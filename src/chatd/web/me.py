@@ -1,7 +1,9 @@
 """The caller themself: who the token belongs to, their API tokens, and their custom prompt.
 
 A token revoked here is refused by this process from the next request on, the one revoking it
-included (``TokenCache.revoke``); other processes refuse it within ``auth_cache_ttl_s``.
+included (``TokenCache.revoke``); the other workers are told at once and forget the tokens
+they cached (``ConfigCache.tokens_revoked``); within ``auth_cache_ttl_s`` at worst, should the
+notification be lost.
 
 The custom prompt is added to the system text of every chat of the user, from the next turn on:
 each write invalidates the config cache's entry at once. ``PUT`` with an empty prompt and
@@ -86,7 +88,11 @@ async def list_tokens(call: Call[None]) -> TokenList:
 )
 async def revoke_token(call: Call[None], token_id: str) -> None:
     ident = parse_uuid("token_id", token_id)
-    await call.services.tokens.revoke(ident, user_id=call.user.id)
+    try:
+        await call.services.tokens.revoke(ident, user_id=call.user.id)
+    finally:
+        call.services.engine.config.tokens_revoked()
+        await call.services.engine.config.announce()
 
 
 @routes.http(
@@ -118,6 +124,7 @@ async def put_prompt(call: Call[PromptBody]) -> PromptView:
         stored = await prompts.put_user_prompt(db, user.id, text)
     finally:
         call.services.engine.config.invalidate_user_prompt(user.id)
+        await call.services.engine.config.announce()
     return PromptView(stored.prompt, stored.updated_at)
 
 
@@ -127,3 +134,4 @@ async def delete_prompt(call: Call[None]) -> None:
         await prompts.delete_user_prompt(call.services.db, call.user.id)
     finally:
         call.services.engine.config.invalidate_user_prompt(call.user.id)
+        await call.services.engine.config.announce()

@@ -345,8 +345,11 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
         resumed_s = trio.current_time() - killed_at
 
         # Every chat the victim owned takes commands again through the survivor.
+        after: dict[str, str] = {}
+
         async def one_more(chat_id: str) -> None:
-            acked(await via_survivor.send(chat_id, turn("after", chunks=2)), 202)
+            after[chat_id] = turn("after", chunks=2)
+            acked(await via_survivor.send(chat_id, after[chat_id]), 202)
 
         async with trio.open_nursery() as sending:
             for chat_id in doomed:
@@ -378,8 +381,9 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
     at = user_texts(history).index(slow)
     slow_seq = [m for m in history if m["role"] == "user"][at]["seq"]
     after_slow = [m for m in history if m["seq"] > slow_seq]
-    assert roles(after_slow) == ["assistant", "user", "assistant"], roles(after_slow)
-    assert user_texts(after_slow) == [behind]
+    expected = ["assistant", "user", "assistant", "user", "assistant"]
+    assert roles(after_slow) == expected, roles(after_slow)
+    assert user_texts(after_slow) == [behind, after[main]]
 
     # The stream resumed on the survivor, from the cursor it held mid-answer, and got exactly
     # the rest (a preview reset, then the regenerated answer, is allowed).

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from chatd import __version__
+from chatd import __version__, fleet
 from chatd.config import Settings, SettingsError
 from chatd.demo import DemoError, start_message
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
@@ -50,6 +50,7 @@ _USER_ERRORS = (
     MigrationError,
     StartupError,
     scaletest.ScaletestError,
+    fleet.FleetError,
 )
 
 
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as exc:
         print(f"chatd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except fleet.WorkersFailed as exc:
+        print(f"chatd: error: {exc}", file=sys.stderr)
+        return fleet.EXIT_WORKERS_FAILED
     except BaseExceptionGroup as group:
         # Raised inside a trio nursery, a user's mistake arrives wrapped in a group.
         mistake = _first_user_error(group)
@@ -125,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make a model answer out of the box (what `make run` does): chatd's fake LLM in "
         "this process, or OpenAI / Anthropic when OPENAI_API_KEY / ANTHROPIC_API_KEY is set",
+    )
+    serve.add_argument(
+        "--workers",
+        help="worker processes serving the one port (CHATD_WORKERS, default 1; auto: one per "
+        "core); above 1, a parent process starts them, restarts one that crashes (within "
+        "CHATD_WORKER_RESTART_LIMIT restarts per CHATD_WORKER_RESTART_WINDOW_S) and stops them "
+        "on SIGINT/SIGTERM",
     )
     serve.set_defaults(run=_cmd_serve)
 
@@ -184,7 +195,13 @@ def _non_negative(kind: Callable[[str], float], noun: str) -> Callable[[str], An
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = {"database_url": "database_url", "home": "home", "host": "host", "port": "port"}
+    names = {
+        "database_url": "database_url",
+        "home": "home",
+        "host": "host",
+        "port": "port",
+        "workers": "workers",
+    }
     return {field: getattr(args, arg, None) for arg, field in names.items()}
 
 
@@ -193,9 +210,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     token_file: Path | None = args.admin_token_file
+    if settings.worker_count() > 1:
+        return _cmd_serve_workers(settings, args)
+    # Started by `chatd serve --workers` (chatd.fleet): readiness goes to the parent, which
+    # prints the one start message, and the parent's end ends this process too.
+    control = fleet.parent_control(settings)
 
     def on_ready(ready: Ready) -> None:
         freeze_startup_objects()
+        if control is not None:
+            fleet.report_ready(control, ready.worker_id)
+            return
         print(
             start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
         )
@@ -204,6 +229,14 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         shutdown = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_shutdown_on_signal, shutdown, nursery.cancel_scope)
+            if control is not None:
+                nursery.start_soon(
+                    fleet.stop_with_parent,
+                    control,
+                    shutdown,
+                    nursery.cancel_scope,
+                    settings.worker_stop_timeout_s,
+                )
             await run_server(
                 settings,
                 url,
@@ -217,6 +250,32 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     tune_for_many_connections()
     with database_url(settings) as url:
         trio.run(serve_until_signal, url)
+    return 0
+
+
+def _cmd_serve_workers(settings: Settings, args: argparse.Namespace) -> int:
+    """The parent of ``--workers N`` (chatd.fleet): the socket is bound before the embedded
+    PostgreSQL starts, so a taken port fails at once."""
+    token_file: Path | None = args.admin_token_file
+    fleet.check_settings(settings)
+
+    def on_ready(ready: Ready) -> None:
+        print(
+            start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
+        )
+
+    with fleet.listening_socket(settings) as listener, database_url(settings) as url:
+        trio.run(
+            functools.partial(
+                fleet.serve_workers,
+                settings,
+                url,
+                listener,
+                on_ready=on_ready,
+                admin_token_file=token_file,
+                demo=args.demo,
+            )
+        )
     return 0
 
 

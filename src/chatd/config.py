@@ -63,6 +63,10 @@ class Settings:
     # The listening socket a parent process hands its workers (a file descriptor); -1: bind
     # host:port. Set by `chatd serve --workers`, not by hand.
     listen_fd: int = -1
+    # A worker's end of its control socket to the parent (it reports readiness there; the
+    # socket's end means the parent died, and the worker stops); -1: no parent. Set by
+    # `chatd serve --workers`, not by hand.
+    parent_fd: int = -1
     # The internal link between workers (forwarded commands, relayed streams): it listens on
     # link_host:link_port (0: any free port) and peers reach it at link_advertise_host (empty:
     # link_host). Requests carry the cluster's secret (kept in PostgreSQL). A forwarded command

@@ -40,6 +40,7 @@ class Ready:
     urls: list[str]
     admin_token: str | None
     demo_model: DemoModel | None = None  # with ``demo``: the model that answers
+    worker_id: str = ""  # the identity this process serves under (a parent reports it)
 
 
 @contextlib.contextmanager
@@ -144,10 +145,11 @@ async def _serve_as(
                     host=settings.host,
                     port=settings.port,
                     shutdown_trigger=shutdown.wait,
+                    listen_fd=settings.listen_fd,  # a parent's socket (chatd.fleet), or none
                     task_status=task_status,
                 )
             )
-            on_ready(Ready(urls=urls, admin_token=token, demo_model=model))
+            on_ready(Ready(urls=urls, admin_token=token, demo_model=model, worker_id=worker_id))
             log.info("worker %s owns %d shards", worker_id, len(engine.supervisor.fences))
 
 

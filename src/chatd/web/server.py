@@ -60,9 +60,11 @@ _OVER_CAPACITY = (
 ) + _OVER_CAPACITY_BODY
 
 
-def hypercorn_config(settings: Settings, *, host: str, port: int) -> Config:
+def hypercorn_config(settings: Settings, *, host: str, port: int, listen_fd: int = -1) -> Config:
+    """Hypercorn's config for chatd; with ``listen_fd`` >= 0 it serves that inherited, already
+    listening socket (``chatd serve --workers``: the parent bound it) instead of binding."""
     config = Config()
-    config.bind = [f"{host}:{port}"]
+    config.bind = [f"fd://{listen_fd}" if listen_fd >= 0 else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = _hypercorn_log()
     config.include_server_header = False
@@ -82,15 +84,20 @@ async def serve(
     host: str,
     port: int,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    listen_fd: int = -1,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns; ``task_status`` gets the bound URLs.
+
+    With ``listen_fd`` >= 0, on that inherited listening socket (shared with the other workers
+    of ``chatd serve --workers``: the kernel hands each connection to one of them) instead of
+    binding ``host:port``.
 
     Hypercorn leaves open WebSockets to time out on shutdown (clients would see 1006), so the
     app is told first and closes each one with 1001. Open connections then get
     ``shutdown_grace_s`` to finish; idle keep-alive connections are closed at once.
     """
-    config = hypercorn_config(settings, host=host, port=port)
+    config = hypercorn_config(settings, host=host, port=port, listen_fd=listen_fd)
     asgi = wrap_app(close_after_unread_body(app), config.wsgi_max_body_size, "asgi")
     sockets = listening_sockets(config, settings)
     context = WorkerContext(None)

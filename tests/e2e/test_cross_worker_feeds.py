@@ -1,0 +1,201 @@
+"""Two real ``chatd serve`` workers on one database: what one worker does is seen on the other
+at once, through LISTEN/NOTIFY.
+
+Worker A runs the chats (it started first and holds the shards); clients watch their chats and
+their inbox on worker B, and make admin changes through B that A's next turn must use. The
+config and token caches' TTLs are an hour, so only the notifications can explain what is seen.
+Real processes, a real PostgreSQL, the fake provider in the test process, clients over real
+sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
+from chatd.runtime import register_default_model
+from chatd.store import providers, users
+from chatd.store.database import Database
+from tests.e2e.chatd_process import ServerProcess, chatd_server
+
+pytestmark = pytest.mark.slow
+
+DEADLINE_S = 30.0
+QUICK = knobs_marker(chunks=1)
+HOUR_S = "3600"
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def llm(db: Database) -> AsyncIterator[FakeLLM]:
+    async with open_fake_llm() as server:
+        await register_default_model(db, base_url=f"{server.url}/v1")
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def worker(database_url: str, home: Path, worker_id: str) -> AsyncIterator[ServerProcess]:
+    env = {
+        "CHATD_HOME": str(home),
+        "CHATD_WORKER_ID": worker_id,
+        "CHATD_SHARD_COUNT": "4",
+        "CHATD_CONFIG_CACHE_TTL_S": HOUR_S,
+        "CHATD_AUTH_CACHE_TTL_S": HOUR_S,
+    }
+    args = ["--database-url", database_url, "--port", "0"]
+    async with chatd_server(args, env=env) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def two_workers(database_url: str, home: Path) -> AsyncIterator[tuple[ServerProcess, ...]]:
+    async with worker(database_url, home, "worker-a") as a:
+        await a.wait_for_line(r"worker worker-a owns 4 shards")
+        async with worker(database_url, home, "worker-b") as b:
+            yield a, b
+
+
+async def token_of(db: Database, name: str, *, is_admin: bool = False) -> str:
+    user = await users.create_user(db, name, is_admin=is_admin)
+    return (await users.create_api_token(db, user.id))[1]
+
+
+def client(server: ServerProcess, token: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=DEADLINE_S
+    )
+
+
+@contextlib.asynccontextmanager
+async def websocket(
+    server: ServerProcess, path: str, token: str
+) -> AsyncIterator[WebSocketConnection]:
+    url = server.url.replace("http://", "ws://") + path
+    async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {token}")]) as ws:
+        yield ws
+
+
+async def frames_until(
+    ws: WebSocketConnection, done: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(DEADLINE_S):
+        while not done(seen):
+            value = json.loads(await ws.get_message())
+            seen += value if isinstance(value, list) else [value]
+    return seen
+
+
+def status_of(chat_id: str, status: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda seen: any(
+        f.get("kind") == "status_change" and f["chat_id"] == chat_id and f["status"] == status
+        for f in seen
+    )
+
+
+async def owner_of(db: Database, chat_id: str) -> str:
+    owner: str = await db.fetchval(
+        "SELECT l.worker_id FROM chats c JOIN shard_leases l ON l.shard = c.shard WHERE c.id = $1",
+        uuid.UUID(chat_id),
+    )
+    return owner
+
+
+async def test_watch_and_inbox_on_worker_b_see_chats_running_on_worker_a(
+    db: Database, database_url: str, home: Path, llm: FakeLLM
+) -> None:
+    token = await token_of(db, "alice")
+    async with (
+        two_workers(database_url, home) as (a, b),
+        client(a, token) as on_a,
+        websocket(b, "/api/v1/chats/watch", token) as watch,
+        websocket(b, "/api/v1/notifications/inbox/watch", token) as inbox,
+    ):
+        created = await on_a.post("/api/v1/chats", json={"text": f"hi {QUICK}", "title": "t"})
+        assert created.status_code == 201, created.text
+        chat_id = created.json()["id"]
+        assert await owner_of(db, chat_id) == "worker-a"  # runs on A, watched on B
+        seen = await frames_until(watch, status_of(chat_id, "waiting"))
+        assert seen[0] == {
+            "kind": "created",
+            "chat_id": chat_id,
+            "title": "t",
+            "status": "running",
+            "archived": False,
+        }
+        notes = await frames_until(inbox, lambda got: len(got) >= 1)
+        assert [(n["type"], n["chat_id"]) for n in notes] == [("notification", chat_id)]
+        # The next turn too: running, then waiting, and its notification.
+        sent = await on_a.post(f"/api/v1/chats/{chat_id}/messages", json={"text": f"{QUICK} 2"})
+        assert sent.status_code == 202, sent.text
+        seen = await frames_until(watch, status_of(chat_id, "waiting"))
+        assert [f["status"] for f in seen if f["kind"] == "status_change"] == [
+            "running",
+            "waiting",
+        ]
+        notes = await frames_until(inbox, lambda got: len(got) >= 1)
+        assert [n["chat_id"] for n in notes] == [chat_id]
+
+
+async def test_a_provider_change_made_through_worker_b_is_used_by_worker_a_next_turn(
+    db: Database, database_url: str, home: Path, llm: FakeLLM
+) -> None:
+    token = await token_of(db, "alice")
+    admin = await token_of(db, "root", is_admin=True)
+    (provider,) = await providers.list_providers(db)
+    async with (
+        open_fake_llm() as moved_to,
+        two_workers(database_url, home) as (a, b),
+        client(a, token) as on_a,
+        client(b, admin) as admin_on_b,
+        websocket(a, "/api/v1/chats/watch", token) as watch,
+    ):
+        created = await on_a.post("/api/v1/chats", json={"text": f"hi {QUICK}"})
+        assert created.status_code == 201, created.text
+        chat_id = created.json()["id"]
+        await frames_until(watch, status_of(chat_id, "waiting"))
+        assert llm.request_count == 1  # A's cache holds the provider now, for an hour
+        changed = await admin_on_b.patch(
+            f"/api/v1/providers/{provider.id}", json={"base_url": f"{moved_to.url}/v1"}
+        )
+        assert changed.status_code == 200, changed.text
+        sent = await on_a.post(f"/api/v1/chats/{chat_id}/messages", json={"text": f"{QUICK} 2"})
+        assert sent.status_code == 202, sent.text
+        await frames_until(watch, status_of(chat_id, "waiting"))
+        assert (llm.request_count, moved_to.request_count) == (1, 1)
+
+
+async def test_a_token_revoked_through_worker_b_is_refused_by_worker_a_at_once(
+    db: Database, database_url: str, home: Path, llm: FakeLLM
+) -> None:
+    user = await users.create_user(db, "alice")
+    _, keeper = await users.create_api_token(db, user.id)
+    doomed, secret = await users.create_api_token(db, user.id)
+    async with (
+        two_workers(database_url, home) as (a, b),
+        client(a, secret) as on_a,
+        client(b, keeper) as on_b,
+    ):
+        assert (await on_a.get("/api/v1/users/me")).status_code == 200  # cached on A
+        revoked = await on_b.delete(f"/api/v1/users/me/tokens/{doomed.id}")
+        assert revoked.status_code == 204, revoked.text
+        refused = await on_a.get("/api/v1/users/me")
+        assert refused.status_code == 401, refused.text

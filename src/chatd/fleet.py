@@ -573,12 +573,14 @@ def parent_control(settings: Settings) -> socket.socket | None:
     if settings.parent_fd < 0:
         return None
     try:
-        return socket.socket(fileno=settings.parent_fd)
+        control = socket.socket(fileno=settings.parent_fd)
+        control.set_inheritable(False)  # ours alone: a process we start must not keep it
     except OSError as exc:
         raise FleetError(
             f"parent_fd (CHATD_PARENT_FD) {settings.parent_fd} is not an open socket ({exc}): "
             "it is set by `chatd serve --workers` for its workers, not by hand"
         ) from None
+    return control
 
 
 def report_ready(control: socket.socket, worker_id: str) -> None:

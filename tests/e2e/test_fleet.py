@@ -193,8 +193,10 @@ async def test_a_killed_worker_is_restarted_in_its_identity_slot(
 ) -> None:
     async with chatd_server(_args(home, database_url), env=_env(home)) as server:
         before = _workers(server)
+        killed_at = trio.current_time()
         os.kill(before[1].pid, signal.SIGKILL)
         again = await _ready_again(server, 1, before[1].pid)
+        restart_s = trio.current_time() - killed_at
         assert again.worker_id == before[1].worker_id, "the restarted worker took another slot"
         assert _parent_of(again.pid) == server.process.pid
         await server.wait_for_line(
@@ -207,6 +209,7 @@ async def test_a_killed_worker_is_restarted_in_its_identity_slot(
         assert _workers(server)[2] == before[2]
         assert await server.stop(signal.SIGTERM) == 0
     _no_traceback(server)
+    print(f"\nkilled worker serving again after {restart_s:.2f} s")  # the figure (pytest -s)
 
 
 async def test_a_worker_that_keeps_dying_spends_the_restart_budget_and_the_parent_stops(
@@ -257,11 +260,14 @@ async def test_workers_stop_by_themselves_when_the_parent_is_killed(
     async with chatd_server(_args(home, database_url), env=_env(home)) as server:
         workers = _workers(server)
         with _exit_watch([w.pid for w in workers.values()]) as pidfds:
+            killed_at = trio.current_time()
             server.process.kill()  # SIGKILL: the parent cannot stop anyone
             # Each worker sees its parent go (its control socket ends) and stops on its own,
             # cleanly: within its stop timeout, with its leases released.
             await _all_exited(pidfds, timeout_s=STOP_TIMEOUT_S + 5)
+            gone_s = trio.current_time() - killed_at
     assert await _live_leases(database_url) == 0
+    print(f"\nworkers gone {gone_s:.2f} s after their parent was killed")
 
 
 @pytest.mark.parametrize(

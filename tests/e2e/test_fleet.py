@@ -270,6 +270,40 @@ async def test_workers_stop_by_themselves_when_the_parent_is_killed(
     print(f"\nworkers gone {gone_s:.2f} s after their parent was killed")
 
 
+async def test_a_worker_that_does_not_stop_is_killed_after_the_stop_timeout(
+    database_url: str, home: Path
+) -> None:
+    env = _env(home, CHATD_WORKER_STOP_TIMEOUT_S="2")
+    async with chatd_server(_args(home, database_url), env=env) as server:
+        stuck = _workers(server)[1]
+        os.kill(stuck.pid, signal.SIGSTOP)  # it cannot act on SIGTERM
+        asked_at = trio.current_time()
+        assert await server.stop(signal.SIGTERM) == 0
+        took_s = trio.current_time() - asked_at
+        await server.wait_for_line(
+            rf"worker 1 \(pid {stuck.pid}, worker id \S+\) did not stop within 2 s "
+            r"\(CHATD_WORKER_STOP_TIMEOUT_S\): killing it"
+        )
+        await server.wait_for_line(rf"worker 1 \(pid {stuck.pid}, .*stopped \(killed by SIGKILL\)")
+    assert took_s >= 2
+    _no_traceback(server)
+
+
+async def test_a_second_signal_kills_the_workers_at_once(database_url: str, home: Path) -> None:
+    env = _env(home, CHATD_WORKER_STOP_TIMEOUT_S="600")
+    async with chatd_server(_args(home, database_url), env=env) as server:
+        stuck = _workers(server)[1]
+        os.kill(stuck.pid, signal.SIGSTOP)
+        server.process.send_signal(signal.SIGTERM)
+        await server.wait_for_line(r"SIGTERM received: stopping the workers")
+        server.process.send_signal(signal.SIGTERM)  # again: no waiting out the 600 s
+        with trio.fail_after(DEADLINE_S):
+            code = await server.process.wait()
+    assert code == 0
+    assert any("SIGTERM received again: killing the workers now" in line for line in server.output)
+    _no_traceback(server)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [

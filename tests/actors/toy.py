@@ -6,6 +6,7 @@ Every incarnation is recorded by the ``Registry`` that builds it, so a test can 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,23 @@ class TellSelf:
     message: object
 
 
+@dataclass(frozen=True, eq=False)
+class Turn:
+    """A turn like a model answer: a child task works for ``duration_s`` (simulated work) or
+    until ``release``, then tells the actor it is done; until the actor handled that, the turn
+    is in progress (``turn_in_progress``). Replies with the turn's token; the registry records
+    every turn begun, finished (handled ``TurnDone``) and cut (its child cancelled), and sets
+    ``Registry.turn_ended[token]`` either way."""
+
+    duration_s: float = math.inf
+    release: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    token: int
+
+
 @dataclass(frozen=True)
 class Note:
     """Recorded only: shows where a message was handled relative to others."""
@@ -92,6 +110,7 @@ class Toy:
         self.handled: list[object] = []
         self.busy = False
         self.started = False
+        self.turn: int | None = None  # the token of the turn in progress
         self._in_handle = False
 
     async def start(self) -> None:
@@ -139,12 +158,36 @@ class Toy:
             case TellSelf(message=inner):
                 self.ctx.tell_self(inner)
                 return "told"
+            case Turn() as turn:
+                token = self.registry.begin_turn(self.ctx.chat_id)
+                self.turn = token
+                self.ctx.nursery.start_soon(self._work, token, turn)
+                return token
+            case TurnDone(token=token):
+                self.turn = None
+                self.registry.turns_finished.append(token)
+                self.registry.turn_ended[token].set()
+                return None
             case Note():
                 return None
         raise AssertionError(f"unexpected message {message!r}")
 
     def passivatable(self) -> bool:
-        return not self.busy
+        return not self.busy and self.turn is None
+
+    def turn_in_progress(self) -> bool:
+        return self.turn is not None
+
+    async def _work(self, token: int, turn: Turn) -> None:
+        try:
+            # The simulated work of the turn (a model answering).
+            with trio.move_on_after(turn.duration_s):
+                await turn.release.wait()
+        except trio.Cancelled:
+            self.registry.turns_cut.append(token)
+            self.registry.turn_ended[token].set()
+            raise
+        self.ctx.tell_self(TurnDone(token))
 
 
 async def _child(spawn: SpawnChild) -> None:
@@ -163,6 +206,16 @@ class Registry:
     def __init__(self) -> None:
         self.incarnations: defaultdict[UUID, list[Toy]] = defaultdict(list)
         self.fail_start: set[UUID] = set()
+        self.turns_begun: dict[int, UUID] = {}  # token -> chat
+        self.turns_finished: list[int] = []
+        self.turns_cut: list[int] = []
+        self.turn_ended: dict[int, trio.Event] = {}
+
+    def begin_turn(self, chat_id: UUID) -> int:
+        token = len(self.turns_begun)
+        self.turns_begun[token] = chat_id
+        self.turn_ended[token] = trio.Event()
+        return token
 
     def factory(self, ctx: ActorContext) -> Toy:
         toy = Toy(ctx, self)

@@ -72,6 +72,12 @@ class ActorBehavior(Protocol):
         Asked after the idle timeout with an empty mailbox; must not block."""
         ...
 
+    def turn_in_progress(self) -> bool:
+        """True while stopping the actor now would cut work it started that is not in the
+        database yet (the ChatActor: a model answer streaming). A shard handover waits for it
+        to end (for a bounded time) before stopping the actor; must not block."""
+        ...
+
 
 ActorFactory = Callable[[ActorContext], ActorBehavior]
 """Builds a fresh behavior for each incarnation (activation or restart); must not block."""

@@ -251,6 +251,11 @@ class ChatActor:
         generating = self._generation is not None and not self._generation.done.is_set()
         return idle and not generating and not self._timers
 
+    def turn_in_progress(self) -> bool:
+        # The model's answer streams: stopping now would throw it away (the next owner would
+        # generate it again). Its outcome, once queued, is the host's business (in_turn).
+        return self._streaming()
+
     @property
     def state(self) -> ChatState | None:
         return self._state

@@ -52,6 +52,11 @@ class EngineOptions:
     db_retry_base_delay_s: float = 0.25
     db_retry_max_delay_s: float = 2.0
     resume_sweep_interval_s: float = 60.0
+    # Several workers (chatd.actors.shard_keeper): where peers reach this worker's internal
+    # link (kept in its `workers` row; "" until it listens), and how long a shard handed over
+    # to another worker waits for its turns in progress.
+    link_url: str = ""
+    handover_timeout_s: float = 10.0
     policy: ChatPolicy = field(default_factory=ChatPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     subscriber_queue_size: int = 1024
@@ -74,6 +79,7 @@ class EngineOptions:
             db_retry_base_delay_s=settings.db_retry_base_delay_s,
             db_retry_max_delay_s=settings.db_retry_max_delay_s,
             resume_sweep_interval_s=settings.resume_sweep_interval_s,
+            handover_timeout_s=settings.handover_timeout_s,
             policy=ChatPolicy(
                 max_queue_length=settings.max_queue_length,
                 action_timeout_s=settings.action_timeout_s,
@@ -178,6 +184,9 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
         db_retry_base_delay_s=options.db_retry_base_delay_s,
         db_retry_max_delay_s=options.db_retry_max_delay_s,
         resume_sweep_interval_s=options.resume_sweep_interval_s,
+        link_url=options.link_url,
+        handover_timeout_s=options.handover_timeout_s,
+        on_shards_lost=None,  # the hub's disown goes here (issue 12, P3)
     )
     try:
         # The cross-worker tasks listen before the first chat runs, and stop after the last

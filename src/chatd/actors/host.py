@@ -154,6 +154,7 @@ class ActorHost:
         "_closed_reason",
         "_current",
         "_factory",
+        "_handling",
         "_hibernate_after_s",
         "_idle_timeout_s",
         "_internal",
@@ -203,6 +204,7 @@ class ActorHost:
         self._scope: trio.CancelScope | None = None  # while running
         self._nursery: trio.Nursery | None = None  # while running
         self._current: _Envelope | None = None
+        self._handling = False  # a message or an internal event is being handled
         self._behavior: ActorBehavior | None = None
         self._ran = False
         self._started = False
@@ -271,6 +273,17 @@ class ActorHost:
     def accepting(self) -> bool:
         """False once the incarnation ended or is ending: messages are refused with ActorDead."""
         return self._closed_reason is None
+
+    @property
+    def in_turn(self) -> bool:
+        """True while stopping the actor would cut work in progress: a message or internal
+        event being handled or waiting, or the behavior's turn (``turn_in_progress``: a model
+        answer streaming). A shard handover waits for it to turn False (for a bounded time)."""
+        if self._closed_reason is not None:
+            return False
+        if self._handling or self._mailbox or self._internal:
+            return True
+        return self._behavior is not None and self._behavior.turn_in_progress()
 
     @property
     def passivated(self) -> bool:
@@ -403,34 +416,43 @@ class ActorHost:
         """Handle messages until the actor passivates (False) or may hibernate (True)."""
         while True:
             if self._internal:
-                message = self._internal.popleft()
-                try:
-                    await behavior.handle(message)
-                except Refusal as refusal:
-                    log.debug(
-                        "chat %s refused its own event %r: %s", self.chat_id, message, refusal
-                    )
+                await self._handle_internal(behavior, self._internal.popleft())
             elif self._mailbox:
                 envelope = self._mailbox.popleft()
-                reply = envelope.reply
-                if reply is not None and reply.abandoned:
+                if envelope.reply is not None and envelope.reply.abandoned:
                     continue
-                self._current = envelope
-                try:
-                    result = await behavior.handle(envelope.message)
-                except Refusal as refusal:
-                    if reply is not None:
-                        reply.fail(refusal)
-                else:
-                    if reply is not None:
-                        reply.set(result)
-                self._current = None
+                await self._handle_envelope(behavior, envelope)
             else:
                 outcome = await self._idle(behavior, nursery)
                 if outcome is not None:
                     return outcome
                 continue
             self._last_activity = trio.current_time()
+
+    async def _handle_internal(self, behavior: ActorBehavior, message: object) -> None:
+        self._handling = True
+        try:
+            await behavior.handle(message)
+        except Refusal as refusal:
+            log.debug("chat %s refused its own event %r: %s", self.chat_id, message, refusal)
+        finally:
+            self._handling = False
+
+    async def _handle_envelope(self, behavior: ActorBehavior, envelope: _Envelope) -> None:
+        reply = envelope.reply
+        self._current = envelope
+        self._handling = True
+        try:
+            result = await behavior.handle(envelope.message)
+        except Refusal as refusal:
+            if reply is not None:
+                reply.fail(refusal)
+        else:
+            if reply is not None:
+                reply.set(result)
+        finally:
+            self._handling = False
+        self._current = None
 
     async def _idle(self, behavior: ActorBehavior, nursery: trio.Nursery) -> bool | None:
         """Wait for a message (None); True to hibernate, False once passivated.

@@ -1,22 +1,24 @@
-"""The Supervisor: one per worker process; owns shard leases and the actors of those shards.
+"""The Supervisor: one per worker process; owns the actors of the shards this worker holds.
 
-It holds the leases of its shards in PostgreSQL (expiry by database time), renewing them every
-``lease_ttl_s / 3``; the same statement takes over any wanted shard whose lease expired, which is
-how a dead worker's chats move here. Every shard gained (at start or later) has its unfinished
-chats resumed; every shard lost (taken over, or not renewed in time) has its actors stopped at
-once, since their writes would be fenced anyway.
+It is made of three parts, one per job:
+
+- ``chatd.actors.shard_keeper``: the shard leases, this worker's row among the live workers,
+  even placement (``chatd.domain.placement``) and graceful handover, NOTIFY on shard moves.
+  It tells the Supervisor when shards are lost (their actors are stopped, then the
+  ``on_shards_lost`` hook is called) and asks it to drain the shards it hands over;
+- this module: the actors (activation, crashes and restarts, database outages, parking) and the
+  resume of the chats with work left on the shards served;
+- ``chatd.actors.passivation``: passivating hibernating actors once idle long enough.
 
 Actors are activated on the first message for a chat, passivate themselves when idle, and are
 restarted from the database after a crash, at most ``restart_limit`` times in
 ``restart_window_s``; past that the chat is handed to the ``park`` hook and forgotten, so the
 next message activates it afresh (from its ``error`` state, with a fresh budget). Each actor runs
 in its own task whose crash is caught and handled here: it never reaches a sibling or the
-Supervisor.
-
-An idle actor hibernates (``chatd.actors.host``): its task ends, its state stays, and its next
-message starts a task again; so an idle chat costs its state, not a task. Hibernating actors
-are passivated by one task of the Supervisor, oldest first, ``idle_timeout_s`` after they
-went idle.
+Supervisor. Every shard gained (at start or later) has its unfinished chats resumed; every shard
+lost has its actors stopped at once, since their writes would be fenced anyway. A shard being
+handed over is no longer served (``owns`` is False, messages get ``NotOwner``) while its actors
+finish the turn in progress (``ActorHost.in_turn``), for ``handover_timeout_s`` at most.
 
 Database outages. An unreachable PostgreSQL (or a connection lost under a statement) reaches
 the code as ``DatabaseUnavailable``; it is an outage, not a bug, and is handled apart from
@@ -33,15 +35,12 @@ crashes, so that a blip never strands or parks a chat (DESIGN.md section 4):
   leaves the model's finished step whose commit the outage cut) is handed to the restart, so
   that the answer is committed rather than generated again; only across outage restarts, since
   after a crash the thing left behind may be what crashed it.
-- The lease loop doubles as the outage detector: a failed lease check is retried after the same
-  backoff (never later than the regular check interval) instead of a third of the ttl later,
-  and leases are kept as long as they are valid by the last successful check (a lower bound of
-  the database's expiry); only past that are the shards dropped, and when they are taken back
-  (under a new epoch) their chats are resumed, as for any gained shard.
+- The shard keeper's lease loop doubles as the outage detector (see there): leases are kept as
+  long as they are valid by the last successful check, and dropped only past that.
 - Resume sweep: after any failed database call seen here (a lease check, an actor's outage),
-  the next successful lease check is followed by one query for the runnable chats of every held
-  shard, and each one without an actor here is activated, so that a chat whose actor was lost
-  to the outage in any way continues with no user action. The sweep also runs every
+  the next successful lease check is followed by one query for the runnable chats of every
+  served shard, and each one without an actor here is activated, so that a chat whose actor was
+  lost to the outage in any way continues with no user action. The sweep also runs every
   ``resume_sweep_interval_s`` as a safety net, since it costs one indexed query.
 - Parking writes to the database too: when the park hook fails with ``DatabaseUnavailable`` (or
   does not finish within ``park_timeout_s``), parking is retried after the backoff while the
@@ -53,8 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uuid import UUID
@@ -64,34 +62,24 @@ import trio
 from chatd.actors.behavior import ActorBehavior, ActorFactory, ParkHook
 from chatd.actors.errors import ActorDead, NotOwner
 from chatd.actors.host import ActorHost, ExitReason
+from chatd.actors.outages import contains as _contains
+from chatd.actors.outages import first as _first
+from chatd.actors.passivation import Passivation
+from chatd.actors.shard_keeper import ShardHooks, ShardKeeper
+from chatd.actors.stats import SupervisorStats
 from chatd.domain.sharding import shard_of
 from chatd.store.chats import list_resumable_chats_in
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.errors import Fenced
-from chatd.store.leases import Fence, acquire_shards, release_leases
+from chatd.store.leases import Fence
+
+__all__ = ["Supervisor", "SupervisorStats"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class SupervisorStats:
-    """Counters since start (for metrics and benchmarks); gauges are on the Supervisor."""
-
-    activations: int = 0  # incarnations started for a message or a resume (not restarts)
-    resumed: int = 0  # of which started by the resume of a gained shard
-    passivations: int = 0
-    crashes: int = 0
-    restarts: int = 0
-    parked: int = 0  # chats handed to the park hook, counted once the hook returned
-    outages: int = 0  # incarnations ended by a database outage (not crashes)
-    outage_restarts: int = 0  # of which restarted after their backoff
-    park_retries: int = 0  # park hook calls retried because the database was unavailable
-    sweeps: int = 0  # resume sweeps of the held shards that completed
-    stopped: int = 0  # actors stopped because their shard was lost, or at shutdown
-    lease_renewals: int = 0  # successful lease checks
-    lease_failures: int = 0
-    shards_gained: int = 0
-    shards_lost: int = 0
+# How often a handover looks again whether the actors of its shards finished their turns: turn
+# ends are not signalled, and a handover is rare and bounded (handover_timeout_s).
+_DRAIN_POLL_S = 0.02
 
 
 @dataclass(eq=False, slots=True)
@@ -113,7 +101,12 @@ class _Slot:
 class Supervisor:
     """Run with ``await nursery.start(supervisor.run)``; it returns once the leases are taken
     and the resumable chats of those shards are activated. Stop with ``shutdown()`` (or by
-    cancelling): actors are cancelled, then the leases are released for the next owner."""
+    cancelling): actors are cancelled, then the leases are released for the next owner and
+    the worker leaves the live workers.
+
+    ``on_shards_lost`` is called (on the trio thread, synchronously) with every set of shards
+    this worker stops serving: handed over, taken over, dropped in an outage, at shutdown;
+    after their actors were stopped."""
 
     def __init__(
         self,
@@ -136,6 +129,9 @@ class Supervisor:
         db_retry_base_delay_s: float = 0.25,
         db_retry_max_delay_s: float = 2.0,
         resume_sweep_interval_s: float = 60.0,
+        link_url: str = "",
+        handover_timeout_s: float = 10.0,
+        on_shards_lost: Callable[[frozenset[int]], None] | None = None,
     ) -> None:
         if shard_count < 1:
             raise ValueError(f"shard count must be at least 1, got {shard_count}")
@@ -156,6 +152,7 @@ class Supervisor:
             ("database retry base delay", db_retry_base_delay_s),
             ("database retry max delay", db_retry_max_delay_s),
             ("resume sweep interval", resume_sweep_interval_s),
+            ("handover timeout", handover_timeout_s),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value} s")
@@ -164,8 +161,6 @@ class Supervisor:
         self._factory = factory
         self._park = park
         self._shard_count = shard_count
-        self._wanted = wanted
-        self._lease_ttl_s = lease_ttl_s
         self._check_interval_s = lease_ttl_s / 3
         self._mailbox_capacity = mailbox_capacity
         self._idle_timeout_s = idle_timeout_s
@@ -173,32 +168,39 @@ class Supervisor:
         self._restart_window_s = restart_window_s
         self._ask_timeout_s = ask_timeout_s
         self._park_timeout_s = park_timeout_s
-        self._release_timeout_s = release_timeout_s
         _check_options(hibernate_after_s, db_retry_base_delay_s, db_retry_max_delay_s)
-        self._db_retry_base_delay_s = db_retry_base_delay_s
         self._db_retry_max_delay_s = db_retry_max_delay_s
         self._resume_sweep_interval_s = resume_sweep_interval_s
         self._hibernate_after_s = hibernate_after_s  # None: actors keep their task while idle
         self._wake_host = self._wake  # one bound method shared by every host
 
+        self._on_shards_lost = on_shards_lost
+
         self.stats = SupervisorStats()
-        self._fences: dict[int, Fence] = {}
+        self._keeper = ShardKeeper(
+            db,
+            worker_id,
+            ShardHooks(lost=self._shards_lost, drain=self._drain, changed=self._notify),
+            self.stats,
+            shard_count=shard_count,
+            eligible=wanted,
+            lease_ttl_s=lease_ttl_s,
+            link_url=link_url,
+            handover_timeout_s=handover_timeout_s,
+            release_timeout_s=release_timeout_s,
+            db_retry_base_delay_s=db_retry_base_delay_s,
+            db_retry_max_delay_s=db_retry_max_delay_s,
+        )
+        self._passivation = Passivation(idle_timeout_s, self._passivate)
         self._slots: dict[UUID, _Slot] = {}
         self._nursery: trio.Nursery | None = None
         self._run_scope = trio.CancelScope()
         self._started = False
         self._stopped = False
         self._to_release: list[Fence] = []
-        self._check_requested = trio.Event()
-        self._next_check = -math.inf
-        self._valid_until = -math.inf
-        self._check_failures = 0  # lease checks failed in a row
         self._sweep_due = False  # a database call failed since the last sweep
         self._next_sweep = math.inf  # set once running
         self._changed: trio.Event | None = None
-        # Hibernating actors by the time of their last message, in the order they hibernated.
-        self._hibernating: OrderedDict[UUID, float] = OrderedDict()
-        self._hibernation_changed = trio.Event()
 
     # -- the edge's entry points (through the Router) -----------------------------------------
 
@@ -218,14 +220,16 @@ class Supervisor:
         self._host_for(chat_id).tell(message)
 
     def owns(self, chat_id: UUID) -> bool:
-        return shard_of(chat_id, self._shard_count) in self._fences
+        """True when this worker serves the chat's shard: it holds the lease and is not
+        handing the shard over."""
+        return self._keeper.serving(shard_of(chat_id, self._shard_count)) is not None
 
     def shard_of(self, chat_id: UUID) -> int:
         return shard_of(chat_id, self._shard_count)
 
     def _host_for(self, chat_id: UUID) -> ActorHost:
         shard = shard_of(chat_id, self._shard_count)
-        fence = self._fences.get(shard)
+        fence = self._keeper.serving(shard)
         if fence is None or self._nursery is None:
             raise NotOwner(chat_id, shard)
         slot = self._slots.get(chat_id)
@@ -242,8 +246,13 @@ class Supervisor:
 
     @property
     def fences(self) -> dict[int, Fence]:
-        """The leases held right now, by shard."""
-        return dict(self._fences)
+        """The leases held right now, by shard (those being handed over included)."""
+        return self._keeper.fences
+
+    @property
+    def handing_over(self) -> frozenset[int]:
+        """Shards being handed over: held, no longer served."""
+        return self._keeper.handing_over
 
     @property
     def stopped(self) -> bool:
@@ -258,7 +267,7 @@ class Supervisor:
     @property
     def hibernating_actors(self) -> int:
         """Active actors without a task of their own right now (idle; state kept)."""
-        return len(self._hibernating)
+        return len(self._passivation)
 
     @property
     def mailbox_depth(self) -> int:
@@ -269,7 +278,7 @@ class Supervisor:
         return {
             "active_actors": self.active_actors,
             "mailbox_depth": self.mailbox_depth,
-            "owned_shards": len(self._fences),
+            "owned_shards": len(self._keeper.fences),
             **dataclasses.asdict(self.stats),
         }
 
@@ -293,7 +302,7 @@ class Supervisor:
 
     def request_lease_check(self) -> None:
         """Renew (and re-read) the leases now instead of at the next tick."""
-        self._check_requested.set()
+        self._keeper.request_check()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -309,16 +318,19 @@ class Supervisor:
             with self._run_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    gained = await self._check_leases(initial=True)
+                    # Listening first: a worker joining after our first check wakes us.
+                    await nursery.start(self._keeper.listen)
+                    gained = await self._keeper.check(initial=True)
                     await self._resume(gained)
                     self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
-                    nursery.start_soon(self._lease_loop)
-                    nursery.start_soon(self._passivation_loop)
+                    nursery.start_soon(self._keeper.run, self._after_check)
+                    nursery.start_soon(self._passivation.run)
                     task_status.started()
         finally:
             self._leave()
             self._nursery = None
-            await self._release()
+            fences, self._to_release = self._to_release, []
+            await self._keeper.leave(fences)
             self._stopped = True
             self._notify()
 
@@ -329,127 +341,60 @@ class Supervisor:
         self._run_scope.cancel()
 
     def _leave(self) -> None:
-        self._to_release.extend(self._fences.values())
-        self._fences = {}
+        fences = self._keeper.drop_all()
+        self._to_release.extend(fences)
         for slot in list(self._slots.values()):
             self._stop(slot)
-        self._hibernating.clear()
+        self._passivation.clear()
+        if fences:
+            self._report_lost(frozenset(f.shard for f in fences))
         self._notify()
 
-    async def _release(self) -> None:
-        fences, self._to_release = self._to_release, []
-        if not fences:
+    # -- what the shard keeper tells -----------------------------------------------------------
+
+    def _shards_lost(self, shards: frozenset[int]) -> None:
+        for slot in [s for s in self._slots.values() if s.fence.shard in shards]:
+            self._stop(slot)
+        self._report_lost(shards)
+
+    def _report_lost(self, shards: frozenset[int]) -> None:
+        if self._on_shards_lost is None:
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(self._release_timeout_s) as scope:
-            try:
-                await release_leases(self._db, self.worker_id, fences)
-            except Exception:
-                log.exception("could not release the shard leases; they will expire instead")
-        if scope.cancelled_caught:
-            log.warning("releasing the shard leases took too long; they will expire instead")
-
-    # -- leases --------------------------------------------------------------------------------
-
-    async def _lease_loop(self) -> None:
-        while True:
-            deadline = self._next_check
-            if self._fences:
-                deadline = min(deadline, self._valid_until)
-            with trio.move_on_at(deadline):
-                await self._check_requested.wait()
-            gained = await self._check_leases()
-            if gained:
-                self._sweep_due = True  # their chats with work left are resumed just below
-            if self._check_failures == 0 and (
-                self._sweep_due or trio.current_time() >= self._next_sweep
-            ):
-                await self._sweep()
-
-    async def _check_leases(self, *, initial: bool = False) -> list[Fence]:
-        """Renew held leases and take free or expired wanted ones; returns the fences gained.
-
-        A lease counts as held until ``ttl`` after the last successful check was *sent* (a
-        lower bound of the database's expiry); past that, without a successful check, every
-        shard is dropped.
-        """
-        self._check_requested = trio.Event()
-        sent_at = trio.current_time()
-        self._next_check = sent_at + self._check_interval_s
-        # A check may take until the held leases would lapse, then they are dropped. The first
-        # one is bounded by the database's own timeouts only: its failure fails the start.
-        deadline = math.inf if initial else max(self._valid_until, sent_at + self._check_interval_s)
-        fences: list[Fence] | None = None
-        failure: Exception | None = None
         try:
-            with trio.move_on_at(deadline):
-                fences = await acquire_shards(
-                    self._db, self.worker_id, self._wanted, self._lease_ttl_s
-                )
-        except Exception as exc:
-            if initial:
-                raise
-            failure = exc
-        if fences is None:
-            self._lease_check_failed(sent_at, failure)
-            if self._fences and trio.current_time() >= self._valid_until:
-                log.error("shard leases not renewed within their ttl; dropping every shard")
-                self._apply_fences([])
-            self._notify()
-            return []
-        if self._check_failures:
-            log.warning(
-                "the database answers again after %d failed lease checks", self._check_failures
-            )
-            self._check_failures = 0
-        self._valid_until = sent_at + self._lease_ttl_s
-        self.stats.lease_renewals += 1
-        gained = self._apply_fences(fences)
-        self._notify()
-        return gained
+            self._on_shards_lost(shards)
+        except Exception:
+            log.exception("the on_shards_lost hook failed for shards %s", sorted(shards))
 
-    def _lease_check_failed(self, sent_at: float, failure: Exception | None) -> None:
-        """Count a failed (or timed out) check and retry it after the outage backoff, sooner
-        than the regular interval: the lease loop is what notices the database is back."""
-        self.stats.lease_failures += 1
-        self._sweep_due = True  # whatever ran meanwhile may have lost its actor
-        delay = min(self._check_interval_s, self._outage_delay(self._check_failures))
-        self._check_failures += 1
-        self._next_check = sent_at + delay
-        if failure is not None and not _contains(failure, DatabaseUnavailable):
-            log.warning("shard lease check failed; retrying in %.2f s", delay, exc_info=failure)
-        elif self._check_failures == 1:  # one line per outage, not one per probe
-            what = "timed out" if failure is None else str(failure)
-            at_most = min(self._check_interval_s, self._db_retry_max_delay_s)
-            log.warning(
-                "shard lease check failed (%s); retrying in %.2f s, then every %g s at most",
-                what,
-                delay,
-                at_most,
-            )
+    async def _drain(self, shards: frozenset[int], deadline: float) -> bool:
+        """Stop each actor of ``shards`` as soon as it is between turns (nothing being handled
+        or queued, no answer streaming); True when all were by ``deadline`` (trio time)."""
+        pending = [slot for slot in self._slots.values() if slot.fence.shard in shards]
+        with trio.move_on_at(deadline):
+            while True:
+                busy = []
+                for slot in pending:
+                    if self._slots.get(slot.chat_id) is not slot:
+                        continue  # gone meanwhile (passivated, parked, stopped)
+                    if slot.host.in_turn:
+                        busy.append(slot)
+                    else:
+                        self._stop(slot)
+                pending = busy
+                if not pending:
+                    return True
+                await trio.sleep(_DRAIN_POLL_S)
+        return False
 
-    def _outage_delay(self, attempt: int) -> float:
-        """The wait before retry ``attempt`` (0, 1, ...) after a database outage: the capped
-        exponential ``min(base * 2^attempt, max)``, drawn from its upper half (jitter)."""
-        capped = min(
-            self._db_retry_max_delay_s, self._db_retry_base_delay_s * 2.0 ** min(attempt, 32)
-        )
-        return capped * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
-
-    def _apply_fences(self, fences: list[Fence]) -> list[Fence]:
-        """Adopt the leases now held: stop the actors of lost (or re-epoched) shards."""
-        new = {f.shard: f for f in fences}
-        lost = {shard for shard, f in self._fences.items() if new.get(shard) != f}
-        gained = [f for shard, f in new.items() if self._fences.get(shard) != f]
-        self._fences = new
-        if lost:
-            self.stats.shards_lost += len(lost)
-            log.warning("lost shards %s; stopping their actors", sorted(lost))
-            for slot in [s for s in self._slots.values() if s.fence.shard in lost]:
-                self._stop(slot)
-        if gained:
-            self.stats.shards_gained += len(gained)
-            log.info("holding shards %s", [f.shard for f in gained])
-        return gained
+    async def _after_check(self, gained: list[Fence]) -> None:
+        """After every lease check: the sweep, when due and the database answers."""
+        if gained or self._keeper.check_failures:
+            # Gained shards have their chats with work left resumed; after a failed check,
+            # whatever ran meanwhile may have lost its actor.
+            self._sweep_due = True
+        if self._keeper.check_failures == 0 and (
+            self._sweep_due or trio.current_time() >= self._next_sweep
+        ):
+            await self._sweep()
 
     # -- resuming ------------------------------------------------------------------------------
 
@@ -461,7 +406,7 @@ class Supervisor:
         activated = 0
         for shard, chat_id in rows:
             fence = held[shard]
-            if self._fences.get(shard) == fence and chat_id not in self._slots:
+            if self._keeper.serving(shard) == fence and chat_id not in self._slots:
                 self._activate(chat_id, fence)
                 self.stats.resumed += 1
                 activated += 1
@@ -472,7 +417,8 @@ class Supervisor:
         """Resume the runnable chats of every held shard that have no actor here: after shards
         were gained, after a database call failed, and every ``resume_sweep_interval_s``;
         called by the lease loop after a successful check. A failure leaves it due."""
-        fences = list(self._fences.values())
+        handing_over = self._keeper.handing_over
+        fences = [f for f in self._keeper.fences.values() if f.shard not in handing_over]
         self._sweep_due = False
         self._next_sweep = trio.current_time() + self._resume_sweep_interval_s
         if not fences:
@@ -530,14 +476,14 @@ class Supervisor:
     def _stop(self, slot: _Slot) -> None:
         if self._slots.get(slot.chat_id) is slot:
             del self._slots[slot.chat_id]
-            self._hibernating.pop(slot.chat_id, None)
+            self._passivation.discard(slot.chat_id)
             self.stats.stopped += 1
         slot.host.stop()
 
     def _forget(self, slot: _Slot) -> None:
         if self._slots.get(slot.chat_id) is slot:
             del self._slots[slot.chat_id]
-            self._hibernating.pop(slot.chat_id, None)
+            self._passivation.discard(slot.chat_id)
 
     def _wake(self, host: ActorHost) -> None:
         """A hibernating actor got a message: give it a task again (synchronous, so that a
@@ -546,52 +492,29 @@ class Supervisor:
         if slot is None or slot.host is not host or self._nursery is None:
             host.stop()  # not ours any more (it would have been stopped): refuse the message
             return
-        self._hibernating.pop(host.chat_id, None)
+        self._passivation.discard(host.chat_id)
         self._nursery.start_soon(self._supervise, slot)
 
     def _hibernated(self, slot: _Slot) -> None:
         if not self._current(slot):
             self._stop(slot)
             return
-        # Idle time counts from the last message handled, as for an actor with a task. Entries
-        # go in the order the actors hibernated, which is almost that of their last messages; one
-        # older than the first goes first, one out of order behind it may passivate a bit late.
-        since = slot.host.idle_since
-        hibernating = self._hibernating
-        first = next(iter(hibernating.values()), math.inf)
-        hibernating[slot.chat_id] = since
-        hibernating.move_to_end(slot.chat_id)
-        if since < first:
-            hibernating.move_to_end(slot.chat_id, last=False)
-            self._hibernation_changed.set()  # the passivation loop's next deadline moved
+        # Idle time counts from the last message handled, as for an actor with a task.
+        self._passivation.add(slot.chat_id, slot.host.idle_since)
         self._notify()
 
-    async def _passivation_loop(self) -> None:
-        """Passivate hibernating actors idle for ``idle_timeout_s`` (they have no task to do it
-        themselves); one task for all of them, woken at the oldest one's deadline."""
-        while True:
-            now = trio.current_time()
-            while self._hibernating:
-                chat_id, since = next(iter(self._hibernating.items()))
-                if now < since + self._idle_timeout_s:
-                    break
-                del self._hibernating[chat_id]
-                slot = self._slots.get(chat_id)
-                if slot is not None and slot.host.passivate_hibernated():
-                    self.stats.passivations += 1
-                    self._forget(slot)
-                    self._notify()
-            deadline = math.inf
-            if self._hibernating:
-                deadline = next(iter(self._hibernating.values())) + self._idle_timeout_s
-            self._hibernation_changed = trio.Event()
-            with trio.move_on_at(deadline):
-                await self._hibernation_changed.wait()
+    def _passivate(self, chat_id: UUID) -> None:
+        """A hibernating actor's idle time is up: passivate it, unless it may not stop."""
+        slot = self._slots.get(chat_id)
+        if slot is not None and slot.host.passivate_hibernated():
+            self.stats.passivations += 1
+            self._forget(slot)
+            self._notify()
 
     def _current(self, slot: _Slot) -> bool:
         return (
             self._slots.get(slot.chat_id) is slot
-            and self._fences.get(slot.fence.shard) == slot.fence
+            and self._keeper.held(slot.fence.shard) == slot.fence
         )
 
     async def _supervise(self, slot: _Slot) -> None:
@@ -649,7 +572,7 @@ class Supervisor:
         now = trio.current_time()
         if slot.host.started and now - slot.began_at >= self._db_retry_max_delay_s:
             slot.outages = 0  # it ran a good while since the last one: a new outage
-        delay = self._outage_delay(slot.outages)
+        delay = self._keeper.outage_delay(slot.outages)
         slot.outages += 1
         # One line per actor and outage; its later attempts only at debug level.
         log.log(
@@ -660,7 +583,7 @@ class Supervisor:
             delay,
         )
         self._sweep_due = True
-        if self._check_failures == 0:
+        if self._keeper.check_failures == 0:
             self.request_lease_check()  # the lease loop probes the database from now on
         slot.waiting_out = True
         self._notify()
@@ -713,7 +636,7 @@ class Supervisor:
                 if not self._current(slot):
                     log.warning("parking chat %s left to the shard's next owner", slot.chat_id)
                     return
-                delay = self._outage_delay(attempt)
+                delay = self._keeper.outage_delay(attempt)
                 attempt += 1
                 self.stats.park_retries += 1
                 self._notify()
@@ -734,17 +657,3 @@ def _check_options(hibernate_after_s: float | None, base_s: float, max_s: float)
         raise ValueError(
             f"the database retry base delay ({base_s} s) must not exceed the max delay ({max_s} s)"
         )
-
-
-def _contains(error: BaseException, kind: type[BaseException]) -> bool:
-    return _first(error, kind) is not None
-
-
-def _first(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of ``kind`` in ``error`` or, for a group, anywhere inside it."""
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            if (found := _first(inner, kind)) is not None:
-                return found
-        return None
-    return error if isinstance(error, kind) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from chatd.store.database import Connection, Database
+from chatd.store.database import Connection, Database, Record
 from chatd.store.errors import Fenced
 from chatd.store.records import ShardLease, shard_lease_from_row
 
@@ -24,18 +24,59 @@ class Fence:
     worker_id: str
 
 
-def _ttl(ttl_s: float) -> float:
+def ttl_seconds(ttl_s: float) -> float:
     if not ttl_s > 0:
         raise ValueError(f"lease ttl must be positive, got {ttl_s} s")
     return float(ttl_s)
 
 
-def _own(worker_id: str, fences: Iterable[Fence]) -> list[Fence]:
+def own_fences(worker_id: str, fences: Iterable[Fence]) -> list[Fence]:
+    """``fences`` as a list, checked to be ``worker_id``'s."""
     fences = list(fences)
     for fence in fences:
         if fence.worker_id != worker_id:
             raise ValueError(f"fence of shard {fence.shard} belongs to {fence.worker_id!r}")
     return fences
+
+
+# Ascending shard order: two workers racing for overlapping sets lock rows in the same order.
+# Parameters: worker id, shards, ttl in seconds.
+ACQUIRE_SQL = """
+INSERT INTO shard_leases AS l (shard, worker_id, epoch, expires_at)
+SELECT s, $1, 1, now() + make_interval(secs => $3)
+FROM unnest($2::integer[]) AS s ORDER BY s
+ON CONFLICT (shard) DO UPDATE
+SET worker_id = EXCLUDED.worker_id,
+    epoch = CASE WHEN l.worker_id = EXCLUDED.worker_id AND l.expires_at > now()
+                 THEN l.epoch ELSE l.epoch + 1 END,
+    expires_at = EXCLUDED.expires_at,
+    updated_at = now()
+WHERE l.expires_at <= now() OR l.worker_id = EXCLUDED.worker_id
+RETURNING l.shard, l.epoch, l.worker_id
+"""
+
+# The rows are locked in shard order first, as ACQUIRE_SQL locks them, so that a release and a
+# check of the same worker (or a taker) never deadlock. Parameters: worker id, shards, epochs.
+RELEASE_SQL = """
+WITH held AS (
+    SELECT l.shard FROM shard_leases AS l
+    JOIN unnest($2::integer[], $3::bigint[]) AS f (shard, epoch)
+      ON l.shard = f.shard AND l.epoch = f.epoch
+    WHERE l.worker_id = $1 AND l.expires_at > now()
+    ORDER BY l.shard FOR UPDATE OF l
+)
+UPDATE shard_leases AS l
+SET expires_at = now(), updated_at = now()
+FROM held
+WHERE l.shard = held.shard
+"""
+
+
+def fences_from_rows(rows: Iterable[Record]) -> list[Fence]:
+    return sorted(
+        (Fence(row["shard"], row["epoch"], row["worker_id"]) for row in rows),
+        key=lambda f: f.shard,
+    )
 
 
 async def acquire_shards(
@@ -49,29 +90,8 @@ async def acquire_shards(
     wanted = sorted(set(shards))
     if not wanted:
         return []
-    # Ascending shard order: two workers racing for overlapping sets lock rows in the same order.
-    rows = await db.fetch(
-        """
-        INSERT INTO shard_leases AS l (shard, worker_id, epoch, expires_at)
-        SELECT s, $1, 1, now() + make_interval(secs => $3)
-        FROM unnest($2::integer[]) AS s ORDER BY s
-        ON CONFLICT (shard) DO UPDATE
-        SET worker_id = EXCLUDED.worker_id,
-            epoch = CASE WHEN l.worker_id = EXCLUDED.worker_id AND l.expires_at > now()
-                         THEN l.epoch ELSE l.epoch + 1 END,
-            expires_at = EXCLUDED.expires_at,
-            updated_at = now()
-        WHERE l.expires_at <= now() OR l.worker_id = EXCLUDED.worker_id
-        RETURNING l.shard, l.epoch, l.worker_id
-        """,
-        worker_id,
-        wanted,
-        _ttl(ttl_s),
-    )
-    return sorted(
-        (Fence(row["shard"], row["epoch"], row["worker_id"]) for row in rows),
-        key=lambda f: f.shard,
-    )
+    rows = await db.fetch(ACQUIRE_SQL, worker_id, wanted, ttl_seconds(ttl_s))
+    return fences_from_rows(rows)
 
 
 async def reclaim_leases(db: Database, worker_id: str, ttl_s: float) -> list[Fence]:
@@ -99,7 +119,7 @@ async def reclaim_leases(db: Database, worker_id: str, ttl_s: float) -> list[Fen
         RETURNING l.shard, l.epoch, l.worker_id
         """,
         worker_id,
-        _ttl(ttl_s),
+        ttl_seconds(ttl_s),
     )
     return sorted(
         (Fence(row["shard"], row["epoch"], row["worker_id"]) for row in rows),
@@ -115,7 +135,7 @@ async def renew_leases(
     An expired lease is lost even if nobody took it yet, as ``check_fence`` already treats it:
     the worker takes it again with ``acquire_shards``, under a new epoch.
     """
-    fences = _own(worker_id, fences)
+    fences = own_fences(worker_id, fences)
     if not fences:
         return []
     rows = await db.fetch(
@@ -130,7 +150,7 @@ async def renew_leases(
         worker_id,
         [f.shard for f in fences],
         [f.epoch for f in fences],
-        _ttl(ttl_s),
+        ttl_seconds(ttl_s),
     )
     held = {(row["shard"], row["epoch"]) for row in rows}
     return sorted((f for f in fences if (f.shard, f.epoch) in held), key=lambda f: f.shard)
@@ -141,21 +161,14 @@ async def release_leases(db: Database, worker_id: str, fences: Iterable[Fence]) 
 
     The row stays, expired, so the next owner's epoch is still higher than every earlier one.
     """
-    fences = _own(worker_id, fences)
+    fences = own_fences(worker_id, fences)
     if not fences:
         return
-    await db.execute(
-        """
-        UPDATE shard_leases AS l
-        SET expires_at = now(), updated_at = now()
-        FROM unnest($2::integer[], $3::bigint[]) AS f (shard, epoch)
-        WHERE l.shard = f.shard AND l.epoch = f.epoch AND l.worker_id = $1
-          AND l.expires_at > now()
-        """,
-        worker_id,
-        [f.shard for f in fences],
-        [f.epoch for f in fences],
-    )
+    await db.execute(RELEASE_SQL, worker_id, *release_args(fences))
+
+
+def release_args(fences: list[Fence]) -> tuple[list[int], list[int]]:
+    return [f.shard for f in fences], [f.epoch for f in fences]
 
 
 async def list_leases(db: Database) -> list[ShardLease]:

@@ -206,6 +206,16 @@ SUPERVISOR_COUNTERS: Final = (
     ("lease_failures", "chatd_lease_failures_total", "Failed checks of the shard leases."),
     ("shards_gained", "chatd_shards_gained_total", "Shards whose lease this process took."),
     ("shards_lost", "chatd_shards_lost_total", "Shards whose lease this process lost."),
+    (
+        "shards_handed_over",
+        "chatd_shards_handed_over_total",
+        "Shards this process handed over to another worker to even out the placement.",
+    ),
+    (
+        "handover_timeouts",
+        "chatd_handover_timeouts_total",
+        "Handovers whose turns in progress did not end within handover_timeout_s.",
+    ),
 )
 
 

@@ -16,6 +16,7 @@ from uuid import uuid4
 import pytest
 import trio
 
+from chatd.store import cluster
 from chatd.store.chats import (
     Committed,
     CreateChat,
@@ -442,3 +443,78 @@ async def test_check_fence_alone(db: Database) -> None:
     assert await db.transaction(lambda conn: check(conn, fence))
     with pytest.raises(Fenced):
         await db.transaction(lambda conn: check(conn, Fence(0, fence.epoch, "worker-z")))
+
+
+# -- one worker's lease check among several (chatd.store.cluster) -------------------------------
+
+
+async def test_a_check_in_renews_the_worker_row_with_its_leases_and_takes_what_it_chooses(
+    db: Database,
+) -> None:
+    await cluster.heartbeat(db, "worker-b", "", 60)
+    await acquire_shards(db, "worker-b", [0], 60)
+    [old] = await acquire_shards(db, "worker-c", [1], 60)  # worker-c died: no row, lease lapsed
+    await db.execute("UPDATE shard_leases SET expires_at = now() WHERE shard = 1")
+    [mine] = await acquire_shards(db, "worker-a", [2], 60)
+    seen: list[cluster.LeaseView] = []
+
+    def choose(view: cluster.LeaseView) -> set[int]:
+        seen.append(view)
+        return {1, 2, 3}
+
+    result = await cluster.check_in(
+        db, "worker-a", link_url="http://127.0.0.1:7001", ttl_s=30, choose=choose
+    )
+    [view] = seen
+    assert view.live_workers == ("worker-a", "worker-b")
+    assert view.mine == {2}
+    assert view.others == {0: "worker-b"}
+    assert view.free(4) == {1, 3}
+    assert view.next_expiry_s is not None
+    assert 50 < view.next_expiry_s <= 60  # worker-b's row and lease
+    assert result.view == view
+    assert result.fences == [
+        Fence(1, old.epoch + 1, "worker-a"),
+        Fence(2, mine.epoch, "worker-a"),  # renewed: same epoch
+        Fence(3, 1, "worker-a"),
+    ]
+    # The row and the leases expire together (same statement time, same ttl).
+    rows = await db.fetch(
+        "SELECT DISTINCT expires_at FROM shard_leases WHERE worker_id = 'worker-a'"
+        " UNION SELECT expires_at FROM workers WHERE worker_id = 'worker-a'"
+    )
+    assert len(rows) == 1
+    assert cluster.Worker("worker-a", "http://127.0.0.1:7001") in await cluster.live_workers(db)
+
+
+async def test_a_check_in_lets_the_leases_it_does_not_choose_lapse(db: Database) -> None:
+    await acquire_shards(db, "worker-a", [0, 1], 60)
+    result = await cluster.check_in(db, "worker-a", link_url="", ttl_s=1, choose=lambda view: {0})
+    assert [f.shard for f in result.fences] == [0]
+    leases = {lease.shard: lease.expires_at for lease in await list_leases(db)}
+    assert leases[1] > leases[0]  # shard 1 kept its old (60 s) expiry: not renewed
+
+
+async def test_joining_handing_back_and_leaving_are_announced_once_committed(
+    db: Database,
+) -> None:
+    async with db.listen(cluster.SHARDS_CHANNEL) as events:
+        result = await cluster.check_in(
+            db, "worker-a", link_url="", ttl_s=60, choose=lambda view: {0, 1, 2}, announce=True
+        )
+        with trio.fail_after(DEADLINE_S):
+            assert (await events.receive()).payload == "worker-a"  # type: ignore[union-attr]
+        [f0, f1, f2] = result.fences
+        await cluster.hand_back(db, "worker-a", [f2])
+        with trio.fail_after(DEADLINE_S):
+            assert (await events.receive()).payload == "worker-a"  # type: ignore[union-attr]
+        assert [f.shard for f in await acquire_shards(db, "worker-b", [2], 60)] == [2]
+
+        await cluster.leave(db, "worker-a", [f0, f1])
+        with trio.fail_after(DEADLINE_S):
+            assert (await events.receive()).payload == "worker-a"  # type: ignore[union-attr]
+    assert await cluster.live_workers(db) == []
+    taken = await acquire_shards(db, "worker-b", [0, 1], 60)
+    assert [(f.shard, f.epoch) for f in taken] == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="belongs to"):
+        await cluster.hand_back(db, "worker-a", taken)

@@ -96,6 +96,7 @@ class ShardKeeper:
         self._handing_over: set[int] = set()
         self._view: cluster.LeaseView | None = None  # what the last successful check read
         self._announce = True  # NOTIFY at the next check: joined (or back after an outage)
+        self._checked_in = False  # a check succeeded once: there is a row to leave
         self._lock = trio.Lock()  # one lease write at a time: a check, a release, the leave
         self._check_requested = trio.Event()
         self._next_check = -math.inf
@@ -224,6 +225,7 @@ class ShardKeeper:
             self._announce = True  # our row may have expired meanwhile: say we are back
         else:
             self._announce = False
+        self._checked_in = True
         self._valid_until = sent_at + self._lease_ttl_s
         self.stats.lease_renewals += 1
         view = result.view
@@ -339,7 +341,8 @@ class ShardKeeper:
     async def leave(self, fences: list[Fence]) -> None:
         """Release ``fences`` and leave the live workers, with a NOTIFY (shielded, bounded:
         on failure the leases and the row expire instead)."""
-        await self._release(fences, leaving=True)
+        if self._checked_in or fences:  # not when the start failed: nothing to undo
+            await self._release(fences, leaving=True)
 
     async def _release(self, fences: list[Fence], *, leaving: bool) -> None:
         what = "leave the workers" if leaving else "release the handed-over shards"

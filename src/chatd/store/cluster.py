@@ -127,9 +127,11 @@ async def check_in(
     announce: bool = False,
 ) -> CheckIn:
     """One lease check, in one transaction: renew the worker's row in ``workers`` (carrying
-    ``link_url``), read the live workers and leases, renew every live lease of the worker and
-    take the free shards that ``choose(view)`` names (it runs inside the transaction: it must
-    be pure and quick). With ``announce``, NOTIFY ``SHARDS_CHANNEL`` at commit (a join).
+    ``link_url``), read the live workers and leases, then hold the shards ``choose(view)``
+    names: its live leases among them are renewed (same epoch), free ones taken (new epoch),
+    and its live leases left out are not renewed (they lapse). ``choose`` runs inside the
+    transaction: it must be pure and quick. With ``announce``, NOTIFY ``SHARDS_CHANNEL`` at
+    commit (a join).
 
     The worker's row and its leases get the same expiry, so a worker that stops checking in
     stops counting as live when its shards become free. Leases are renewed and taken by one
@@ -157,7 +159,7 @@ async def check_in(
             others={r["shard"]: r["worker_id"] for r in leases if r["worker_id"] != worker_id},
             next_expiry_s=min(expiries, default=None),
         )
-        wanted = sorted(view.mine | set(choose(view)))
+        wanted = sorted(set(choose(view)))
         rows = await conn.fetch(ACQUIRE_SQL, worker_id, wanted, ttl) if wanted else []
         return CheckIn(fences_from_rows(rows), view)
 

@@ -89,7 +89,8 @@ async def websocket(
     server: ServerProcess, path: str, token: str
 ) -> AsyncIterator[WebSocketConnection]:
     url = server.url.replace("http://", "ws://") + path
-    async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {token}")]) as ws:
+    headers = [(b"authorization", f"Bearer {token}".encode())]
+    async with open_websocket_url(url, extra_headers=headers) as ws:
         yield ws
 
 

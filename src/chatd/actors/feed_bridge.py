@@ -199,13 +199,17 @@ class FeedBridge:
                 continue
             try:
                 await feeds.notify_many(self._db, feeds.FEEDS_CHANNEL, payloads)
-            except DatabaseUnavailable as exc:
+            except Exception as exc:
                 # What this send held is dropped; the next send tells the other workers to
                 # re-read from then (their backstop), after a pause (the database is away).
+                # Whatever failed, a hint that could not be sent never stops the worker.
                 self.stats.send_failures += 1
                 oldest = since if since is not None else time.time()
                 self._lost_since = min(oldest, self._lost_since or oldest)
-                log.warning("could not relay feed events to other workers: %s", exc)
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("could not relay feed events to other workers: %s", exc)
+                else:
+                    log.exception("could not relay feed events to other workers")
                 await trio.sleep(self._retry_delay_s)
                 self._wakeup.set()
                 continue

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -353,3 +354,16 @@ async def test_workers_on_the_embedded_postgresql_with_the_demo_model(home: Path
             await _all_exited(pidfds, timeout_s=1)
     assert not (home / "pgdata" / "postmaster.pid").exists(), "the embedded server still runs"
     _no_traceback(server)
+
+
+def test_a_taken_port_is_one_line_and_exit_2(home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_chatd(["serve", "--workers", "2", "--port", str(port)], env=_env(home))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"chatd: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+    assert not (home / "pgdata").exists(), "the embedded server was started for nothing"

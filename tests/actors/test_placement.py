@@ -10,18 +10,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 import trio
 
+from chatd.actors.chat_actor import CreateChatRequest
+from chatd.actors.engine import EngineOptions, open_engine
 from chatd.actors.errors import NotOwner
 from chatd.actors.supervisor import Supervisor
 from chatd.domain.chat_status import ChatStatus
+from chatd.domain.events import ChatEvent, MessagePart, PreviewReset, StatusChanged
+from chatd.domain.mailbox import SetArchived
 from chatd.domain.sharding import shard_of
-from chatd.store import cluster
+from chatd.providers.fake import knobs_marker, open_fake_llm
+from chatd.runtime import register_default_model
+from chatd.store import chats, cluster, users
 from chatd.store.chats import CreateChat, UpdateChat, commit
 from chatd.store.database import Database
 from chatd.store.errors import Fenced
@@ -394,3 +400,64 @@ async def test_a_clean_stop_releases_and_leaves_so_the_others_take_over_at_once(
         assert [w.worker_id for w in await cluster.live_workers(db)] == ["worker-a"]
         leases = await list_leases(db)
         assert {lease.worker_id for lease in leases} == {"worker-a"}
+
+
+# -- with real engines ---------------------------------------------------------------------------
+
+
+async def test_a_model_answer_streaming_on_a_shard_handed_over_finishes_before_it_moves(
+    db: Database,
+) -> None:
+    owner = await users.create_user(db, "hana")
+    options = EngineOptions(worker_id="worker-a", shard_count=4, lease_ttl_s=TTL_S)
+    async with open_fake_llm() as llm, trio.open_nursery() as nursery:
+        await register_default_model(db, base_url=f"{llm.url}/v1")
+        async with open_engine(db, options) as a:
+            chat_id = chat_on(3, 4)  # among the shards worker-a gives away first
+            text = f"{knobs_marker(chunks=30, chunk_interval_ms=30)} tell me"
+            await a.router.ask(chat_id, CreateChatRequest(owner.id, uuid4(), text))
+            sup_a = a.supervisor
+            seen: list[ChatEvent] = []
+            async with a.hub.subscribe(chat_id, None) as events:
+                with trio.fail_after(DEADLINE_S):
+                    async for batch in events:  # the answer streams
+                        seen.extend(batch)
+                        if any(isinstance(e, MessagePart) for e in batch):
+                            break
+                joined = trio.Event()
+                b_done = trio.Event()
+
+                async def worker_b() -> None:
+                    async with open_engine(db, replace(options, worker_id="worker-b")) as b:
+                        joined.set()
+                        with trio.fail_after(DEADLINE_S):
+                            await b.supervisor.wait_until(lambda: b.supervisor.owns(chat_id))
+                        await b_done.wait()
+
+                nursery.start_soon(worker_b)
+                with trio.fail_after(DEADLINE_S):
+                    await joined.wait()
+                    await sup_a.wait_until(lambda: 3 in sup_a.handing_over)
+                # The chat takes no new command here meanwhile (503 at the edge)...
+                with pytest.raises(NotOwner):
+                    await a.router.ask(chat_id, SetArchived(archived=True))
+                # ...while its answer streams on to the end and is committed here.
+                with trio.fail_after(DEADLINE_S):
+                    async for batch in events:
+                        seen.extend(batch)
+                        if any(
+                            isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING
+                            for e in batch
+                        ):
+                            break
+                    await sup_a.wait_until(lambda: 3 not in sup_a.fences)
+            b_done.set()
+        assert sup_a.stats.handover_timeouts == 0
+        assert sup_a.stats.shards_handed_over == 2
+    chat = await chats.get_chat(db, chat_id)
+    assert chat is not None
+    assert chat.status is ChatStatus.WAITING
+    assert llm.request_count == 1  # answered once, not again by the taker
+    messages = await chats.list_messages(db, chat_id, after_seq=0, limit=10)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert not [e for e in seen if isinstance(e, PreviewReset)]

@@ -388,7 +388,12 @@ class ShardKeeper:
                             ):
                                 self.request_check()
             except Exception as exc:  # noqa: BLE001 - a hint: the regular checks back it up
-                log.warning("cannot LISTEN for shard moves (%s); retrying", exc)
+                # One line per outage, not one per attempt.
+                log.log(
+                    logging.WARNING if attempt == 0 else logging.DEBUG,
+                    "cannot LISTEN for shard moves (%s); retrying",
+                    exc,
+                )
             if not started:
                 task_status.started()
                 started = True

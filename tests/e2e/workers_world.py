@@ -365,6 +365,35 @@ class WorkersWorld:
             probe, within_s=within_s, what=f"chat {chat_id} in status {statuses}"
         )
 
+    async def hold_lease_rows(
+        self, *, except_shard: int, hold_s: float, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Lock every lease row but ``except_shard``'s for ``hold_s`` seconds (a fault: lease
+        checks and renewals wait meanwhile, while writes fenced by that one shard go through).
+        ``task_status.started()`` once the locks are held."""
+
+        async def locked(conn: Any) -> None:
+            await conn.execute(
+                "SELECT FROM shard_leases WHERE shard <> $1 ORDER BY shard FOR UPDATE",
+                except_shard,
+            )
+            await conn.execute(f"SELECT pg_sleep({float(hold_s)}) /* {marker} */")
+
+        marker = f"hold-{uuid.uuid4().hex}"
+
+        async def holding() -> bool:
+            found: bool = await self.db.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE state = 'active'"
+                " AND strpos(query, $1) > 0 AND pid <> pg_backend_pid())",
+                marker,
+            )
+            return found
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.db.transaction, locked)
+            await eventually(holding, within_s=DEADLINE_S, what="the lease rows locked")
+            task_status.started()
+
     # -- what the fake model was asked -----------------------------------------------------------
 
     def requests_for(self, tag: str) -> list[RecordedRequest]:

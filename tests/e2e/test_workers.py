@@ -412,14 +412,22 @@ async def test_a_frozen_owner_is_fenced_when_it_wakes_after_its_shards_were_take
 
 async def frozen_owner(world: WorkersWorld) -> None:
     await world.wait_for_all_shards_held(within_s=DEADLINE_S)
-    holdings = await world.holdings()
-    # Create through a worker that holds shards (a create through a worker with none would
-    # need forwarding, which this test is not about); the chat's owner is the one to freeze.
-    creator = max(world.workers, key=lambda w: (len(holdings.get(w.worker_id, ())), w.worker_id))
+    # The chat's owner is the one to freeze. Forwarding is not this test's subject: the chat
+    # is created through each worker in turn until one creates it itself (a worker owning
+    # the new chat's shard, or any worker once a create picks a shard of its own).
     slow = turn("frozen", chunks=60, chunk_interval_ms=50)  # a 3 s answer
-    created = acked(await world.client(creator).create_chat(slow), 201)
-    chat_id = created.chat_id
-    assert chat_id is not None
+    chat_id = None
+    for attempt in range(8):
+        worker = world.workers[attempt % len(world.workers)]
+        impatient = NodeClient("creator", worker.url, world.token, [], op_deadline_s=1.0)
+        try:
+            created = await impatient.create_chat(slow)
+        finally:
+            await impatient.aclose()
+        if created.acked:
+            chat_id = created.chat_id
+            break
+    assert chat_id is not None, "no worker created the chat"
     owner_id = await world.owner_of(chat_id)
     assert owner_id is not None
     victim = world.worker(owner_id)
@@ -498,9 +506,12 @@ async def frozen_owner(world: WorkersWorld) -> None:
         "chatd_actor_crashes_total"
     ), f"an actor of {other.worker_id} crashed"
 
-    # One more turn; the stored history stays whole and in order.
+    # One more turn (through the chat's owner now: forwarding is not this test's subject);
+    # the stored history stays whole and in order.
+    owner_now = await world.owner_of(chat_id)
+    assert owner_now is not None
     more = turn("after-thaw", chunks=2)
-    sent = acked(await world.client(other).send(chat_id, more), 202)
+    sent = acked(await world.client(world.worker(owner_now)).send(chat_id, more), 202)
     assert sent.message_id is not None
     await eventually(
         partial(answered, world, chat_id, sent.message_id),

@@ -326,3 +326,18 @@ async def test_a_send_lost_in_an_outage_makes_the_others_catch_up(
         assert b.feeds.stats.backstops == 1
     assert ChatTitleChanged(chat, "kept") in seen
     assert ChatStatusChanged(chat, ChatStatus.WAITING, False) in seen
+
+
+async def test_a_malformed_config_notification_is_ignored(pair: Pair) -> None:
+    default = await pair.a.config.model_config(None)
+    assert default is not None
+    for junk in ("not json", '{"w": "x"}', '{"w": "x", "i": ["chat:1", "provider:nope"]}'):
+        await pair.db_b.notify("chatd_config", junk)
+    await providers.update_model_config(pair.db_b, default.id, name="still heard")
+    pair.b.config.invalidate_model_config(default.id)
+    await pair.b.config.announce()
+    await condition(lambda: pair.a.config.applied_remote > 0)
+    assert pair.a.config.applied_remote == 1  # the junk applied nothing
+    found = await pair.a.config.model_config(None)
+    assert found is not None
+    assert found.name == "still heard"

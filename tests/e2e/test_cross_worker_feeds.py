@@ -1,8 +1,8 @@
 """Two real ``chatd serve`` workers on one database: what one worker does is seen on the other
 at once, through LISTEN/NOTIFY.
 
-Worker A runs the chats (it started first and holds the shards); clients watch their chats and
-their inbox on worker B, and make admin changes through B that A's next turn must use. The
+A chat runs on one worker (the one placement gave its shard); clients watch their chats and
+their inbox on the other, and make admin changes through the other that the next turn must use. The
 config and token caches' TTLs are an hour, so only the notifications can explain what is seen.
 Real processes, a real PostgreSQL, the fake provider in the test process, clients over real
 sockets.
@@ -112,6 +112,18 @@ def status_of(chat_id: str, status: str) -> Callable[[list[dict[str, Any]]], boo
     )
 
 
+async def post(http: httpx2.AsyncClient, path: str, body: dict[str, Any]) -> httpx2.Response:
+    """POST, again (same Idempotency-Key: done once) while the answer is a retryable 503: a
+    shard moving between the two workers."""
+    key = str(uuid.uuid4())
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            response = await http.post(path, json=body, headers={"Idempotency-Key": key})
+            if response.status_code != 503:
+                return response
+            await trio.sleep(float(response.headers.get("Retry-After", "1")))
+
+
 async def owner_of(db: Database, chat_id: str) -> str:
     owner: str = await db.fetchval(
         "SELECT l.worker_id FROM chats c JOIN shard_leases l ON l.shard = c.shard WHERE c.id = $1",
@@ -120,20 +132,25 @@ async def owner_of(db: Database, chat_id: str) -> str:
     return owner
 
 
-async def test_watch_and_inbox_on_worker_b_see_chats_running_on_worker_a(
+async def test_watch_and_inbox_on_one_worker_see_chats_running_on_the_other(
     db: Database, database_url: str, home: Path, llm: FakeLLM
 ) -> None:
+    """Sockets on both workers; the assertions read those of the worker not running the chat
+    (whichever placement chose)."""
     token = await token_of(db, "alice")
     async with (
         two_workers(database_url, home) as (a, b),
         client(a, token) as on_a,
-        websocket(b, "/api/v1/chats/watch", token) as watch,
-        websocket(b, "/api/v1/notifications/inbox/watch", token) as inbox,
+        websocket(a, "/api/v1/chats/watch", token) as watch_a,
+        websocket(b, "/api/v1/chats/watch", token) as watch_b,
+        websocket(a, "/api/v1/notifications/inbox/watch", token) as inbox_a,
+        websocket(b, "/api/v1/notifications/inbox/watch", token) as inbox_b,
     ):
-        created = await on_a.post("/api/v1/chats", json={"text": f"hi {QUICK}", "title": "t"})
+        created = await post(on_a, "/api/v1/chats", {"text": f"hi {QUICK}", "title": "t"})
         assert created.status_code == 201, created.text
         chat_id = created.json()["id"]
-        assert await owner_of(db, chat_id) == "worker-a"  # runs on A, watched on B
+        runs_on_a = await owner_of(db, chat_id) == "worker-a"
+        watch, inbox = (watch_b, inbox_b) if runs_on_a else (watch_a, inbox_a)
         seen = await frames_until(watch, status_of(chat_id, "waiting"))
         assert seen[0] == {
             "kind": "created",
@@ -145,7 +162,7 @@ async def test_watch_and_inbox_on_worker_b_see_chats_running_on_worker_a(
         notes = await frames_until(inbox, lambda got: len(got) >= 1)
         assert [(n["type"], n["chat_id"]) for n in notes] == [("notification", chat_id)]
         # The next turn too: running, then waiting, and its notification.
-        sent = await on_a.post(f"/api/v1/chats/{chat_id}/messages", json={"text": f"{QUICK} 2"})
+        sent = await post(on_a, f"/api/v1/chats/{chat_id}/messages", {"text": f"{QUICK} 2"})
         assert sent.status_code == 202, sent.text
         seen = await frames_until(watch, status_of(chat_id, "waiting"))
         assert [f["status"] for f in seen if f["kind"] == "status_change"] == [
@@ -156,9 +173,10 @@ async def test_watch_and_inbox_on_worker_b_see_chats_running_on_worker_a(
         assert [n["chat_id"] for n in notes] == [chat_id]
 
 
-async def test_a_provider_change_made_through_worker_b_is_used_by_worker_a_next_turn(
+async def test_a_provider_change_made_through_one_worker_is_used_by_the_others_next_turn(
     db: Database, database_url: str, home: Path, llm: FakeLLM
 ) -> None:
+    """The change is made through the worker that does not run the chat."""
     token = await token_of(db, "alice")
     admin = await token_of(db, "root", is_admin=True)
     (provider,) = await providers.list_providers(db)
@@ -166,19 +184,21 @@ async def test_a_provider_change_made_through_worker_b_is_used_by_worker_a_next_
         open_fake_llm() as moved_to,
         two_workers(database_url, home) as (a, b),
         client(a, token) as on_a,
+        client(a, admin) as admin_on_a,
         client(b, admin) as admin_on_b,
         websocket(a, "/api/v1/chats/watch", token) as watch,
     ):
-        created = await on_a.post("/api/v1/chats", json={"text": f"hi {QUICK}"})
+        created = await post(on_a, "/api/v1/chats", {"text": f"hi {QUICK}"})
         assert created.status_code == 201, created.text
         chat_id = created.json()["id"]
         await frames_until(watch, status_of(chat_id, "waiting"))
-        assert llm.request_count == 1  # A's cache holds the provider now, for an hour
-        changed = await admin_on_b.patch(
+        assert llm.request_count == 1  # its worker caches the provider now, for an hour
+        elsewhere = admin_on_b if await owner_of(db, chat_id) == "worker-a" else admin_on_a
+        changed = await elsewhere.patch(
             f"/api/v1/providers/{provider.id}", json={"base_url": f"{moved_to.url}/v1"}
         )
         assert changed.status_code == 200, changed.text
-        sent = await on_a.post(f"/api/v1/chats/{chat_id}/messages", json={"text": f"{QUICK} 2"})
+        sent = await post(on_a, f"/api/v1/chats/{chat_id}/messages", {"text": f"{QUICK} 2"})
         assert sent.status_code == 202, sent.text
         await frames_until(watch, status_of(chat_id, "waiting"))
         assert (llm.request_count, moved_to.request_count) == (1, 1)

@@ -430,3 +430,37 @@ async def test_apply_invalidation_takes_names_and_text_keys(
         cache.apply_invalidation("provider", None)
     with pytest.raises(ValueError, match="unknown invalidation kind"):
         cache.apply_invalidation("chat", uuid4())  # type: ignore[arg-type]
+
+
+async def test_model_configs_and_tokens_invalidations_by_name(
+    db: Database, mock_clock: trio.testing.MockClock
+) -> None:
+    """What other workers announce beside single keys: every model config, every token."""
+    _provider, config, user = await _setup(db)
+    cache = ConfigCache(db, ttl_s=TTL_S)
+    forgotten: list[str] = []
+    cache.on_tokens_revoked(lambda: forgotten.append("tokens"))
+    await _turn(cache, user.id)
+    await cache.model_config(config.id)
+    assert len(cache.model_configs) == 2
+
+    cache.apply_invalidation("model_configs", None)
+    assert (len(cache.model_configs), len(cache.providers)) == (0, 1)
+    cache.apply_invalidation("tokens", None)
+    assert forgotten == ["tokens"]
+    cache.apply_invalidation("all", None)  # lost notifications: the tokens too
+    assert forgotten == ["tokens", "tokens"]
+    assert len(cache.providers) == 0
+
+
+async def test_a_cache_without_a_worker_announces_nothing(
+    db: Database, mock_clock: trio.testing.MockClock
+) -> None:
+    provider, _config, user = await _setup(db)
+    cache = ConfigCache(db, ttl_s=TTL_S)
+    statements = db.stats.statements
+    cache.invalidate_provider(provider.id)
+    cache.invalidate_user_prompt(user.id)
+    cache.tokens_revoked()
+    await cache.announce()
+    assert (db.stats.statements, cache.announced) == (statements, 0)

@@ -228,6 +228,10 @@ class ConfigCache:
         self._worker_id = worker_id
         self._retry_delay_s = retry_delay_s
         self._unannounced: list[str] = []
+        self._announcements = 0  # sequence of this worker's announcements
+        self._echoed = 0  # the last of them heard back by this worker's own listener
+        self._echo = trio.Event()
+        self._listening = False
         # Called when another worker revoked a token (or notifications were lost): the token
         # cache of the edge registers its invalidate_all (``on_tokens_revoked``).
         self._token_hooks: list[Callable[[], None]] = []
@@ -313,16 +317,21 @@ class ConfigCache:
     async def announce(self) -> None:
         """Send the invalidations made here since the last call to the other workers.
 
-        Returns once the NOTIFY is committed, so another worker's listener has it before the
-        caller answers its client. A database outage is logged, not raised (the write it
-        follows is done): the other workers then see the change after at most the TTL.
+        Returns once the NOTIFY came back to this worker's own listener (within
+        ``retry_delay_s``): PostgreSQL hands a notification to every listener at once, so the
+        other workers have it too before the caller answers its client, and a client's next
+        request, wherever it goes, finds the cache entry gone. A database outage is logged, not
+        raised (the write it follows is done): the other workers then see the change after at
+        most the TTL.
         """
         items, self._unannounced = self._unannounced, []
         if not items:
             return
+        self._announcements += 1
+        seq = self._announcements
         payloads = [
             msgspec.json.encode(
-                {"w": self._worker_id, "i": items[at : at + _ITEMS_PER_PAYLOAD]}
+                {"w": self._worker_id, "s": seq, "i": items[at : at + _ITEMS_PER_PAYLOAD]}
             ).decode()
             for at in range(0, len(items), _ITEMS_PER_PAYLOAD)
         ]
@@ -342,6 +351,10 @@ class ConfigCache:
             )
             return
         self.announced += len(items)
+        if self._listening:
+            with trio.move_on_after(self._retry_delay_s):
+                while self._echoed < seq:
+                    await self._echo.wait()
 
     async def follow(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -356,6 +369,7 @@ class ConfigCache:
         while True:
             try:
                 async with self._db.listen(CONFIG_CHANNEL) as events:
+                    self._listening = True
                     if started:
                         self.apply_invalidation("all", None)
                     else:
@@ -371,6 +385,8 @@ class ConfigCache:
                 if not (isinstance(exc, DatabaseUnavailable) or is_unavailable(exc)):
                     raise
                 log.warning("config listener lost the database (%s)", exc)
+            finally:
+                self._listening = False
             if not started:
                 task_status.started()
                 started = True
@@ -383,7 +399,14 @@ class ConfigCache:
         except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
             log.warning("ignored a malformed config notification: %.200r", payload)
             return
-        if origin == self._worker_id or not isinstance(items, list):
+        if origin == self._worker_id:
+            seq = message.get("s")
+            if isinstance(seq, int):
+                self._echoed = max(self._echoed, seq)
+                self._echo.set()
+                self._echo = trio.Event()
+            return
+        if not isinstance(items, list):
             return
         for item in items:
             kind, _, key = str(item).partition(":")

@@ -188,3 +188,24 @@ def test_sizes_are_checked() -> None:
         UserFeed[str](queue_size=0, slow_consumer_timeout_s=1.0)
     with pytest.raises(ValueError, match="slow_consumer_timeout_s"):
         UserFeed[str](queue_size=1, slow_consumer_timeout_s=0.0)
+
+
+async def test_published_items_go_to_the_relay_after_local_delivery_and_delivered_ones_do_not() -> (
+    None
+):
+    items = feed()
+    alice, bob = uuid4(), uuid4()
+    relayed: list[tuple[UUID, str, list[str]]] = []
+    async with items.subscribe(alice) as sub:
+        # The relay sees the item already queued for local subscribers.
+        items.relay = lambda user, item: relayed.append((user, item, list(sub._queue)))
+        assert (items.is_watched(alice), items.is_watched(bob)) == (True, False)
+        assert items.watched() == [alice]
+        items.publish(alice, "here")
+        items.publish(bob, "unwatched here")
+        items.deliver(alice, "from another worker")
+        with trio.fail_after(DEADLINE_S):
+            assert await anext(sub) == ["here", "from another worker"]
+    assert relayed == [(alice, "here", ["here"]), (bob, "unwatched here", ["here"])]
+    assert (items.stats.published, items.stats.received) == (2, 1)
+    assert not items.is_watched(alice)

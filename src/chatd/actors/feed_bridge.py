@@ -289,19 +289,18 @@ class FeedBridge:
         of oversized watch events and the inbox notifications, of the users watched here."""
         refs: list[UUID] = []
         inbox_ids: list[UUID] = []
-        watching = set(self._watch.watched())
-        reading = set(self._inbox.watched())
         for item in items:
             try:
                 user_id = UUID(item["u"])
-                if "e" in item:
-                    event = msgspec.convert(item["e"], _KINDS[item["t"]])
-                    self._watch.deliver(user_id, event)
+                if "n" in item:
+                    if self._inbox.is_watched(user_id):
+                        inbox_ids.append(UUID(item["n"]))
+                elif not self._watch.is_watched(user_id):
+                    pass  # nobody here to tell: not even decoded
+                elif "e" in item:
+                    self._watch.deliver(user_id, msgspec.convert(item["e"], _KINDS[item["t"]]))
                 elif "c" in item:
-                    if user_id in watching:
-                        refs.append(UUID(item["c"]))
-                elif "n" in item and user_id in reading:
-                    inbox_ids.append(UUID(item["n"]))
+                    refs.append(UUID(item["c"]))
             except (KeyError, ValueError, TypeError, msgspec.ValidationError):
                 log.warning("ignored a malformed feed item: %.200r", item)
         return refs, inbox_ids

@@ -68,6 +68,10 @@ class UserFeed(Generic[T]):
         """Users with at least one subscriber."""
         return len(self._subscribers)
 
+    def is_watched(self, user_id: UUID) -> bool:
+        """Whether the user has a subscriber here."""
+        return user_id in self._subscribers
+
     def watched(self) -> list[UUID]:
         """The users with at least one subscriber here."""
         return list(self._subscribers)

@@ -205,11 +205,12 @@ class FeedBridge:
                 # Whatever failed, a hint that could not be sent never stops the worker.
                 self.stats.send_failures += 1
                 oldest = since if since is not None else time.time()
+                first = self._lost_since is None  # of this outage: said once, not every retry
                 self._lost_since = min(oldest, self._lost_since or oldest)
-                if isinstance(exc, DatabaseUnavailable):
-                    log.warning("could not relay feed events to other workers: %s", exc)
-                else:
+                if not isinstance(exc, DatabaseUnavailable):
                     log.exception("could not relay feed events to other workers")
+                elif first:
+                    log.warning("could not relay feed events to other workers: %s", exc)
                 await trio.sleep(self._retry_delay_s)
                 self._wakeup.set()
                 continue

@@ -19,6 +19,7 @@ from uuid import UUID
 import msgspec
 
 from chatd.store import prompts, users
+from chatd.store.errors import NotFound
 from chatd.store.records import ApiToken
 from chatd.web.decode import check_length, parse_uuid
 from chatd.web.routing import ApiRoutes, Call
@@ -88,11 +89,17 @@ async def list_tokens(call: Call[None]) -> TokenList:
 )
 async def revoke_token(call: Call[None], token_id: str) -> None:
     ident = parse_uuid("token_id", token_id)
+    config = call.services.engine.config
     try:
         await call.services.tokens.revoke(ident, user_id=call.user.id)
-    finally:
-        call.services.engine.config.tokens_revoked()
-        await call.services.engine.config.announce()
+    except NotFound:
+        raise  # nothing was revoked: nothing to tell the other workers
+    except BaseException:
+        config.tokens_revoked()  # the revocation may have committed all the same
+        await config.announce()
+        raise
+    config.tokens_revoked()
+    await config.announce()
 
 
 @routes.http(

@@ -158,9 +158,7 @@ async def every_route_through(world: WorkersWorld, *, entry: Worker, creator: Wo
     ):
         # A long answer (20 s unless stopped), streamed to the entry's subscriber.
         first = turn("first", chunks=400, chunk_interval_ms=50)
-        created = acked(await maker.create_chat(first), 201)
-        chat_id = created.chat_id
-        assert chat_id is not None
+        chat_id = await create_owned_elsewhere(world, maker, entry, first)
         owner = await world.owner_of(chat_id)
         print(f"{where}: chat {chat_id} owned by {owner}")
         # The watch on one worker sees a chat created on another.
@@ -211,9 +209,9 @@ async def every_route_through(world: WorkersWorld, *, entry: Worker, creator: Wo
 
         # Dynamic tools: the call made on the owner, answered through the entry.
         tool_text = turn("tool", tool_calls=[{"name": "lookup", "arguments": {"word": "kiwi"}}])
-        tool_chat = acked(await maker.create_chat(tool_text, dynamic_tools=[LOOKUP]), 201)
-        tool_id = tool_chat.chat_id
-        assert tool_id is not None
+        tool_id = await create_owned_elsewhere(
+            world, maker, entry, tool_text, dynamic_tools=[LOOKUP]
+        )
         required = await watch.until(
             lambda e: e.get("kind") == "action_required" and e["chat_id"] == tool_id
         )
@@ -235,6 +233,22 @@ async def every_route_through(world: WorkersWorld, *, entry: Worker, creator: Wo
         )
         tool_history = await api.history(tool_id)
         assert roles(tool_history) == ["user", "assistant", "tool", "assistant"], where
+
+
+async def create_owned_elsewhere(
+    world: WorkersWorld, maker: NodeClient, entry: Worker, text: str, **fields: Any
+) -> str:
+    """A chat created through ``maker`` whose shard ``entry`` does not own, so that driving
+    it through ``entry`` takes forwarding and relay (a chat created on ``entry``'s own shard
+    instead is stopped and left aside; with a create that picks a local shard, the first one
+    does)."""
+    for _attempt in range(8):
+        created = acked(await maker.create_chat(text, **fields), 201)
+        assert created.chat_id is not None
+        if await world.owner_of(created.chat_id) != entry.worker_id:
+            return created.chat_id
+        acked(await maker.interrupt(created.chat_id), 204)
+    raise AssertionError(f"every chat created through {maker.name} was owned by {entry.worker_id}")
 
 
 async def _pending_calls(api: NodeClient, chat_id: str) -> list[dict[str, Any]]:
@@ -307,10 +321,16 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
     assert len(doomed) >= 3, f"the victim owns too few chats: {owners}"
     main = doomed[0]
 
+    # One client streams the main chat from its owner (and resumes on the survivor after the
+    # kill); another from the survivor all along, relayed from the owner until it dies, then
+    # served by the new owner.
     stream = world.stream(victim, main)
+    relayed = world.stream(survivor, main)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.run)
+        nursery.start_soon(relayed.run)
         await settle(via_survivor, stream, deadline_s=DEADLINE_S)
+        await settle(via_survivor, relayed, deadline_s=DEADLINE_S)
 
         # Before the kill: messages acknowledged through both workers, to every chat.
         async def two_sends(chat_id: str) -> None:
@@ -327,6 +347,12 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
         acked(await via_survivor.send(main, slow), 202)
         await world.wait_for_request(tag_of(slow))
         await parts_after(stream, len(stream.all_events()), 3)
+        hv, ga = stream.cursor.history_version, stream.cursor.generation_attempt
+        assert hv is not None
+        assert ga is not None
+        slow_episode = (hv, ga)
+        with trio.fail_after(DEADLINE_S):  # the relayed stream is mid-answer too
+            await relayed.changes.wait_until(lambda: relayed.parts_seen(hv, ga) >= 3)
         behind = turn("behind", chunks=2)
         queued = acked(await via_survivor.send(main, behind), 202)
         assert queued.reply["queued"] is True
@@ -361,7 +387,9 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
         await settle(via_survivor, stream, deadline_s=DEADLINE_S)
         for chat_id in chat_ids:
             await world.wait_for_status(chat_id, "waiting", "requires_action", "error")
+        await settle(via_survivor, relayed, deadline_s=DEADLINE_S)
         stream.stop()
+        relayed.stop()
 
     print(
         f"kill -9 of {victim.worker_id}: regenerated answer asked for after {resumed_s:.2f} s,"
@@ -393,7 +421,9 @@ async def killed_mid_answer(world: WorkersWorld) -> None:
     later = [c for c in stream.connections if c.opened_at >= killed_at]
     assert later, "the stream never reconnected after the kill"
     assert later[0].cursor.part_seq >= 3, later[0].cursor
-    report = check(world.ops, records, [stream], complete=[stream])
+    assert relayed.parts_seen(*slow_episode) >= 3, "the relayed stream got no part of the answer"
+    assert relayed.connections[0].opened_at < killed_at
+    report = check(world.ops, records, [stream, relayed], complete=[stream, relayed])
     assert report.ok, report.summary()
 
 

@@ -633,7 +633,7 @@ async def join_under_load(world: WorkersWorld) -> None:
         joined_at = trio.current_time()
         newcomer = await world.add_worker()
         split = await world.wait_for_even_split(world.live, within_s=DEADLINE_S)
-        split_s = trio.current_time() - joined_at
+        split_s = trio.current_time() - newcomer.ready_at
         at_split = done_per_chat()
         await until(
             lambda: all(done_per_chat()[c] >= at_split[c] + 3 for c in chat_ids),
@@ -644,7 +644,8 @@ async def join_under_load(world: WorkersWorld) -> None:
     all_turns = [op for ops in turns.values() for _, op in ops]
     through_newcomer = sum(1 for ops in turns.values() for w, _ in ops if w == newcomer.worker_id)
     print(
-        f"{newcomer.worker_id} joined: split {split} after {split_s:.2f} s;"
+        f"{newcomer.worker_id} joined (serving {newcomer.ready_at - joined_at:.2f} s after its"
+        f" start): split {split} {split_s:.2f} s after it served;"
         f" {len(all_turns)} turns, {through_newcomer} through it,"
         f" {sum(len(op.attempts) - 1 for op in all_turns)} retried attempts"
     )

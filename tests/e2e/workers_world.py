@@ -505,10 +505,6 @@ class Feed:
                 f"no matching event within {within_s:g} s; got {self.seen[-10:]}"
             ) from None
 
-    def rewind(self) -> None:
-        """Look again at every event received so far."""
-        self._read = 0
-
 
 @contextlib.asynccontextmanager
 async def open_feed(worker: Worker, token: str, path: str) -> AsyncIterator[Feed]:

@@ -305,7 +305,7 @@ async def _checks(
             events = await _stream_until_answer(
                 url_of(survivor), chat_id, token, on_part=first_part.set
             )
-        recovered_s = time.monotonic() - killed_at[0]
+        answered_s = time.monotonic() - killed_at[0]
         kinds = [e["type"] for e in events]
         if "preview_reset" not in kinds:
             raise CheckFailed(f"3. no preview_reset after the owner died: {kinds[:20]}")
@@ -316,10 +316,17 @@ async def _checks(
         roles = [r["role"] for r in rows]
         if roles != ["user", "assistant"]:
             raise CheckFailed(f"3. history after the failover is {roles}, not user + assistant")
+        reset = next(e for e in events if e["type"] == "preview_reset")
+        resumed = next(e for e in events[events.index(reset) :] if e["type"] == "message_part")
+        since_kill = {
+            name: float(str(event["_at"])) - killed_at[0]
+            for name, event in (("reset", reset), ("resumed", resumed))
+        }
         print(
-            f"3. killed {owner_ns} (owner) mid-answer: the stream on {survivor} got preview_reset"
-            f" and the regenerated answer {recovered_s:.1f} s after the kill (lease {LEASE_TTL_S:g}"
-            " s); history: user, assistant"
+            f"3. killed {owner_ns} (owner) mid-answer (lease {LEASE_TTL_S:g} s): the stream on"
+            f" {survivor} got preview_reset {since_kill['reset']:.1f} s after the kill, the"
+            f" regenerated answer's first part at {since_kill['resumed']:.1f} s, its end at"
+            f" {answered_s:.1f} s; history: user, assistant"
         )
 
 
@@ -335,7 +342,8 @@ def _namespace_of(worker_id: str, work: Path) -> str:
 async def _stream_until_answer(
     base: str, chat_id: str, token: str, on_part: object = None
 ) -> list[dict[str, object]]:
-    """The chat's events from the start until its assistant message is committed."""
+    """The chat's events from the start until its assistant message is committed, each with
+    ``_at``, the monotonic time it arrived."""
     url = base.replace("http://", "ws://") + f"/api/v1/chats/{chat_id}/stream"
     events: list[dict[str, object]] = []
     with trio.fail_after(STEP_TIMEOUT_S):
@@ -346,6 +354,7 @@ async def _stream_until_answer(
                 frame = json.loads(await ws.get_message())
                 batch = frame if isinstance(frame, list) else [frame]
                 for event in batch:
+                    event["_at"] = time.monotonic()
                     events.append(event)
                     if event["type"] == "message_part" and callable(on_part):
                         on_part()

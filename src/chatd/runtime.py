@@ -22,6 +22,7 @@ from chatd.store.embedded import EmbeddedPostgres
 from chatd.store.leases import reclaim_leases
 from chatd.store.migrate import migrate
 from chatd.web.app import create_app
+from chatd.web.link import open_link
 from chatd.web.server import serve
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,15 @@ async def _serve_as(
         demo_model: contextlib.AbstractAsyncContextManager[DemoModel | None] = (
             open_demo_model(db, os.environ) if demo else contextlib.nullcontext()
         )
+        # The internal link listens before the engine starts (its URL goes with the worker's
+        # row) and stops after it (peers asking meanwhile are told NotOwner).
         async with (
             demo_model as model,
-            open_engine(db, options) as engine,
+            open_link(settings, db, worker_id) as link,
+            open_engine(db, link.engine_options(options), peers=link.client) as engine,
             trio.open_nursery() as nursery,
         ):
+            link.attach(engine)
             app = create_app(settings, db, engine)
             urls: list[str] = await nursery.start(
                 lambda task_status: serve(

@@ -17,7 +17,7 @@ from chatd.actors.feed_bridge import FeedBridge
 from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog
-from chatd.actors.router import Router
+from chatd.actors.router import PeerLink, Router
 from chatd.actors.supervisor import Supervisor
 from chatd.config import Settings
 from chatd.domain.chat_state import ChatPolicy
@@ -121,7 +121,11 @@ class Engine:
 
 
 @contextlib.asynccontextmanager
-async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Engine]:
+async def open_engine(
+    db: Database, options: EngineOptions, *, peers: PeerLink | None = None
+) -> AsyncIterator[Engine]:
+    """The engine of one worker; ``peers`` (the internal link's client) reaches the chats of
+    shards held by other workers."""
     hub = ChatHub(
         db,
         subscriber_queue_size=options.subscriber_queue_size,
@@ -197,7 +201,7 @@ async def open_engine(db: Database, options: EngineOptions) -> AsyncIterator[Eng
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.run)
                 yield Engine(
-                    Router(supervisor),
+                    Router(supervisor, peers=peers),
                     hub,
                     supervisor,
                     models,

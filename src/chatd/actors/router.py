@@ -1,8 +1,10 @@
 """The Router: the edge's only way to reach a chat's actor.
 
-Today every chat is served by this process's Supervisor (which answers ``NotOwner`` for shards it
-does not hold). The ``PeerLink`` seam is where forwarding to the owning peer process plugs in
-later, without the edge changing.
+A chat whose shard this worker serves goes to the local Supervisor; any other goes to the
+``PeerLink``, which forwards it to the shard's owner over the internal link
+(``chatd.web.link_client``) and returns its reply or raises its refusal unchanged. Without
+peers (a single process, tests), the Supervisor's ``NotOwner`` answers for the shards it does
+not hold.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from chatd.actors.supervisor import Supervisor
 
 
 class PeerLink(Protocol):
-    """Delivers to the process that owns a chat's shard (a later issue implements it)."""
+    """Delivers to the worker that owns a chat's shard (``chatd.web.link_client.LinkClient``)."""
 
     async def ask(self, chat_id: UUID, message: object, *, timeout_s: float | None) -> object: ...
 
@@ -24,7 +26,7 @@ class PeerLink(Protocol):
 class Router:
     def __init__(self, supervisor: Supervisor, *, peers: PeerLink | None = None) -> None:
         self._local = supervisor
-        self._peers = peers
+        self.peers = peers
 
     async def ask(
         self, chat_id: UUID, message: object, *, timeout_s: float | None = None
@@ -35,13 +37,13 @@ class Router:
         ``NotOwner`` (no owner reachable from here), ``MailboxFull``, ``ActorDead`` (retryable),
         ``AskTimeout`` (after ``timeout_s``, default the Supervisor's ask timeout).
         """
-        if self._peers is not None and not self._local.owns(chat_id):
-            return await self._peers.ask(chat_id, message, timeout_s=timeout_s)
+        if self.peers is not None and not self._local.owns(chat_id):
+            return await self.peers.ask(chat_id, message, timeout_s=timeout_s)
         return await self._local.ask(chat_id, message, timeout_s=timeout_s)
 
     def tell(self, chat_id: UUID, message: object) -> None:
         """Deliver without a reply; raises at once when the message cannot be queued."""
-        if self._peers is not None and not self._local.owns(chat_id):
-            self._peers.tell(chat_id, message)
+        if self.peers is not None and not self._local.owns(chat_id):
+            self.peers.tell(chat_id, message)
             return
         self._local.tell(chat_id, message)

@@ -180,6 +180,7 @@ COLUMNS = (
     "turn p99",
     "errors",
     "server CPU ms/turn",
+    "machine CPU ms/turn (busy %)",
     "DB tx/turn",
     "peak RSS MiB",
 )
@@ -204,9 +205,17 @@ def table_row(result: Result) -> list[str]:
         _ms(_phase(result, "turn", "p99_ms")),
         _errors_cell(result),
         _num(_server(result, "cpu_ms_per_turn"), 1),
+        _machine_cell(run),
         _num(_server(result, "db_transactions_per_turn"), 2),
         _num(None if peak is None else peak / 2**20, 0),
     ]
+
+
+def _machine_cell(run: dict[str, Any]) -> str:
+    per_turn, busy = run.get("machine_cpu_ms_per_turn"), run.get("machine_busy_pct")
+    if per_turn is None:
+        return NA
+    return _num(per_turn, 1) + ("" if busy is None else f" ({busy:.0f}%)")
 
 
 def machine_line(machine: dict[str, Any]) -> str:
@@ -258,7 +267,9 @@ def markdown(results: Sequence[Result], machine: dict[str, Any] | None) -> str:
             "when the last ended; the open-loop run starts turns at a fixed rate. *workers*: "
             "`chatd serve --workers N`, the clients spread over them by the kernel. Server CPU "
             "per turn is that of every server process (all workers, the whole run, setup "
-            "included) over the turns; the other server figures come from one worker's "
+            "included) over the turns; machine CPU per turn is that of every process on the "
+            "machine (server, driver, fake LLM, PostgreSQL) over the driver's run, and *busy* "
+            "its share of all cores; the other server figures come from one worker's "
             "`/metrics` (n/a when it was not served)."
         ),
         "",
@@ -324,6 +335,9 @@ def progress_line(result: Result, elapsed_s: float) -> str:
     ]
     if cpu is not None:
         parts.append(f"server CPU {cpu:.1f} ms/turn")
+    busy = result.get("sweep", {}).get("machine_busy_pct")
+    if busy is not None:
+        parts.append(f"machine {busy:.0f}% busy")
     turns = result["turns"]
     if turns["completed"] < turns["planned"]:
         parts.append(f"{turns['completed']:,}/{turns['planned']:,} turns done")

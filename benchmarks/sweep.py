@@ -307,7 +307,7 @@ def run_one(
             if options.ramp_s:
                 driver_argv += ["--ramp-s", f"{options.ramp_s:g}"]
             driver_log = logs / f"{name}.driver.log"
-            cpu_before = tree_cpu_s(server.pid)
+            cpu_before, machine_before = tree_cpu_s(server.pid), machine_cpu_s()
             code = run_driver(
                 driver_argv,
                 {**env, "CHATD_TOKEN": token},
@@ -315,6 +315,7 @@ def run_one(
                 options.timeout_s + DRIVER_GRACE_S,
             )
             server_cpu_s = tree_cpu_s(server.pid) - cpu_before
+            machine_after = machine_cpu_s()
             died = server.poll()  # before stopping it: a server that died under load is news
         summary: Result | None = json.loads(output.read_text()) if output.is_file() else None
         if died is not None:
@@ -331,6 +332,14 @@ def run_one(
             summary["server_tree"] = {
                 "cpu_s": round(server_cpu_s, 3),
                 "cpu_ms_per_turn": round(server_cpu_s * 1000 / turns, 2),
+            }
+            busy_s, all_s = (
+                after - before for after, before in zip(machine_after, machine_before, strict=True)
+            )
+            summary["machine_load"] = {
+                # Every process of the machine: server, driver, fake LLM and PostgreSQL.
+                "busy_pct": round(100 * busy_s / all_s, 1) if all_s else None,
+                "cpu_ms_per_turn": round(busy_s * 1000 / turns, 2),
             }
         return summary, code
 
@@ -350,6 +359,16 @@ def tree_cpu_s(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores, from /proc/stat: the
+    busy share of a run says whether the machine, not the server, was the limit."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    idle = fields[3] + fields[4]
+    return (total - idle) / tick, total / tick
 
 
 def record(
@@ -376,6 +395,8 @@ def record(
         "elapsed_s": round(elapsed_s, 1),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_ms_per_turn": (result.get("server_tree") or {}).get("cpu_ms_per_turn"),
+        "machine_busy_pct": (result.get("machine_load") or {}).get("busy_pct"),
+        "machine_cpu_ms_per_turn": (result.get("machine_load") or {}).get("cpu_ms_per_turn"),
         "machine": machine,
     }
     return result

@@ -121,6 +121,7 @@ def test_table_has_one_row_per_run_in_order_with_the_machine() -> None:
         _result(RunSpec("sweep", 1, 100, 3)),
         {"sweep": _sweep(RunSpec("sweep", 1, 5000, 3), failure="chatd serve exited | boom")},
     ]
+    results[1]["sweep"] |= {"machine_cpu_ms_per_turn": 30.0, "machine_busy_pct": 97.4}
     machine = {
         "cpus": 2,
         "cpu_model": "AMD EPYC",
@@ -141,11 +142,11 @@ def test_table_has_one_row_per_run_in_order_with_the_machine() -> None:
     ]
     assert rows[3] == (
         "| sweep | 1 | 64 | 100 | 3 | 100.0 | 12.5 | 9.0 | 55.0 / 80.0 | 30.0 | 140 "
-        "| 7 (create 5, stream 2) | 21.3 | 2.00 | 300 |"
+        "| 7 (create 5, stream 2) | 21.3 | 30.0 (97%) | 2.00 | 300 |"
     )
     assert "**failed**: chatd serve exited \\| boom" in rows[2]
     assert rows[4].startswith("| open loop, 120/s | 1 | 64 | 5,000 | 1 |")
-    assert rows[1].endswith("| 0 | n/a | n/a | n/a |")  # no /metrics
+    assert rows[1].endswith("| 0 | n/a | n/a | n/a | n/a |")  # no /metrics, no machine load
 
 
 def test_empty_results_still_render() -> None:

@@ -79,7 +79,7 @@ class Settings:
     # handover_timeout_s (new commands meanwhile get 503 + Retry-After), then it is released.
     handover_timeout_s: float = 10.0
     # A relayed stream whose owner went away looks for the new owner this long before closing
-    # (1012, "try again"); the client may reconnect with its cursor.
+    # (1013, "try again later"); the client may reconnect with its cursor.
     relay_reconnect_timeout_s: float = 30.0
 
     # Chat actors.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
+from uuid import uuid4
 
 import httpx2
 import trio
@@ -123,9 +124,12 @@ class ChatdApi:
         retry: bool = True,
     ) -> dict[str, Any]:
         attempt = 1
+        # A command retried after a 503 may have been done the first time (a worker lost
+        # mid-command): its key makes the retry answer as done instead of doing it twice.
+        headers = {"Idempotency-Key": str(uuid4())} if retry and method == "POST" else None
         while True:
             try:
-                response = await self._http.request(method, path, json=body)
+                response = await self._http.request(method, path, json=body, headers=headers)
             except httpx2.HTTPError as exc:
                 raise RequestFailed(what, 0, f"{type(exc).__name__}: {exc}") from None
             if response.is_success:

@@ -1,0 +1,84 @@
+"""The load driver retries a refused command with the key that makes it done once."""
+
+from __future__ import annotations
+
+import functools
+
+import h11
+import pytest
+import trio
+
+from chatd.scaletest.api import ChatdApi
+
+
+class Server:
+    """A real HTTP/1.1 server on a loopback socket: 503 (Retry-After: 0) for the first
+    ``refusals`` requests, then 201; records each request's Idempotency-Key."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.keys: list[str | None] = []
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                headers = dict(event.headers)
+                key = headers.get(b"idempotency-key")
+                self.keys.append(None if key is None else key.decode())
+            elif isinstance(event, h11.EndOfMessage):
+                refused = len(self.keys) <= self.refusals
+                status, body = (503, b'{"error": {}}') if refused else (201, b'{"id": "c"}')
+                extra = [(b"retry-after", b"0")] if refused else []
+                head = [(b"content-type", b"application/json"), *extra]
+                head.append((b"content-length", str(len(body)).encode()))
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=head)))
+                await stream.send_all(conn.send(h11.Data(data=body)))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+
+
+async def _api(nursery: trio.Nursery, server: Server) -> ChatdApi:
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    return ChatdApi(f"http://127.0.0.1:{port}", "t", connections=2, timeout_s=10, max_attempts=3)
+
+
+async def test_a_retried_command_carries_the_same_idempotency_key() -> None:
+    server = Server(refusals=2)
+    async with trio.open_nursery() as nursery:
+        api = await _api(nursery, server)
+        with trio.fail_after(10):
+            await api.send_message("c", "hello")
+            await api.send_message("c", "again")
+        await api.aclose()
+        nursery.cancel_scope.cancel()
+    first, second = server.keys[:3], server.keys[3:]
+    assert len(set(first)) == 1
+    assert first[0] is not None
+    assert len(second) == 1
+    assert second[0] not in first
+    assert api.retries.http == 2
+
+
+async def test_a_command_still_refused_after_its_attempts_fails_in_words() -> None:
+    server = Server(refusals=5)
+    async with trio.open_nursery() as nursery:
+        api = await _api(nursery, server)
+        with trio.fail_after(10), pytest.raises(Exception, match="after 3 attempts"):
+            await api.send_message("c", "hello")
+        await api.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(server.keys) == 3
+    assert len(set(server.keys)) == 1

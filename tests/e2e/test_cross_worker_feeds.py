@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
-from chatd.runtime import register_default_model
 from chatd.store import providers, users
 from chatd.store.database import Database
 from tests.e2e.chatd_process import ServerProcess, chatd_server
@@ -35,20 +32,6 @@ pytestmark = pytest.mark.slow
 DEADLINE_S = 30.0
 QUICK = knobs_marker(chunks=1)
 HOUR_S = "3600"
-
-
-@pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def llm(db: Database) -> AsyncIterator[FakeLLM]:
-    async with open_fake_llm() as server:
-        await register_default_model(db, base_url=f"{server.url}/v1")
-        yield server
 
 
 @contextlib.asynccontextmanager

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-import tempfile
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -393,13 +391,6 @@ async def test_a_superseded_attempts_command_is_refused_whole_and_the_chat_goes_
     ]
     committed = await api.db.fetchval("SELECT committed FROM idempotency_keys WHERE key = 'late'")
     assert committed is True
-
-
-@pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow

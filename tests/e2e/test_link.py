@@ -26,8 +26,7 @@ import trio_websocket
 from trio_websocket import wrap_client_stream
 
 from chatd.domain.sharding import shard_of
-from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
-from chatd.runtime import register_default_model
+from chatd.providers.fake import FakeLLM, knobs_marker
 from chatd.store import cluster, users
 from chatd.store.database import Database
 from tests.e2e.chatd_process import ServerProcess, chatd_server
@@ -47,13 +46,6 @@ def homes() -> Iterator[tuple[Path, Path]]:
     yield paths[0], paths[1]
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def llm(db: Database) -> AsyncIterator[FakeLLM]:
-    async with open_fake_llm() as server:
-        await register_default_model(db, base_url=f"{server.url}/v1")
-        yield server
 
 
 @pytest.fixture

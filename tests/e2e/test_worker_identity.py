@@ -7,10 +7,7 @@ PostgreSQL, the fake provider in the test process, clients over real sockets.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,8 +18,7 @@ import trio
 from trio_websocket import wrap_client_stream
 
 from chatd.identity import IdentityError, claim_identity
-from chatd.providers.fake import FakeLLM, knobs_marker, open_fake_llm
-from chatd.runtime import register_default_model
+from chatd.providers.fake import FakeLLM, knobs_marker
 from chatd.store import users
 from chatd.store.database import Database
 from chatd.store.leases import list_leases
@@ -34,20 +30,6 @@ DEADLINE_S = 30.0
 # Long enough that waiting it out cannot pass for taking the leases back at once.
 LEASE_TTL_S = 30.0
 SHARDS = 4
-
-
-@pytest.fixture
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="chatd-home-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def llm(db: Database) -> AsyncIterator[FakeLLM]:
-    async with open_fake_llm() as server:
-        await register_default_model(db, base_url=f"{server.url}/v1")
-        yield server
 
 
 async def _token(db: Database) -> str:

@@ -11,7 +11,7 @@ from typing import Final
 from uuid import UUID
 
 from chatd.domain.chat_status import ChatStatus
-from chatd.store.database import Database
+from chatd.store.database import Database, Record
 from chatd.store.records import InboxNotification, inbox_notification_from_row
 
 FEEDS_CHANNEL: Final = "chatd_feeds"
@@ -53,17 +53,18 @@ async def chats_changed_since(
         list(owners),
         since,
     )
-    return [
-        ChangedChat(
-            row["id"],
-            row["owner_id"],
-            row["title"],
-            ChatStatus(row["status"]),
-            row["archived"],
-            row["created_at"],
-        )
-        for row in rows
-    ]
+    return [_changed_chat(row) for row in rows]
+
+
+def _changed_chat(row: Record) -> ChangedChat:
+    return ChangedChat(
+        row["id"],
+        row["owner_id"],
+        row["title"],
+        ChatStatus(row["status"]),
+        row["archived"],
+        row["created_at"],
+    )
 
 
 async def chats_by_id(db: Database, chat_ids: Sequence[UUID]) -> list[ChangedChat]:
@@ -72,17 +73,7 @@ async def chats_by_id(db: Database, chat_ids: Sequence[UUID]) -> list[ChangedCha
         " WHERE id = ANY($1::uuid[])",
         list(chat_ids),
     )
-    return [
-        ChangedChat(
-            row["id"],
-            row["owner_id"],
-            row["title"],
-            ChatStatus(row["status"]),
-            row["archived"],
-            row["created_at"],
-        )
-        for row in rows
-    ]
+    return [_changed_chat(row) for row in rows]
 
 
 async def notifications_by_id(db: Database, ids: Sequence[UUID]) -> list[InboxNotification]:

@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -32,12 +31,7 @@ class Link:
 
     def engine_options(self, options: EngineOptions) -> EngineOptions:
         """``options`` with this link's URL, which the Supervisor publishes in ``workers``."""
-        if "link_url" not in {f.name for f in dataclasses.fields(options)}:
-            return options  # an engine that does not publish it (yet)
-        changes: dict[str, Any] = {
-            "link_url": self.url
-        }  # by name: the field is newer than this code
-        return dataclasses.replace(options, **changes)
+        return dataclasses.replace(options, link_url=self.url)
 
 
 @contextlib.asynccontextmanager

@@ -487,7 +487,12 @@ class Sweep:
 
 
 def run_all(
-    specs: list[RunSpec], options: Options, *, open_loop: bool, max_rate: float | None
+    specs: list[RunSpec],
+    options: Options,
+    *,
+    open_loop: bool,
+    max_rate: float | None,
+    open_loop_workers: int = 1,
 ) -> bool:
     """Every configuration in order, then the open-loop run; True when none failed."""
     work = Path(tempfile.mkdtemp(prefix="chatd-sweep-"))
@@ -510,7 +515,7 @@ def run_all(
             for spec in specs:
                 sweep.run(spec)
             if open_loop:
-                sweep.run_open_loop(max_rate, max((s.workers for s in specs), default=1))
+                sweep.run_open_loop(max_rate, open_loop_workers)
     finally:
         shutil.rmtree(work / "pg", ignore_errors=True)
         ok = sweep is not None and sweep.failures == 0
@@ -631,7 +636,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--open-loop needs a closed-loop run at {DEFAULT_SHARDS} shards in {out_dir} "
             "(run the grid or --headline first, or with it) or --max-rate"
         )
-    ok = run_all(specs, options, open_loop=args.open_loop, max_rate=args.max_rate)
+    ok = run_all(
+        specs,
+        options,
+        open_loop=args.open_loop,
+        max_rate=args.max_rate,
+        open_loop_workers=max(args.workers),
+    )
     render(out_dir)
     return 0 if ok else 1
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.report import Result, series
+from benchmarks.report import Result, series, workers_series
 
 
 class ChartsUnavailable(RuntimeError):
@@ -18,7 +18,8 @@ class ChartsUnavailable(RuntimeError):
 def draw(
     results: Sequence[Result], out_dir: Path, first_chunk_delay_ms: float | None
 ) -> list[Path]:
-    """``turns_per_s.png`` and ``first_output_p99.png`` over concurrent chats (log scale)."""
+    """``turns_per_s.png`` and ``first_output_p99.png`` over concurrent chats (log scale), and
+    ``workers.png`` when a configuration ran with several worker counts."""
     try:
         import matplotlib  # noqa: PLC0415 - optional dependency, only for drawing
 
@@ -63,7 +64,37 @@ def draw(
         fig.savefig(path)
         return path
 
-    return [
+    def workers_chart(name: str) -> Path | None:
+        found = workers_series(results)
+        if found is None:
+            return None
+        what, points = found
+        fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
+        ax = fig.add_subplot()
+        labels = [str(p.workers) for p in points]
+        bars = ax.bar(labels, [p.turns_per_s for p in points], color="tab:blue", alpha=0.7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xlabel("worker processes (chatd serve --workers)")
+        ax.set_ylabel("turns/s", color="tab:blue")
+        ax.set_ylim(bottom=0)
+        cpu = ax.twinx()
+        for label, values, color in (
+            ("server CPU ms/turn", [p.server_cpu_ms_per_turn for p in points], "tab:orange"),
+            ("machine CPU ms/turn", [p.machine_cpu_ms_per_turn for p in points], "tab:red"),
+        ):
+            known = [v for v in values if v is not None]
+            if len(known) == len(values):
+                cpu.plot(labels, known, marker="o", color=color, label=label)
+        cpu.set_ylabel("CPU ms per turn")
+        cpu.set_ylim(bottom=0)
+        if cpu.get_lines():
+            cpu.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"Workers: {what}")
+        path = out_dir / name
+        fig.savefig(path)
+        return path
+
+    drawn = [
         chart("turns_per_s.png", "turns_per_s", "turns/s", "Throughput (closed loop)", None),
         chart(
             "first_output_p99.png",
@@ -73,3 +104,5 @@ def draw(
             first_chunk_delay_ms,
         ),
     ]
+    workers = workers_chart("workers.png")
+    return drawn if workers is None else [*drawn, workers]

@@ -316,6 +316,43 @@ def series(results: Iterable[Result], value: str) -> Series:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class WorkersPoint:
+    workers: int
+    turns_per_s: float
+    server_cpu_ms_per_turn: float | None
+    machine_cpu_ms_per_turn: float | None
+    machine_busy_pct: float | None
+
+
+def workers_series(results: Iterable[Result]) -> tuple[str, list[WorkersPoint]] | None:
+    """The grid runs that differ only in workers (the largest such group: most chats), with
+    a title saying what they share; None when no configuration ran with several worker
+    counts."""
+    groups: dict[tuple[int, int, int], dict[int, Result]] = {}
+    for r in results:
+        run = r.get("sweep", {})
+        if run.get("kind") != "sweep" or not completed(r):
+            continue
+        key = (run["chats"], run["turns"], run["shards"])
+        groups.setdefault(key, {})[run.get("workers", 1)] = r
+    several = {key: runs for key, runs in groups.items() if len(runs) > 1}
+    if not several:
+        return None
+    (chats, turns, shards), runs = max(several.items())
+    points = [
+        WorkersPoint(
+            workers,
+            float(r["turns_per_s"]),
+            _server(r, "cpu_ms_per_turn"),
+            r["sweep"].get("machine_cpu_ms_per_turn"),
+            r["sweep"].get("machine_busy_pct"),
+        )
+        for workers, r in sorted(runs.items())
+    ]
+    return f"{chats:,} chats x {turns} turns, {shards} shards, closed loop", points
+
+
 def progress_line(result: Result, elapsed_s: float) -> str:
     """The line printed as each configuration finishes."""
     failure = result.get("sweep", {}).get("failure")

@@ -15,6 +15,7 @@ from benchmarks.report import (
     progress_line,
     series,
     table_row,
+    workers_series,
 )
 
 
@@ -195,3 +196,23 @@ def test_the_workers_axis_names_runs_labels_lines_and_uses_the_whole_servers_cpu
     assert table_row(results[1])[1] == "2"
     assert table_row(results[1])[12] == "11.5"
     assert max_closed_loop_rate(results, workers=2) == 170.0
+
+
+def test_the_workers_chart_takes_the_largest_configuration_run_with_several_worker_counts() -> None:
+    results = [
+        _result(RunSpec("sweep", 64, 100, 3), turns_per_s=50.0),
+        _result(RunSpec("sweep", 64, 100, 3, workers=2), turns_per_s=60.0),
+        _result(RunSpec("sweep", 64, 1000, 3, workers=2), turns_per_s=95.0),
+        _result(RunSpec("sweep", 64, 1000, 3), turns_per_s=85.0),
+        _result(RunSpec("sweep", 64, 5000, 3), turns_per_s=70.0),  # one worker count only
+        _result(RunSpec("headline", 64, 5000, 10, workers=2)),
+    ]
+    results[2]["sweep"] |= {"machine_cpu_ms_per_turn": 29.0, "machine_busy_pct": 93.0}
+    found = workers_series(results)
+    assert found is not None
+    title, points = found
+    assert title == "1,000 chats x 3 turns, 64 shards, closed loop"
+    assert [(p.workers, p.turns_per_s) for p in points] == [(1, 85.0), (2, 95.0)]
+    assert (points[1].machine_cpu_ms_per_turn, points[1].machine_busy_pct) == (29.0, 93.0)
+    assert points[0].machine_cpu_ms_per_turn is None
+    assert workers_series(results[4:]) is None

@@ -15,8 +15,9 @@ class Server:
     """A real HTTP/1.1 server on a loopback socket: 503 (Retry-After: 0) for the first
     ``refusals`` requests, then 201; records each request's Idempotency-Key."""
 
-    def __init__(self, refusals: int) -> None:
+    def __init__(self, refusals: int, delay_s: float = 0.0) -> None:
         self.refusals = refusals
+        self.delay_s = delay_s
         self.keys: list[str | None] = []
 
     async def serve(self, stream: trio.SocketStream) -> None:
@@ -34,6 +35,7 @@ class Server:
                 key = headers.get(b"idempotency-key")
                 self.keys.append(None if key is None else key.decode())
             elif isinstance(event, h11.EndOfMessage):
+                await trio.sleep(self.delay_s)
                 refused = len(self.keys) <= self.refusals
                 status, body = (503, b'{"error": {}}') if refused else (201, b'{"id": "c"}')
                 extra = [(b"retry-after", b"0")] if refused else []
@@ -47,12 +49,20 @@ class Server:
                 return
 
 
-async def _api(nursery: trio.Nursery, server: Server) -> ChatdApi:
+async def _api(
+    nursery: trio.Nursery, server: Server, *, connections: int = 2, timeout_s: float = 10
+) -> ChatdApi:
     listeners = await nursery.start(
         functools.partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1")
     )
     port = listeners[0].socket.getsockname()[1]
-    return ChatdApi(f"http://127.0.0.1:{port}", "t", connections=2, timeout_s=10, max_attempts=3)
+    return ChatdApi(
+        f"http://127.0.0.1:{port}",
+        "t",
+        connections=connections,
+        timeout_s=timeout_s,
+        max_attempts=3,
+    )
 
 
 async def test_a_retried_command_carries_the_same_idempotency_key() -> None:
@@ -82,3 +92,18 @@ async def test_a_command_still_refused_after_its_attempts_fails_in_words() -> No
         nursery.cancel_scope.cancel()
     assert len(server.keys) == 3
     assert len(set(server.keys)) == 1
+
+
+async def test_requests_queued_for_a_connection_wait_without_timing_out() -> None:
+    # One connection, a slow server (0.2 s per answer), a 0.3 s timeout: the third request
+    # waits 0.4 s for the connection (the driver's own queue) and still succeeds.
+    server = Server(refusals=0, delay_s=0.2)
+    async with trio.open_nursery() as nursery:
+        api = await _api(nursery, server, connections=1, timeout_s=0.3)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as senders:
+                for i in range(3):
+                    senders.start_soon(api.send_message, "c", f"m{i}")
+        await api.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(server.keys) == 3

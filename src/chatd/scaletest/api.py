@@ -50,7 +50,10 @@ class ChatdApi:
             limits=httpx2.Limits(
                 max_connections=connections, max_keepalive_connections=connections
             ),
-            timeout=httpx2.Timeout(timeout_s),
+            # Thousands of simulated clients share these connections: waiting for a free one
+            # is the driver's own queue, not the server's slowness, and is bounded by the
+            # run's timeout; connecting, sending and reading each get timeout_s.
+            timeout=httpx2.Timeout(timeout_s, pool=None),
         )
         self._max_attempts = max_attempts
         self.retries = Retries()

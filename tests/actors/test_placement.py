@@ -20,6 +20,7 @@ import trio
 from chatd.actors.chat_actor import CreateChatRequest
 from chatd.actors.engine import EngineOptions, open_engine
 from chatd.actors.errors import NotOwner
+from chatd.actors.subscription import OwnerMoved
 from chatd.actors.supervisor import Supervisor
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.events import ChatEvent, MessagePart, PreviewReset, StatusChanged
@@ -418,39 +419,50 @@ async def test_a_model_answer_streaming_on_a_shard_handed_over_finishes_before_i
             await a.router.ask(chat_id, CreateChatRequest(owner.id, uuid4(), text))
             sup_a = a.supervisor
             seen: list[ChatEvent] = []
-            async with a.hub.subscribe(chat_id, None) as events:
-                with trio.fail_after(DEADLINE_S):
-                    async for batch in events:  # the answer streams
-                        seen.extend(batch)
-                        if any(isinstance(e, MessagePart) for e in batch):
-                            break
-                joined = trio.Event()
-                b_done = trio.Event()
+            moved: OwnerMoved | None = None
+            # The subscription outlives the answer, then ends with OwnerMoved once the shard
+            # left (at the edge, the client's stream goes on relayed from worker-b).
+            try:
+                async with a.hub.subscribe(chat_id, None) as events:
+                    with trio.fail_after(DEADLINE_S):
+                        async for batch in events:  # the answer streams
+                            seen.extend(batch)
+                            if any(isinstance(e, MessagePart) for e in batch):
+                                break
+                    joined = trio.Event()
+                    b_done = trio.Event()
 
-                async def worker_b() -> None:
-                    async with open_engine(db, replace(options, worker_id="worker-b")) as b:
-                        joined.set()
-                        with trio.fail_after(DEADLINE_S):
-                            await b.supervisor.wait_until(lambda: b.supervisor.owns(chat_id))
-                        await b_done.wait()
+                    async def worker_b() -> None:
+                        async with open_engine(db, replace(options, worker_id="worker-b")) as b:
+                            joined.set()
+                            with trio.fail_after(DEADLINE_S):
+                                await b.supervisor.wait_until(lambda: b.supervisor.owns(chat_id))
+                            await b_done.wait()
 
-                nursery.start_soon(worker_b)
-                with trio.fail_after(DEADLINE_S):
-                    await joined.wait()
-                    await sup_a.wait_until(lambda: 3 in sup_a.handing_over)
-                # The chat takes no new command here meanwhile (503 at the edge)...
-                with pytest.raises(NotOwner):
-                    await a.router.ask(chat_id, SetArchived(archived=True))
-                # ...while its answer streams on to the end and is committed here.
-                with trio.fail_after(DEADLINE_S):
-                    async for batch in events:
-                        seen.extend(batch)
-                        if any(
-                            isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING
-                            for e in batch
-                        ):
-                            break
-                    await sup_a.wait_until(lambda: 3 not in sup_a.fences)
+                    nursery.start_soon(worker_b)
+                    with trio.fail_after(DEADLINE_S):
+                        await joined.wait()
+                        await sup_a.wait_until(lambda: 3 in sup_a.handing_over)
+                    # The chat takes no new command here meanwhile (503 at the edge)...
+                    with pytest.raises(NotOwner):
+                        await a.router.ask(chat_id, SetArchived(archived=True))
+                    # ...while its answer streams on to the end and is committed here.
+                    with trio.fail_after(DEADLINE_S):
+                        async for batch in events:
+                            seen.extend(batch)
+                            if any(
+                                isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING
+                                for e in batch
+                            ):
+                                break
+                        await trio.sleep_forever()  # until the shard leaves
+            except OwnerMoved as exc:
+                moved = exc
+            assert moved is not None
+            assert 3 not in sup_a.fences
+            assert any(
+                isinstance(e, StatusChanged) and e.status is ChatStatus.WAITING for e in seen
+            )
             b_done.set()
         assert sup_a.stats.handover_timeouts == 0
         assert sup_a.stats.shards_handed_over == 2

@@ -44,8 +44,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# In parallel, one test process per core (at most 4), each with its own PostgreSQL: most of the
+# end-to-end tests wait on the processes they start. PYTEST_ARGS narrows or adds, e.g.
+# make pytest PYTEST_ARGS='-n 0 tests/unit' for one process.
+PYTEST_ARGS ?=
 pytest: $(STAMP) postgres
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
 # The sweep draws its charts with matplotlib, the optional `bench` extra.
 $(BENCH_STAMP): pyproject.toml | $(BIN)/python

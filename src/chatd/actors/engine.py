@@ -25,7 +25,6 @@ from chatd.domain.chat_status import ChatStatus
 from chatd.domain.failure_classifier import scrub_detail
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.retry_policy import RetryPolicy
-from chatd.domain.sharding import shard_of
 from chatd.domain.watch_events import ChatStatusChanged, WatchEvent
 from chatd.providers.base import Timeouts
 from chatd.store import chats
@@ -193,9 +192,8 @@ async def open_engine(
         handover_timeout_s=options.handover_timeout_s,
         # A stream of a chat that moved away ends with OwnerMoved; the web layer goes on
         # relaying it from the new owner at the client's cursor.
-        on_shards_lost=lambda shards: hub.disown(
-            shards, lambda chat_id: shard_of(chat_id, options.shard_count)
-        ),
+        # (Called once the supervisor runs, so the name below is bound by then.)
+        on_shards_lost=lambda shards: hub.disown(shards, supervisor.shard_of),
     )
     try:
         # The cross-worker tasks listen before the first chat runs, and stop after the last

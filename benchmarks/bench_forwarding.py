@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ import httpx2
 import trio
 import trio_websocket
 
+from benchmarks.bench_bridge import Latency
+from benchmarks.report import machine_line
 from benchmarks.sweep import (
     HOST,
     RunFailed,
@@ -70,28 +71,6 @@ _EVENT_KEY = ("type", "seq", "history_version", "generation_attempt", "status")
 class Worker:
     url: str
     worker_id: str
-
-
-@dataclass(frozen=True)
-class Latency:
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-
-    @classmethod
-    def of(cls, samples_s: list[float]) -> Latency:
-        ordered = sorted(samples_s)
-
-        def at(q: float) -> float:
-            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
-
-        return cls(at(0.50), at(0.99), statistics.fmean(ordered) * 1000)
-
-    def line(self, sign: str = "") -> str:
-        return (
-            f"p50 {sign}{self.p50_ms:6.2f} ms   p99 {sign}{self.p99_ms:6.2f} ms   "
-            f"mean {sign}{self.mean_ms:6.2f} ms"
-        )
 
 
 def worker_id_of(log: Path) -> str:
@@ -262,11 +241,11 @@ async def measure(
                 print(f"  to the owner      {at_owner.line()}")
                 print(f"  forwarded         {through.line()}")
                 extra = Latency(
+                    through.mean_ms - at_owner.mean_ms,
                     through.p50_ms - at_owner.p50_ms,
                     through.p99_ms - at_owner.p99_ms,
-                    through.mean_ms - at_owner.mean_ms,
                 )
-                print(f"  extra             {extra.line('+')}")
+                print(f"  extra             {extra.line()}")
 
             owner_http, _other_http, chat_id = chats[0]
             owner = next(w for w in workers if clients[w.worker_id] is owner_http)
@@ -276,7 +255,7 @@ async def measure(
                 f"relay ({args.turns} turns of {args.chunks} chunks, {args.chunk_interval_ms:g} ms "
                 f"apart; {len(gaps)} events, relayed minus direct arrival):"
             )
-            print(f"  extra             {Latency.of(gaps).line('+')}")
+            print(f"  extra             {Latency.of(gaps).line()}")
         finally:
             for client in clients.values():
                 await client.aclose()
@@ -297,11 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o711)  # PostgreSQL runs as the postgres user when this runs as root
     chatd = chatd_command()
     with EmbeddedPostgres(work / "pg", durable=False) as pg:
-        m = {**machine(), "postgresql": postgres_version(pg)}
-        print(
-            f"machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
-            f"Python {m['python']}, PostgreSQL {m['postgresql']} (embedded, fsync off)"
-        )
+        print(f"machine: {machine_line({**machine(), 'postgresql': postgres_version(pg)})}")
         url = pg.url_for("postgres")
         env = {**os.environ, "CHATD_DATABASE_URL": url, "CHATD_SHARD_COUNT": str(SHARDS)}
         token = admin_token(chatd, {**env, "CHATD_HOME": str(work / "h0")}, work / "token.log")

@@ -52,6 +52,7 @@ from benchmarks.report import (
     completed,
     grid,
     headline_spec,
+    machine_line,
     markdown,
     max_closed_loop_rate,
     open_loop_duration_s,
@@ -503,11 +504,7 @@ def run_all(
     try:
         with EmbeddedPostgres(work / "pg", durable=False, max_connections=100) as pg:
             sweep = Sweep(pg, options, logs)
-            m = sweep.machine
-            print(
-                f"machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
-                f"Python {m['python']}, PostgreSQL {m['postgresql']} (embedded, fsync off)"
-            )
+            print(f"machine: {machine_line(sweep.machine)}")
             print(
                 f"runs: {len(specs) + open_loop}, each bounded by {options.timeout_s:g} s "
                 f"(the driver is killed {DRIVER_GRACE_S:g} s later); logs in {logs}"

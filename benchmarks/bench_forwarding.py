@@ -106,7 +106,7 @@ async def wait_waiting(http: httpx2.AsyncClient, chat_id: str) -> None:
 async def paired(
     chats: list[tuple[httpx2.AsyncClient, httpx2.AsyncClient, str]],
     samples: int,
-    request: Callable[[httpx2.AsyncClient, str, int], Awaitable[None]],
+    request: Callable[[httpx2.AsyncClient, str], Awaitable[None]],
 ) -> tuple[list[float], list[float]]:
     """``samples`` requests each to the owner and to the other worker, alternating first."""
     local: list[float] = []
@@ -116,13 +116,13 @@ async def paired(
         order = [(owner, local), (other, forwarded)]
         for http, into in order if i % 2 else order[::-1]:
             t0 = time.perf_counter()
-            await request(http, chat_id, i)
+            await request(http, chat_id)
             if i >= samples // 10:  # the first tenth warms connections and caches up
                 into.append(time.perf_counter() - t0)
     return local, forwarded
 
 
-async def refusal(http: httpx2.AsyncClient, chat_id: str, _i: int) -> None:
+async def refusal(http: httpx2.AsyncClient, chat_id: str) -> None:
     answer = await http.delete(f"/api/v1/chats/{chat_id}/queue/{MISSING}")
     if answer.status_code != 404:
         raise RunFailed(f"expected 404, got {answer.status_code}: {answer.text}")
@@ -134,7 +134,7 @@ class Toggle:
     def __init__(self) -> None:
         self.archived: dict[str, bool] = {}
 
-    async def __call__(self, http: httpx2.AsyncClient, chat_id: str, _i: int) -> None:
+    async def __call__(self, http: httpx2.AsyncClient, chat_id: str) -> None:
         value = not self.archived.get(chat_id, False)
         answer = await http.patch(f"/api/v1/chats/{chat_id}", json={"archived": value})
         if answer.status_code != 200 or answer.json()["archived"] is not value:

@@ -294,6 +294,13 @@ async def test_a_stream_relayed_by_a_non_owner_is_exactly_the_owners_stream(
         async with pair.http(pair.owner) as via_owner:
             created = await via_owner.post("/api/v1/chats", json={"text": "first"})
             chat_id = created.json()["id"]
+            # Both streams open once the first answer is committed, so they start from the same
+            # snapshot (opened during it, the later one could miss parts the earlier one saw).
+            opening = Stream()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(opening.run, pair.owner, token, chat_id)
+                await opening.wait_for(_answer_done(1))
+                nursery.cancel_scope.cancel()
             direct, relayed, resumed = Stream(), Stream(), Stream()
             async with trio.open_nursery() as nursery:
                 await nursery.start(direct.run, pair.owner, token, chat_id)

@@ -50,3 +50,16 @@ async def test_the_least_recently_used_chat_is_dropped(db: Database) -> None:
     assert owners.stats.evictions == 1
     assert await owners.owner(second) is None  # dropped, and no such chat in the database
     assert await owners.owner(first) == owner_id
+
+
+async def test_a_forgotten_chat_is_read_again(db: Database) -> None:
+    owner = await make_user(db)
+    chat = await make_chat(db, await lease(db), owner.id)
+    owners = ChatOwners(db)
+    assert await owners.owner(chat.id) == owner.id
+    await db.execute("DELETE FROM chats WHERE id = $1", chat.id)
+    assert await owners.owner(chat.id) == owner.id  # remembered: no query
+    owners.forget(chat.id)
+    owners.forget(uuid4())  # an unknown chat: nothing to do
+    assert await owners.owner(chat.id) is None
+    assert len(owners) == 0

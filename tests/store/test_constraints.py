@@ -102,6 +102,12 @@ async def build_world(db: Database) -> World:
             w.chat,
         )
         await conn.execute("INSERT INTO chat_diff_statuses (chat_id) VALUES ($1)", w.chat)
+        await conn.execute("INSERT INTO user_usage (user_id) VALUES ($1)", w.user)
+        await conn.execute(
+            "INSERT INTO tool_effects (chat_id, message_seq, call_id, tool)"
+            " VALUES ($1, 1, 'c1', 'execute')",
+            w.chat,
+        )
         await conn.execute(
             "INSERT INTO workers (worker_id, link_url, expires_at)"
             " VALUES ('w1', 'http://127.0.0.1:1', now() + interval '1 hour')"
@@ -157,6 +163,8 @@ def fresh_row(table: str, w: World) -> dict[str, Any]:
             "title": "done",
         },
         "chat_diff_statuses": {"chat_id": w.other_chat},
+        "user_usage": {"user_id": w.other_user},
+        "tool_effects": {"chat_id": w.chat, "message_seq": 2, "call_id": "c2", "tool": "edit_file"},
         "idempotency_keys": {
             "user_id": w.user,
             "key": "k2",
@@ -187,6 +195,8 @@ WORLD_KEYS: dict[str, tuple[str, Callable[[World], object]]] = {
     "queued_messages": ("id", lambda w: w.queued),
     "inbox_notifications": ("id", lambda w: w.notification),
     "chat_diff_statuses": ("chat_id", lambda w: w.chat),
+    "user_usage": ("user_id", lambda w: w.user),
+    "tool_effects": ("chat_id", lambda w: w.chat),
     "idempotency_keys": ("seed", lambda _w: IDEMPOTENCY_SEED),
     "workers": ("worker_id", lambda _w: "w1"),
     "cluster_secret": ("id", lambda _w: True),
@@ -350,6 +360,7 @@ CASES: list[Case] = [
     ),
     check("model_configs", "model_configs_options_check", "array", options="[]"),
     check("model_configs", "model_configs_options_check", "null", options="null"),
+    check("model_configs", "model_configs_tools_check", tools=["current_time"] * 65),
     *not_null(
         "model_configs",
         "id",
@@ -360,6 +371,7 @@ CASES: list[Case] = [
         "compression_threshold",
         "options",
         "is_default",
+        "tools",
         "created_at",
         "updated_at",
     ),
@@ -400,6 +412,12 @@ CASES: list[Case] = [
     check("chats", "chats_dynamic_tools_check", dynamic_tools="{}"),
     check("chats", "chats_system_prompt_check", system_prompt=long(200_001)),
     check("chats", "chats_last_message_seq_check", last_message_seq=-1),
+    check("chats", "chats_tools_check", tools=["current_time"] * 65),
+    check("chats", "chats_input_tokens_check", input_tokens=-1),
+    check("chats", "chats_output_tokens_check", output_tokens=-1),
+    # compacting only while running
+    check("chats", "chats_compacting_only_running", "insert", compacting=True),
+    check("chats", "chats_compacting_only_running", "update", op="update", compacting=True),
     # error needs last_error
     check("chats", "chats_check", "insert", status="error"),
     check("chats", "chats_check", "update", op="update", status="error"),
@@ -424,6 +442,9 @@ CASES: list[Case] = [
         "dynamic_tools",
         "system_prompt",
         "last_message_seq",
+        "input_tokens",
+        "output_tokens",
+        "compacting",
         "created_at",
         "updated_at",
     ),
@@ -505,6 +526,23 @@ CASES: list[Case] = [
     *not_null(
         "chat_diff_statuses", "chat_id", "additions", "deletions", "changed_files", "updated_at"
     ),
+    # user_usage
+    unique("user_usage", "user_usage_pkey", lambda w: {"user_id": w.user}),
+    fk("user_usage", "user_usage_user_id_fkey", "user_id"),
+    check("user_usage", "user_usage_input_tokens_check", input_tokens=-1),
+    check("user_usage", "user_usage_output_tokens_check", output_tokens=-1),
+    *not_null("user_usage", "user_id", "input_tokens", "output_tokens", "updated_at"),
+    # tool_effects
+    unique("tool_effects", "tool_effects_pkey", _const({"message_seq": 1, "call_id": "c1"})),
+    fk("tool_effects", "tool_effects_chat_id_fkey", "chat_id"),
+    check("tool_effects", "tool_effects_message_seq_check", message_seq=0),
+    check("tool_effects", "tool_effects_call_id_check", "empty", call_id=""),
+    check("tool_effects", "tool_effects_call_id_check", "too-long", call_id=long(201)),
+    check("tool_effects", "tool_effects_tool_check", "empty", tool=""),
+    check("tool_effects", "tool_effects_tool_check", "too-long", tool=long(65)),
+    # a result and its finishing time come together
+    check("tool_effects", "tool_effects_check", result='{"ok": true}'),
+    *not_null("tool_effects", "chat_id", "message_seq", "call_id", "tool", "started_at"),
     # idempotency_keys
     unique("idempotency_keys", "idempotency_keys_pkey", _const({"key": "k1"})),
     fk("idempotency_keys", "idempotency_keys_user_id_fkey", "user_id"),

@@ -160,7 +160,8 @@ async def test_update_model_config(db: Database) -> None:
         5,
         {"b": [2]},
     )
-    assert (updated.name, updated.model, updated.compression_threshold) == ("m", "gpt-x", 0.8)
+    # Created without a threshold: the column's default.
+    assert (updated.name, updated.model, updated.compression_threshold) == ("m", "gpt-x", 0.7)
     assert await get_model_config(db, config.id) == updated
     with pytest.raises(NotFound):
         await update_model_config(db, uuid4(), name="x")
@@ -174,6 +175,27 @@ async def test_update_model_config(db: Database) -> None:
     with pytest.raises(NotFound):
         await create_model_config(db, provider_id=uuid4(), name="z", model="gpt-x", context_limit=1)
     assert await get_model_config(db, config.id) == updated
+
+
+async def test_a_model_configs_tools_default_and_change(db: Database) -> None:
+    provider = await _provider(db)
+    plain = await _config(db, provider, "plain")
+    assert plain.tools == ("current_time", "calculate")  # the column's default
+    chosen = await create_model_config(
+        db,
+        provider_id=provider.id,
+        name="agent",
+        model="gpt-x",
+        context_limit=1000,
+        tools=["read_file", "execute"],
+    )
+    assert chosen.tools == ("read_file", "execute")
+    assert await get_model_config(db, chosen.id) == chosen
+    renamed = await update_model_config(db, chosen.id, name="agent-2")
+    assert renamed.tools == ("read_file", "execute")  # not given: kept
+    emptied = await update_model_config(db, chosen.id, tools=[])
+    assert emptied.tools == ()
+    assert (await update_model_config(db, chosen.id, tools=("calculate",))).tools == ("calculate",)
 
 
 async def test_set_default_model_config_replaces_the_old_default(db: Database) -> None:

@@ -11,8 +11,9 @@ pushed out by the size bound (least recently used first).
 - Missing chats are not remembered: each costs one query, as without the cache, and random ids
   cannot push real chats out. A chat id names a chat only once its creation committed, and the
   edge remembers it then.
-- chatd never deletes a chat; if one were deleted by hand, its entry would still pass the
-  ownership check, and the chat's actor would answer the command with the same 404.
+- A chat deleted through this process's edge is forgotten at once (``forget``). One deleted
+  through another worker (or by hand) keeps its entry here until pushed out: it still passes
+  the ownership check, and the chat's actor answers the command with the same 404.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class ChatOwners:
         if found is not None:
             self.remember(chat_id, found)
         return found
+
+    def forget(self, chat_id: UUID) -> None:
+        """Drop a chat that was deleted: its next check reads the database (and finds none)."""
+        self._owners.pop(chat_id, None)
 
     def remember(self, chat_id: UUID, owner_id: UUID) -> None:
         """Record a chat's owner learnt otherwise (the chat was just created or read)."""

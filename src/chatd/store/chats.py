@@ -55,6 +55,7 @@ class CreateChat:
     system_prompt: str = ""
     model_config_id: UUID | None = None
     dynamic_tools: Sequence[Mapping[str, Any]] = ()
+    tools: Sequence[str] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +71,10 @@ class UpdateChat:
     action_deadline: datetime | Unset | None = UNSET
     title: str | Unset = UNSET
     archived: bool | Unset = UNSET
+    compacting: bool | Unset = UNSET
+    # Tokens to add to the chat's totals (the usage of the messages the commit appends).
+    add_input_tokens: int = 0
+    add_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,8 +379,8 @@ async def _create_chat(conn: Connection, create: CreateChat) -> int:
     xid: int = await conn.fetchval(
         f"""
         INSERT INTO chats (id, owner_id, shard, title, system_prompt, model_config_id,
-                           dynamic_tools)
-        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+                           dynamic_tools, tools)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::text[])
         RETURNING {_XID}
         """,  # noqa: S608 - no user input
         create.id,
@@ -385,6 +390,7 @@ async def _create_chat(conn: Connection, create: CreateChat) -> int:
         create.system_prompt,
         create.model_config_id,
         encode_json(create.dynamic_tools),
+        None if create.tools is None else list(create.tools),
     )
     return xid
 
@@ -401,7 +407,10 @@ UPDATE chats SET
     last_error = CASE WHEN $12 THEN $13::jsonb ELSE last_error END,
     action_deadline = CASE WHEN $14 THEN $15::timestamptz ELSE action_deadline END,
     title = CASE WHEN $16 THEN $17::text ELSE title END,
-    archived = CASE WHEN $18 THEN $19::boolean ELSE archived END
+    archived = CASE WHEN $18 THEN $19::boolean ELSE archived END,
+    compacting = CASE WHEN $20 THEN $21::boolean ELSE compacting END,
+    input_tokens = input_tokens + $22::bigint,
+    output_tokens = output_tokens + $23::bigint
 WHERE id = $1
 RETURNING *
 """
@@ -425,6 +434,9 @@ async def _update_chat(conn: Connection, chat_id: UUID, update: UpdateChat) -> R
         *change(update.action_deadline),
         *change(update.title),
         *change(update.archived),
+        *change(update.compacting),
+        update.add_input_tokens,
+        update.add_output_tokens,
     )
     assert row is not None  # the chat is locked by the commit
     return row
@@ -469,6 +481,63 @@ async def rename_chat(db: Database, chat_id: UUID, owner_id: UUID, title: str) -
         title,
     )
     return None if row is None else chat_from_row(row)
+
+
+async def set_generated_title(db: Database, chat_id: UUID, title: str) -> bool:
+    """Give the chat a generated title unless it has one (the user's, or a rename that came
+    first); whether it took. Like ``rename_chat``, not execution state: not fenced."""
+    found = await db.fetchval(
+        "UPDATE chats SET title = $2 WHERE id = $1 AND title = '' RETURNING true", chat_id, title
+    )
+    return found is not None
+
+
+async def add_usage(db: Database, chat_id: UUID, input_tokens: int, output_tokens: int) -> None:
+    """Add a model call's tokens that no commit of the chat carries (a title's) to its totals."""
+    await db.execute(
+        "UPDATE chats SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3"
+        " WHERE id = $1",
+        chat_id,
+        input_tokens,
+        output_tokens,
+    )
+
+
+async def delete_chat(
+    db: Database, fence: Fence, chat_id: UUID, *, mark: IdempotencyMark | None = None
+) -> bool:
+    """Delete the chat with everything that hangs on it (messages, queue, notifications, the
+    effect journal: ON DELETE CASCADE), fenced like every chat write, marking ``mark``'s key
+    committed in the same transaction; whether it existed. Its token totals stay counted in
+    its owner's ``user_usage``."""
+    return await db.transaction(partial(_delete_chat, fence=fence, chat_id=chat_id, mark=mark))
+
+
+async def _delete_chat(
+    conn: Connection, *, fence: Fence, chat_id: UUID, mark: IdempotencyMark | None
+) -> bool:
+    found = await conn.fetchrow(_LOCK_CHAT, chat_id, *fence_args(fence))
+    if found is None:
+        await check_fence(conn, fence)
+        return False
+    if not found["held"]:
+        raise Fenced(fence.shard, fence.epoch)
+    if mark is not None:
+        await mark_committed(conn, mark)
+    await conn.execute(
+        """
+        WITH gone AS (DELETE FROM chats WHERE id = $1
+                      RETURNING owner_id, input_tokens, output_tokens)
+        INSERT INTO user_usage (user_id, input_tokens, output_tokens)
+        SELECT owner_id, input_tokens, output_tokens FROM gone
+        ON CONFLICT (user_id) DO UPDATE SET
+            input_tokens = user_usage.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = user_usage.output_tokens + EXCLUDED.output_tokens,
+            updated_at = now()
+        """,
+        chat_id,
+    )
+    return True
 
 
 # -- reads ---------------------------------------------------------------------------------
@@ -548,6 +617,16 @@ LAST_STEP_SQL = """
                   WHERE chat_id = $1 AND deleted_at IS NULL AND role = 'assistant')
     ORDER BY seq
 """
+
+
+async def newest_summary(db: Database, chat_id: UUID) -> ChatMessage | None:
+    """The chat's newest live summary message (its boundary), if it has one."""
+    row = await db.fetchrow(
+        "SELECT * FROM chat_messages WHERE chat_id = $1 AND role = 'summary'"
+        " AND deleted_at IS NULL ORDER BY seq DESC LIMIT 1",
+        chat_id,
+    )
+    return None if row is None else chat_message_from_row(row)
 
 
 async def list_last_step(db: Database, chat_id: UUID) -> list[ChatMessage]:

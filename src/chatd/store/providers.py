@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 from uuid import UUID, uuid4
@@ -125,31 +125,47 @@ async def create_model_config(
     name: str,
     model: str,
     context_limit: int,
-    compression_threshold: float = 0.8,
+    compression_threshold: float | None = None,
     options: Mapping[str, Any] | None = None,
     is_default: bool = False,
+    tools: Sequence[str] | None = None,
 ) -> ModelConfig:
-    """A new model config; with ``is_default`` it replaces the old default atomically."""
+    """A new model config; with ``is_default`` it replaces the old default atomically.
+
+    ``compression_threshold`` is a fraction of ``context_limit`` (0.7: a prompt past 70% of the
+    context is summarised first); ``tools`` names the built-in tools its model may call. Either
+    left ``None`` takes the column's default (migration 0005), so the default lives in one place.
+    """
     config_id = uuid4()
+    # Optional columns are left out of the INSERT, not sent as NULL: their DEFAULT then applies.
+    optional: list[tuple[str, str, object]] = []
+    if compression_threshold is not None:
+        optional.append(("compression_threshold", "double precision", compression_threshold))
+    if tools is not None:
+        optional.append(("tools", "text[]", list(tools)))
+    columns = ", ".join(
+        ["id", "provider_id", "name", "model", "context_limit", "options", "is_default"]
+        + [column for column, _, _ in optional]
+    )
+    values = ", ".join(
+        ["$1", "$2", "$3", "$4", "$5", "$6::jsonb", "$7"]
+        + [f"${n}::{sql_type}" for n, (_, sql_type, _) in enumerate(optional, start=8)]
+    )
+    query = f"INSERT INTO model_configs ({columns}) VALUES ({values}) RETURNING *"  # noqa: S608 - fixed column names
 
     async def create(conn: Connection) -> ModelConfig:
         if is_default:
             await _clear_default(conn)
         row = await conn.fetchrow(
-            """
-            INSERT INTO model_configs (id, provider_id, name, model, context_limit,
-                                       compression_threshold, options, is_default)
-            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
-            RETURNING *
-            """,
+            query,
             config_id,
             provider_id,
             name,
             model,
             context_limit,
-            compression_threshold,
             encode_json({} if options is None else options),
             is_default,
+            *(value for _, _, value in optional),
         )
         assert row is not None
         return model_config_from_row(row)
@@ -192,9 +208,11 @@ async def update_model_config(
     context_limit: int | Unset = UNSET,
     compression_threshold: float | Unset = UNSET,
     options: Mapping[str, Any] | Unset = UNSET,
+    tools: Sequence[str] | Unset = UNSET,
 ) -> ModelConfig:
     """Change the given fields (the default is changed with ``set_default_model_config``)."""
     options_changed, options_value = change(options)
+    tools_changed, tools_value = change(tools)
     try:
         row = await db.fetchrow(
             """
@@ -205,7 +223,8 @@ async def update_model_config(
                 context_limit = CASE WHEN $8 THEN $9::integer ELSE context_limit END,
                 compression_threshold = CASE WHEN $10 THEN $11::double precision
                                              ELSE compression_threshold END,
-                options = CASE WHEN $12 THEN $13::jsonb ELSE options END
+                options = CASE WHEN $12 THEN $13::jsonb ELSE options END,
+                tools = CASE WHEN $14 THEN $15::text[] ELSE tools END
             WHERE id = $1
             RETURNING *
             """,
@@ -217,6 +236,8 @@ async def update_model_config(
             *change(compression_threshold),
             options_changed,
             encode_json(options_value),
+            tools_changed,
+            None if tools_value is None else list(tools_value),
         )
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(

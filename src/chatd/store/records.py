@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 JsonObject = dict[str, Any]
 ProviderKind = Literal["openai", "anthropic", "openai-compatible"]
-MessageRole = Literal["user", "assistant", "tool"]
+MessageRole = Literal["user", "assistant", "tool", "summary"]
 NotificationKind = Literal["turn_finished", "failed", "action_required"]
 PullRequestState = Literal["open", "draft", "closed", "merged"]
 
@@ -152,6 +152,8 @@ class ModelConfig:
     is_default: bool
     created_at: datetime
     updated_at: datetime
+    # The built-in tools its model may call (chatd.tools.registry names; migration 0005).
+    tools: tuple[str, ...] = ("current_time", "calculate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,21 @@ class Chat:
     last_message_seq: int
     created_at: datetime
     updated_at: datetime
+    # The chat's own allow-list of built-in tools (None: its model config's); token totals of
+    # every model call made for it; a summary asked for by hand is being made (migration 0005).
+    tools: tuple[str, ...] | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compacting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UserUsage:
+    """A user's token totals over every chat it ever had (deleted ones included)."""
+
+    user_id: UUID
+    input_tokens: int
+    output_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +302,7 @@ def model_config_from_row(row: Record) -> ModelConfig:
         is_default=row["is_default"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        tools=tuple(row["tools"]),
     )
 
 
@@ -322,6 +340,10 @@ def chat_from_row(row: Record) -> Chat:
         last_message_seq=row["last_message_seq"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        tools=None if row["tools"] is None else tuple(row["tools"]),
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        compacting=row["compacting"],
     )
 
 

@@ -1,4 +1,4 @@
-"""Users and their API tokens.
+"""Users, their API tokens and their token usage.
 
 A token's secret is shown once, at creation; the store keeps only its SHA-256, so a leaked
 database does not leak working credentials.
@@ -16,7 +16,7 @@ import asyncpg
 
 from chatd.store.database import Connection, Database
 from chatd.store.errors import Conflict, NotFound
-from chatd.store.records import ApiToken, User, api_token_from_row, user_from_row
+from chatd.store.records import ApiToken, User, UserUsage, api_token_from_row, user_from_row
 
 TOKEN_PREFIX = "chatd_"  # noqa: S105 - a public marker on every secret, not a secret
 
@@ -138,3 +138,26 @@ async def _authenticate(conn: Connection, *, digest: bytes) -> User | None:
             row["token_id"],
         )
     return user_from_row(row)
+
+
+async def get_usage(db: Database, user_id: UUID) -> UserUsage:
+    """The user's token totals over every chat it ever had; zeros for a user with none.
+
+    A live chat keeps its own totals (``chats.input_tokens``/``output_tokens``); deleting it
+    adds them to ``user_usage`` in the same transaction (``store.chats.delete_chat``). So the
+    total is both, read in one statement: a chat deleted meanwhile is counted once.
+    """
+    row = await db.fetchrow(
+        """
+        SELECT coalesce(sum(c.input_tokens), 0)::bigint + coalesce(max(u.input_tokens), 0)
+                   AS input_tokens,
+               coalesce(sum(c.output_tokens), 0)::bigint + coalesce(max(u.output_tokens), 0)
+                   AS output_tokens
+        FROM (SELECT $1::uuid AS user_id) me
+        LEFT JOIN user_usage u ON u.user_id = me.user_id
+        LEFT JOIN chats c ON c.owner_id = me.user_id
+        """,
+        user_id,
+    )
+    assert row is not None  # an aggregate always has one row
+    return UserUsage(user_id, row["input_tokens"], row["output_tokens"])

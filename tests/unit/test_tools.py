@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
 from chatd.domain.conversation import ToolCallPart
 from chatd.domain.effects import InvalidCommand
-from chatd.tools.builtin import BUILTINS, run_builtin
 from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
+from chatd.tools.registry import BUILTINS, TOOL_NAMES, ToolContext, run_builtin, workspace_for
+from chatd.tools.workspace import WorkspaceLimits
 
 
-def _run(name: str, arguments: str) -> Any:
-    result = run_builtin(ToolCallPart("c1", name, arguments))
+async def _run(name: str, arguments: str) -> Any:
+    context = ToolContext(workspace_for(Path("/nonexistent"), uuid4()), WorkspaceLimits())
+    result = await run_builtin(ToolCallPart("c1", name, arguments), context, TOOL_NAMES)
     assert result.call_id == "c1"
     return json.loads(result.output)
 
@@ -23,8 +27,8 @@ def _run(name: str, arguments: str) -> Any:
     ("expression", "expected"),
     [("6*7", {"result": 42}), ("(1 + 2) ** 3 / 9", {"result": 3.0}), ("-7 // 2", {"result": -4})],
 )
-def test_calculate(expression: str, expected: object) -> None:
-    assert _run("calculate", json.dumps({"expression": expression})) == expected
+async def test_calculate(expression: str, expected: object) -> None:
+    assert await _run("calculate", json.dumps({"expression": expression})) == expected
 
 
 @pytest.mark.parametrize(
@@ -40,13 +44,13 @@ def test_calculate(expression: str, expected: object) -> None:
         ("{not json", "not valid JSON"),
     ],
 )
-def test_calculate_failures_are_results(arguments: str, error: str) -> None:
-    assert error in _run("calculate", arguments)["error"]
+async def test_calculate_failures_are_results(arguments: str, error: str) -> None:
+    assert error in (await _run("calculate", arguments))["error"]
 
 
-def test_current_time_and_unknown_tools() -> None:
-    assert _run("current_time", "")["utc"].endswith("+00:00")
-    assert "no tool named" in _run("teleport", "{}")["error"]
+async def test_current_time_and_unknown_tools() -> None:
+    assert (await _run("current_time", ""))["utc"].endswith("+00:00")
+    assert "no tool named" in (await _run("teleport", "{}"))["error"]
 
 
 def _tool(**fields: Any) -> dict[str, Any]:

@@ -1,31 +1,26 @@
-"""Tools chatd runs itself, in the generation task, between two model steps."""
+"""The two built-in tools that need no workspace (current_time, calculate) and ``ToolFailed``.
+
+chatd.tools.registry is the catalogue of every built-in tool and how calls are answered;
+``BUILTINS`` and ``run_builtin`` below are the former synchronous entry points, kept until
+their callers (chatd.actors.chat_actor, chatd.tools.dynamic) import the registry instead.
+"""
 
 from __future__ import annotations
 
 import ast
-import json
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from chatd.domain.conversation import ToolCallPart, ToolSpec
-from chatd.domain.mailbox import ToolResult
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltinTool:
-    spec: ToolSpec
-    # Takes the parsed arguments, returns a JSON-serialisable result; raises ToolFailed.
-    run: Callable[[Mapping[str, Any]], object]
+from chatd.domain.conversation import ToolSpec
 
 
 class ToolFailed(Exception):
     """The call cannot be answered; the message goes back to the model as the result."""
 
 
-def _current_time(_args: Mapping[str, Any]) -> object:
+def current_time(_args: Mapping[str, Any]) -> object:
     return {"utc": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
@@ -67,7 +62,7 @@ def _evaluate(node: ast.AST) -> float:
             raise ToolFailed("only numbers, + - * / // % ** and parentheses are allowed")
 
 
-def _calculate(args: Mapping[str, Any]) -> object:
+def calculate(args: Mapping[str, Any]) -> object:
     expression = args.get("expression")
     if not isinstance(expression, str) or not expression.strip():
         raise ToolFailed("'expression' must be a non-empty string")
@@ -80,46 +75,15 @@ def _calculate(args: Mapping[str, Any]) -> object:
     return {"result": _evaluate(tree)}
 
 
-BUILTINS: dict[str, BuiltinTool] = {
-    tool.spec.name: tool
-    for tool in (
-        BuiltinTool(
-            ToolSpec(
-                "current_time",
-                "The current date and time in UTC.",
-                {"type": "object", "properties": {}},
-            ),
-            _current_time,
-        ),
-        BuiltinTool(
-            ToolSpec(
-                "calculate",
-                "Evaluate an arithmetic expression exactly (numbers, + - * / // % **).",
-                {
-                    "type": "object",
-                    "properties": {"expression": {"type": "string"}},
-                    "required": ["expression"],
-                },
-            ),
-            _calculate,
-        ),
-    )
-}
-
-
-def run_builtin(call: ToolCallPart) -> ToolResult:
-    """Answer one built-in call; a failure is a result the model can read, never a crash."""
-    tool = BUILTINS.get(call.name)
-    try:
-        if tool is None:
-            raise ToolFailed(f"there is no tool named {call.name!r}")
-        try:
-            args = json.loads(call.arguments) if call.arguments.strip() else {}
-        except ValueError:
-            raise ToolFailed("the arguments are not valid JSON") from None
-        if not isinstance(args, dict):
-            raise ToolFailed("the arguments must be a JSON object")
-        output = json.dumps(tool.run(args))
-    except ToolFailed as exc:
-        output = json.dumps({"error": str(exc)})
-    return ToolResult(call.id, output)
+CURRENT_TIME_SPEC = ToolSpec(
+    "current_time", "The current date and time in UTC.", {"type": "object", "properties": {}}
+)
+CALCULATE_SPEC = ToolSpec(
+    "calculate",
+    "Evaluate an arithmetic expression exactly (numbers, + - * / // % **).",
+    {
+        "type": "object",
+        "properties": {"expression": {"type": "string"}},
+        "required": ["expression"],
+    },
+)

@@ -10,7 +10,7 @@ from typing import Any
 
 from chatd.domain.conversation import ToolSpec
 from chatd.domain.effects import InvalidCommand
-from chatd.tools.builtin import BUILTINS
+from chatd.tools.registry import BUILTINS
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -19,17 +20,20 @@ import openai
 import pytest
 import trio
 import trio.testing
-from anthropic.types import MessageParam, ToolUseBlock
+from anthropic.types import MessageParam, TextBlockParam, ToolUseBlock
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
 
+from chatd.domain.agent_prompts import SUMMARY_SYSTEM, TITLE_SYSTEM
 from chatd.providers.fake import (
     FakeLLM,
     Fault,
+    Purpose,
     Scenario,
     knobs_header,
     knobs_marker,
     open_fake_llm,
 )
+from chatd.providers.fake.scenario import strip_markers, text_chars
 from tests.e2e.chatd_process import chatd_env
 
 # When a stream stops before its end (closed early, an error event) the SDKs leave their inner
@@ -1204,3 +1208,278 @@ async def test_http_1_0_garbage_and_oversized_requests() -> None:
         )
         assert too_large.startswith(b"HTTP/1.1 413 ")
         nursery.cancel_scope.cancel()
+
+
+# -- scripted turns and chatd's own calls -------------------------------------------------------
+
+SCRIPT: list[dict[str, Any]] = [
+    {"tool_calls": [{"name": "write_file", "arguments": {"path": "a.txt", "content": "hi"}}]},
+    {
+        "tool_calls": [
+            {"name": "edit_file", "arguments": {"path": "a.txt", "old": "hi", "new": "yo"}},
+            {"name": "execute", "arguments": {"command": "cat a.txt"}},
+        ]
+    },
+    {"reply": "all done"},
+]
+SCRIPT_ASK = "work on a.txt " + knobs_marker(steps=SCRIPT, chunks=2)
+
+
+def expected_input_tokens(request: Any) -> int:
+    system = request.body.get("system") if request.provider == "anthropic" else None
+    return max(1, math.ceil((text_chars(request.body["messages"]) + text_chars(system)) / 4))
+
+
+async def oai_step(
+    client: openai.AsyncOpenAI, messages: list[ChatCompletionMessageParam]
+) -> tuple[list[dict[str, Any]], str, str | None, Any]:
+    """One streamed step: its tool calls (id, name, arguments), text, finish and usage."""
+    chunks, error = await oai_stream(
+        client, messages=messages, stream_options={"include_usage": True}
+    )
+    assert error is None
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+            assert delta.function is not None
+            call["id"] = call["id"] or delta.id
+            call["name"] = call["name"] or delta.function.name
+            call["arguments"] += delta.function.arguments or ""
+    [finish] = oai_finishes(chunks)
+    return [calls[i] for i in sorted(calls)], "".join(oai_texts(chunks)), finish, chunks[-1].usage
+
+
+@sdk_generator_leak
+async def test_openai_sdk_plays_a_scripted_turn_feeding_back_tool_results(
+    server: FakeLLM, oai: openai.AsyncOpenAI
+) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "you are chatd"},
+        {"role": "user", "content": SCRIPT_ASK},
+    ]
+    played = []
+    while True:
+        calls, text, finish, usage = await oai_step(oai, messages)
+        played.append(([(c["name"], json.loads(c["arguments"])) for c in calls], text, finish))
+        request = server.requests[-1]
+        assert usage is not None
+        assert usage.prompt_tokens == expected_input_tokens(request)
+        assert usage.completion_tokens == (len(calls) * 3 if calls else 2)
+        if not calls:
+            break
+        messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in calls
+                ],
+            }
+        )
+        messages += [
+            {"role": "tool", "tool_call_id": c["id"], "content": f"ok {c['name']}"} for c in calls
+        ]
+    assert played == [
+        ([("write_file", SCRIPT[0]["tool_calls"][0]["arguments"])], "", "tool_calls"),
+        ([(c["name"], c["arguments"]) for c in SCRIPT[1]["tool_calls"]], "", "tool_calls"),
+        ([], "all done", "stop"),
+    ]
+    ids = [c["id"] for m in messages if m["role"] == "assistant" for c in m["tool_calls"]]
+    assert len(set(ids)) == 3
+    assert all(i.startswith("call_") for i in ids)
+    last = server.requests[-1]
+    assert last.system_text() == "you are chatd"
+    assert last.messages() == [
+        ("user", SCRIPT_ASK),
+        ("assistant", ""),
+        ("tool", "ok write_file"),
+        ("assistant", ""),
+        ("tool", "ok edit_file"),
+        ("tool", "ok execute"),
+    ]
+    assert {r.purpose for r in server.requests} == {Purpose.CHAT}
+
+    # The same request again (a retry) gets the same call ids.
+    again, _, _, _ = await oai_step(oai, messages[:4])
+    assert [c["id"] for c in again] == ids[1:]
+
+
+async def test_anthropic_sdk_plays_a_scripted_turn_feeding_back_tool_results(
+    server: FakeLLM, ant: anthropic.AsyncAnthropic
+) -> None:
+    messages: list[MessageParam] = [{"role": "user", "content": SCRIPT_ASK}]
+    played, ids = [], []
+    while True:
+        async with ant.messages.stream(
+            model=ANTHROPIC_MODEL, max_tokens=1000, system="you are chatd", messages=messages
+        ) as stream:
+            message = await stream.get_final_message()
+        uses = [b for b in message.content if isinstance(b, ToolUseBlock)]
+        texts = [getattr(b, "text", "") for b in message.content if b.type == "text"]
+        played.append(([(u.name, u.input) for u in uses], texts, message.stop_reason))
+        request = server.requests[-1]
+        assert message.usage.input_tokens == expected_input_tokens(request)
+        assert message.usage.output_tokens == (len(uses) * 3 if uses else 2)
+        if not uses:
+            break
+        ids += [u.id for u in uses]
+        messages.append(
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": u.id, "name": u.name, "input": u.input} for u in uses
+                ],
+            }
+        )
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": u.id, "content": f"ok {u.name}"}
+                    for u in uses
+                ],
+            }
+        )
+    assert played == [
+        ([("write_file", SCRIPT[0]["tool_calls"][0]["arguments"])], [], "tool_use"),
+        ([(c["name"], c["arguments"]) for c in SCRIPT[1]["tool_calls"]], [], "tool_use"),
+        ([], ["all done"], "end_turn"),
+    ]
+    assert len(set(ids)) == 3
+    assert all(i.startswith("toolu_") for i in ids)
+    last = server.requests[-1]
+    assert last.system_text() == "you are chatd"
+    assert last.messages() == [
+        ("user", SCRIPT_ASK),
+        ("assistant", ""),
+        ("tool", "ok write_file"),
+        ("assistant", ""),
+        ("tool", "ok edit_file"),
+        ("tool", "ok execute"),
+    ]
+    again = await ant.messages.create(
+        model=ANTHROPIC_MODEL, max_tokens=1000, system="you are chatd", messages=messages[:3]
+    )
+    assert [getattr(b, "id", None) for b in again.content] == ids[1:]
+
+
+TRANSCRIPT = (
+    "Conversation:\n"
+    f"User: first question {knobs_marker(fault='server_error', tool_calls=TOOLS[:1])}\n"
+    "Assistant: first answer\n"
+    f"User: {knobs_marker(steps=[{'tool_calls': TOOLS[:1]}])} more " + "x " * 150
+)
+SUMMARY = "Summary: " + " ".join(strip_markers(TRANSCRIPT).split())[:200].rstrip()
+
+
+@sdk_generator_leak
+async def test_summary_calls_ignore_markers_and_quote_their_input_with_usage(
+    server: FakeLLM, oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic
+) -> None:
+    assert SUMMARY.startswith("Summary: Conversation: User: first question Assistant: first")
+    words = len(SUMMARY.split())
+    summarize: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": SUMMARY_SYSTEM},
+        {"role": "user", "content": TRANSCRIPT},
+    ]
+    chunks, error = await oai_stream(
+        oai, messages=summarize, stream_options={"include_usage": True}
+    )
+    assert error is None
+    assert "".join(oai_texts(chunks)) == SUMMARY
+    assert oai_finishes(chunks) == ["stop"]
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens == expected_input_tokens(server.requests[-1])
+    assert usage.completion_tokens == words
+
+    plain = await oai.chat.completions.create(model=OPENAI_MODEL, messages=summarize)
+    assert plain.choices[0].message.content == SUMMARY
+    assert plain.usage is not None
+    assert plain.usage.completion_tokens == words
+
+    ant_user: list[MessageParam] = [{"role": "user", "content": TRANSCRIPT}]
+    system_blocks: list[TextBlockParam] = [{"type": "text", "text": SUMMARY_SYSTEM}]
+    async with ant.messages.stream(
+        model=ANTHROPIC_MODEL, max_tokens=1000, system=system_blocks, messages=ant_user
+    ) as stream:
+        streamed = [text async for text in stream.text_stream]
+        message = await stream.get_final_message()
+    assert "".join(streamed) == SUMMARY
+    assert len(streamed) == words
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == expected_input_tokens(server.requests[-1])
+    assert message.usage.output_tokens == words
+
+    recorded = server.requests
+    assert [r.purpose for r in recorded] == [Purpose.SUMMARY] * 3
+    assert all(r.knobs == {} and r.fault is None for r in recorded)
+    assert recorded[0].system_text() == recorded[2].system_text() == SUMMARY_SYSTEM
+    assert recorded[0].messages() == recorded[2].messages() == [("user", TRANSCRIPT)]
+
+
+async def test_title_calls_name_the_chat_after_its_first_words(
+    server: FakeLLM, oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic
+) -> None:
+    ask = f"Plan a trip {knobs_marker(tool_calls=TOOLS)} to Lisbon in May, please!"
+    named = await oai.chat.completions.create(
+        model=OPENAI_MODEL,
+        max_tokens=64,
+        messages=[{"role": "system", "content": TITLE_SYSTEM}, {"role": "user", "content": ask}],
+    )
+    assert named.choices[0].message.content == "Plan a trip to Lisbon in"
+    assert named.choices[0].message.tool_calls is None
+    assert named.usage is not None
+    assert named.usage.completion_tokens == 6
+    untitled = await ant.messages.create(
+        model=ANTHROPIC_MODEL,
+        max_tokens=64,
+        system=TITLE_SYSTEM,
+        messages=[{"role": "user", "content": knobs_marker(chunks=1)}],
+    )
+    assert [getattr(b, "text", None) for b in untitled.content] == ["Untitled"]
+    assert untitled.usage.output_tokens == 1
+    assert [r.purpose for r in server.requests] == [Purpose.TITLE, Purpose.TITLE]
+
+
+async def test_own_calls_still_take_the_header_knobs_and_the_server_defaults() -> None:
+    # One fault_key for the defaults' fault: by default the key is the request's own knobs.
+    defaults = Scenario(fault=Fault.SERVER_ERROR, fault_times=1, fault_key="own")
+    summarize: list[MessageParam] = [{"role": "user", "content": "User: hello"}]
+    async with (
+        open_fake_llm(defaults) as server,
+        anthropic.AsyncAnthropic(
+            base_url=server.url, api_key="k", max_retries=0, timeout=10
+        ) as ant,
+    ):
+        with pytest.raises(anthropic.InternalServerError):
+            await ant.messages.create(
+                model=ANTHROPIC_MODEL, max_tokens=100, system=SUMMARY_SYSTEM, messages=summarize
+            )
+        ok = await ant.messages.create(
+            model=ANTHROPIC_MODEL, max_tokens=100, system=SUMMARY_SYSTEM, messages=summarize
+        )
+        assert [getattr(b, "text", None) for b in ok.content] == ["Summary: User: hello"]
+        with pytest.raises(anthropic.RateLimitError):
+            await ant.messages.create(
+                model=ANTHROPIC_MODEL,
+                max_tokens=100,
+                system=TITLE_SYSTEM,
+                messages=summarize,
+                extra_headers=knobs_header(fault="rate_limit", fault_key="limited"),
+            )
+        counted = await ant.messages.create(
+            model=ANTHROPIC_MODEL,
+            max_tokens=100,
+            system=TITLE_SYSTEM,
+            messages=summarize,
+            extra_headers=knobs_header(input_tokens=7, output_tokens=9),
+        )
+    assert (counted.usage.input_tokens, counted.usage.output_tokens) == (7, 9)
+    assert [r.fault for r in server.requests] == [Fault.SERVER_ERROR, None, Fault.RATE_LIMIT, None]

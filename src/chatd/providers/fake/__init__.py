@@ -20,6 +20,8 @@ chunk_interval_ms     0       between content chunks
 tool_calls            []      ``[{"name": ..., "arguments": {...}}]``: call these tools
                               (several = parallel calls), unless the last message is a
                               tool result: that gets the text reply, so tool loops end
+steps                 []      a scripted turn, see below; when non-empty, ``tool_calls``
+                              is not used
 argument_chunks       3       pieces each tool call's arguments JSON is streamed in
 text_before_tools     false   a tool step also streams the text reply first
 reasoning_chunks      0       Anthropic: a thinking block ("r1 ", ...) and a signature;
@@ -43,6 +45,35 @@ context_window        null    the limit ``context_length`` quotes (128000 / 2000
 
 A request's ``max_tokens`` (``max_completion_tokens``) below the chunk count truncates the
 text and finishes with length / max_tokens. Output tokens count one per content chunk.
+
+Scripted turns: ``steps`` is a list of model steps, each ``{"tool_calls": [{"name": ...,
+"arguments": {...}}, ...]}`` (a non-empty list), ``{"reply": "text"}`` (split into ``chunks``
+pieces), or both (the text goes first when the step's ``"text_before_tools": true``, or,
+without that key, when the ``text_before_tools`` knob is on). A request plays step N, where N
+is the number of assistant messages after the last user message that has text (the one with
+the marker; Anthropic's user messages holding only ``tool_result`` blocks do not count as one,
+OpenAI's ``tool`` messages are not user messages); past the last step it gets the text reply
+(``reply`` or "w1 w2 ..."). So feeding each step's tool results back plays the next step, for
+example ``[{"tool_calls": [write]}, {"tool_calls": [edit]}, {"tool_calls": [read, execute]},
+{"reply": "done"}]``. A step's call ids (``call_`` / ``toolu_`` + id) are a hash of the
+request's messages (and Anthropic's system), the step index and the call index: unique within
+a turn, and the same when the same request comes again (a retry). ``tool_calls`` keeps its own
+ids (per request, not repeatable).
+
+chatd's own calls: a request whose system text is ``chatd.domain.agent_prompts.SUMMARY_SYSTEM``
+or ``TITLE_SYSTEM`` exactly (OpenAI: the first system or developer message's content;
+Anthropic: ``system``, a string or its text blocks joined) is a summary or title call. Markers
+in its messages are ignored (the conversation it carries holds users' markers), but the
+header's knobs and the server's defaults still apply, so faults, ``fault_times``, timing and
+usage knobs work; ``chunks``, ``reply``, ``tool_calls`` and ``steps`` do not. With ``text`` the
+text of the last user message that has text, its markers removed and its whitespace collapsed
+to single spaces, the reply is
+
+- summary: ``"Summary: " + text[:200]`` (trailing whitespace stripped);
+- title: the first 6 words of ``text`` without trailing punctuation, or ``"Untitled"``.
+
+Both stream (or not) like any reply, one chunk per word, so their output tokens (unless the
+``output_tokens`` knob is set) are their word counts; input tokens as for any request.
 
 Timing: a stream's headers go out at once with its opening event (OpenAI's role chunk;
 Anthropic's ``message_start`` and a ``ping``); ``first_chunk_delay_ms`` then holds back the
@@ -74,10 +105,15 @@ For non-streaming requests: ``cut`` sends half the body and closes; ``truncated`
 the JSON with a matching content-length; ``silent`` sends the headers only;
 ``midstream_error`` becomes ``server_error``.
 
-For tests: ``server.requests`` (``RecordedRequest``: headers, parsed body, knobs, fault,
-status, ``completed``, ``client_disconnected``, ``finished``, connection number) and waits with
-no polling, to bound with ``trio.fail_after``: ``wait_for_requests(n)``,
-``wait_for_disconnect(index=None)``, ``wait_for_finished(index)``, ``wait_until(predicate)``.
+For tests: ``server.requests`` (``RecordedRequest``: headers, ``body`` (the parsed JSON),
+``provider``, ``purpose`` (``Purpose.CHAT``, ``SUMMARY`` or ``TITLE``), knobs, fault, status,
+``completed``, ``client_disconnected``, ``finished``, connection number; ``system_text()``, the
+system prompt as one string (OpenAI's system/developer messages joined by a blank line), and
+``messages()``, the rest of the conversation as ``(role, text)`` pairs shaped the same for
+both formats: ``user`` / ``assistant`` / ``tool``, each Anthropic ``tool_result`` block a
+``tool`` pair, tool calls without text) and waits with no polling, to bound with
+``trio.fail_after``: ``wait_for_requests(n)``, ``wait_for_disconnect(index=None)``,
+``wait_for_finished(index)``, ``wait_until(predicate)``.
 Pauses are trio timers, so a test on ``trio.testing.MockClock`` skips them.
 """
 
@@ -87,7 +123,9 @@ from chatd.providers.fake.scenario import (
     KNOBS,
     Fault,
     KnobError,
+    Purpose,
     Scenario,
+    StepSpec,
     ToolCallSpec,
     knobs_header,
     knobs_marker,
@@ -101,8 +139,10 @@ __all__ = [
     "FakeLLM",
     "Fault",
     "KnobError",
+    "Purpose",
     "RecordedRequest",
     "Scenario",
+    "StepSpec",
     "ToolCallSpec",
     "demo_scenario",
     "knobs_header",

@@ -2,20 +2,28 @@
 
 Pure: no I/O. Knobs come from the server's defaults, then a ``[[fake-llm {...}]]`` marker in
 the last user message's text, then the ``x-fake-llm`` header (each later source wins, knob by
-knob). The wire modules turn a ``ReplyPlan`` into one provider's bytes.
+knob). chatd's own summary and title calls (recognised by their system text) ignore markers and
+get a reply made from their input. The wire modules turn a ``ReplyPlan`` into one provider's
+bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import email.utils
+import hashlib
 import json
 import math
 import re
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple
+
+import msgspec
+
+from chatd.domain.agent_prompts import SUMMARY_SYSTEM, TITLE_SYSTEM
 
 KNOB_HEADER = "x-fake-llm"
 MARKER_PREFIX = "[[fake-llm"
@@ -39,6 +47,29 @@ class Fault(StrEnum):
 
 
 STREAM_FAULTS = frozenset({Fault.CUT, Fault.TRUNCATED, Fault.SILENT, Fault.MIDSTREAM_ERROR})
+
+
+class Purpose(StrEnum):
+    """Whose request it is: a chat step, or one of chatd's own calls (told by its system text)."""
+
+    CHAT = "chat"
+    SUMMARY = "summary"
+    TITLE = "title"
+
+
+def purpose_of(system_text: str) -> Purpose:
+    if system_text == SUMMARY_SYSTEM:
+        return Purpose.SUMMARY
+    if system_text == TITLE_SYSTEM:
+        return Purpose.TITLE
+    return Purpose.CHAT
+
+
+# What chatd's own calls answer: the summary quotes this much of its input, the title this many
+# words of it.
+SUMMARY_QUOTE_CHARS = 200
+TITLE_WORDS = 6
+UNTITLED = "Untitled"
 
 
 class Finish(StrEnum):
@@ -67,6 +98,15 @@ class ToolCallSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StepSpec:
+    """One scripted model step of a turn: tool calls (with optional text first), or a reply."""
+
+    tool_calls: tuple[ToolCallSpec, ...] = ()
+    reply: str | None = None
+    text_before_tools: bool | None = None  # None: the scenario's ``text_before_tools``
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario:
     """Every knob with its default. See the package docstring for what each one does."""
 
@@ -75,6 +115,7 @@ class Scenario:
     first_chunk_delay_ms: float = 0.0
     chunk_interval_ms: float = 0.0
     tool_calls: tuple[ToolCallSpec, ...] = ()
+    steps: tuple[StepSpec, ...] = ()
     argument_chunks: int = 3
     text_before_tools: bool = False
     reasoning_chunks: int = 0
@@ -92,7 +133,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         # The same checks as for JSON knobs, so a bad server default fails at construction,
-        # and the same normal forms (floats for times, a Fault, ToolCallSpecs).
+        # and the same normal forms (floats for times, a Fault, ToolCallSpecs, StepSpecs).
         for f in dataclasses.fields(self):
             value = _PARSERS[f.name](f.name, _as_json(getattr(self, f.name)), "Scenario")
             object.__setattr__(self, f.name, value)
@@ -105,10 +146,18 @@ class Scenario:
 def _as_json(value: Any) -> Any:
     """A Python knob value back in its JSON form, for the shared checks."""
     if isinstance(value, tuple | list):
-        return [
-            {"name": t.name, "arguments": dict(t.arguments)} if isinstance(t, ToolCallSpec) else t
-            for t in value
-        ]
+        return [_as_json(v) for v in value]
+    if isinstance(value, ToolCallSpec):
+        return {"name": value.name, "arguments": dict(value.arguments)}
+    if isinstance(value, StepSpec):
+        step: dict[str, Any] = {}
+        if value.tool_calls:
+            step["tool_calls"] = _as_json(value.tool_calls)
+        if value.reply is not None:
+            step["reply"] = value.reply
+        if value.text_before_tools is not None:
+            step["text_before_tools"] = value.text_before_tools
+        return step
     if isinstance(value, Fault):
         return value.value
     return value
@@ -192,12 +241,44 @@ def _tool_calls(name: str, value: Any, source: str) -> tuple[ToolCallSpec, ...]:
     return tuple(calls)
 
 
+def _steps(name: str, value: Any, source: str) -> tuple[StepSpec, ...]:
+    if not isinstance(value, list):
+        raise _bad(source, name, "a list of steps", value)
+    steps = []
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        rule = (
+            'an object with "tool_calls" (a non-empty list) or "reply" or both, and optionally '
+            '"text_before_tools"'
+        )
+        if (
+            not isinstance(item, dict)
+            or set(item) - {"tool_calls", "reply", "text_before_tools"}
+            or not (item.get("tool_calls") or item.get("reply") is not None)
+        ):
+            raise _bad(source, where, rule, item)
+        text_before = item.get("text_before_tools")
+        steps.append(
+            StepSpec(
+                tool_calls=_tool_calls(f"{where}.tool_calls", item.get("tool_calls", []), source),
+                reply=_optional(_text)(f"{where}.reply", item.get("reply"), source),
+                text_before_tools=(
+                    None
+                    if text_before is None
+                    else _flag(f"{where}.text_before_tools", text_before, source)
+                ),
+            )
+        )
+    return tuple(steps)
+
+
 _PARSERS: dict[str, Callable[[str, Any, str], Any]] = {
     "chunks": _count(0),
     "reply": _optional(_text),
     "first_chunk_delay_ms": _millis,
     "chunk_interval_ms": _millis,
     "tool_calls": _tool_calls,
+    "steps": _steps,
     "argument_chunks": _count(1),
     "text_before_tools": _flag,
     "reasoning_chunks": _count(0),
@@ -257,6 +338,27 @@ def parse_markers(text: str) -> dict[str, Any]:
     return knobs
 
 
+def strip_markers(text: str) -> str:
+    """``text`` without its well-formed markers (a broken one stays: this never fails)."""
+    kept: list[str] = []
+    start = 0
+    for match in _MARKER.finditer(text):
+        if match.start() < start:
+            continue  # inside a marker already removed
+        try:
+            _, end = _DECODER.raw_decode(text, match.end())
+        except json.JSONDecodeError:
+            continue
+        rest = text[end:]
+        closing = len(rest) - len(rest.lstrip())
+        if not rest[closing:].startswith("]]"):
+            continue
+        kept.append(text[start : match.start()])
+        start = end + closing + 2
+    kept.append(text[start:])
+    return "".join(kept)
+
+
 class Resolved(NamedTuple):
     scenario: Scenario
     knobs: dict[str, Any]  # the request's own knobs (marker, then header), as parsed
@@ -264,7 +366,11 @@ class Resolved(NamedTuple):
 
 
 def resolve(defaults: Scenario, header: str | None, user_text: str | None) -> Resolved:
-    """The scenario for one request: defaults, then marker knobs, then header knobs."""
+    """The scenario for one request: defaults, then marker knobs, then header knobs.
+
+    Pass ``user_text=None`` for chatd's own calls: the conversation they carry holds the users'
+    markers, which are not meant for them.
+    """
     knobs: dict[str, Any] = {}
     if user_text and MARKER_PREFIX in user_text:
         knobs.update(parse_markers(user_text))
@@ -347,6 +453,9 @@ class RequestFacts:
     last_is_tool_result: bool
     input_chars: int
     max_tokens: int | None
+    # Assistant messages after the last user message that has text: the scripted step to play.
+    step_index: int = 0
+    purpose: Purpose = Purpose.CHAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,21 +518,75 @@ def text_chars(value: Any) -> int:
     return 0
 
 
-def plan_reply(scenario: Scenario, facts: RequestFacts, id_token: str) -> ReplyPlan:
-    """What to answer. A request ending in a tool result gets text, so tool loops end."""
-    reasoning = tuple(f"r{i} " for i in range(1, scenario.reasoning_chunks + 1))
-    if scenario.reply is not None:
-        text = split_even(scenario.reply, scenario.chunks)
+def request_digest(*parts: Any) -> str:
+    """A hash of a request's JSON parts (its messages, its system text): same request, same hash."""
+    return hashlib.sha256(msgspec.json.encode(parts)).hexdigest()
+
+
+def own_reply(purpose: Purpose, user_text: str | None) -> str:
+    """What chatd's summary or title call gets, made from its last user message's text."""
+    text = " ".join(strip_markers(user_text or "").split())
+    if purpose is Purpose.SUMMARY:
+        return f"Summary: {text[:SUMMARY_QUOTE_CHARS]}".rstrip()
+    if purpose is Purpose.TITLE:
+        title = " ".join(text.split()[:TITLE_WORDS]).rstrip(string.punctuation + " ")
+        return title or UNTITLED
+    raise ValueError(f"purpose {purpose} has no reply of its own")
+
+
+# chatd's own replies go a word per chunk, so their output tokens count their words.
+_WORD = re.compile(r"\S+\s*")
+
+
+class _Content(NamedTuple):
+    text: tuple[str, ...]
+    tools: tuple[ToolCallSpec, ...]
+    text_before_tools: bool
+    call_id: str  # a format string for the call index
+
+
+def _content(scenario: Scenario, facts: RequestFacts, id_token: str, digest: str) -> _Content:
+    """The text and the tool calls this request gets, before the finish and truncation."""
+    if facts.purpose is not Purpose.CHAT:
+        own = own_reply(facts.purpose, facts.last_user_text)
+        return _Content(tuple(_WORD.findall(own)), (), text_before_tools=False, call_id="")
+    reply, tools = scenario.reply, scenario.tool_calls
+    text_before_tools, call_id = scenario.text_before_tools, f"{id_token}_{{}}"
+    if scenario.steps:
+        tools = ()
+        if facts.step_index < len(scenario.steps):
+            step = scenario.steps[facts.step_index]
+            tools = step.tool_calls
+            reply = step.reply if step.reply is not None else reply
+            if step.text_before_tools is not None:
+                text_before_tools = step.text_before_tools
+            call_id = f"{digest[:16] or id_token}_{facts.step_index}_{{}}"
+    elif facts.last_is_tool_result:
+        tools = ()
+    if reply is not None:
+        text = split_even(reply, scenario.chunks)
     else:
         text = tuple(f"w{i} " for i in range(1, scenario.chunks + 1))
+    return _Content(text, tools, text_before_tools, call_id)
+
+
+def plan_reply(
+    scenario: Scenario, facts: RequestFacts, id_token: str, *, digest: str = ""
+) -> ReplyPlan:
+    """What to answer. A request ending in a tool result gets text, so tool loops end; scripted
+    ``steps`` go by ``facts.step_index`` instead, and their call ids are ``digest`` (a hash of
+    the request, so a repeated request gets the same ids), the step index and the call index.
+    chatd's own calls get ``own_reply``, a chunk per word, and never call tools."""
+    reasoning = tuple(f"r{i} " for i in range(1, scenario.reasoning_chunks + 1))
+    text, tools, text_before_tools, call_id = _content(scenario, facts, id_token, digest)
     calls: tuple[PlannedToolCall, ...] = ()
-    if scenario.tool_calls and not facts.last_is_tool_result:
+    if tools:
         finish = Finish.TOOL_CALLS
-        if not scenario.text_before_tools:
+        if not text_before_tools:
             text = ()
         calls = tuple(
-            _plan_call(f"{id_token}_{i}", spec, scenario.argument_chunks)
-            for i, spec in enumerate(scenario.tool_calls)
+            _plan_call(call_id.format(i), spec, scenario.argument_chunks)
+            for i, spec in enumerate(tools)
         )
     else:
         finish = Finish.LENGTH if scenario.finish == "length" else Finish.STOP

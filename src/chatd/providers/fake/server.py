@@ -30,11 +30,13 @@ from chatd.providers.fake.scenario import (
     ErrorCase,
     Fault,
     InvalidRequest,
+    Purpose,
     ReplyPlan,
     RequestFacts,
     Scenario,
     StreamScript,
     plan_reply,
+    request_digest,
     resolve,
     retry_after_headers,
 )
@@ -56,6 +58,12 @@ class Wire(Protocol):
 
     def parse_request(self, body: Any) -> RequestFacts: ...
 
+    def digest_parts(self, body: Any) -> tuple[Any, ...]: ...
+
+    def system_text(self, body: Any) -> str: ...
+
+    def conversation(self, body: Any) -> list[tuple[str, str]]: ...
+
     def api_key(self, headers: Mapping[str, str]) -> str | None: ...
 
     def headers(self, request_id: str, content_type: bytes) -> list[tuple[bytes, bytes]]: ...
@@ -73,6 +81,7 @@ _ROUTES: dict[bytes, Wire] = {
     b"/v1/chat/completions": wire_openai,
     b"/v1/messages": wire_anthropic,
 }
+_WIRES: dict[str, Wire] = {wire.PROVIDER: wire for wire in _ROUTES.values()}
 
 
 @dataclass(eq=False)
@@ -86,6 +95,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any = None  # the parsed JSON body; None if missing or not JSON
     provider: str | None = None  # "openai" | "anthropic" for the two API routes
+    purpose: Purpose | None = None  # chat, or chatd's summary / title call (once parsed)
     scenario: Scenario | None = None  # the knobs in effect (None if the request was rejected)
     knobs: dict[str, Any] = field(default_factory=dict)  # the request's own knobs
     fault: Fault | None = None  # the fault actually injected
@@ -94,6 +104,20 @@ class RecordedRequest:
     completed: bool = False  # the HTTP response was sent to its end
     client_disconnected: bool = False  # the client left before the end of the response
     finished: bool = False  # the server is done with this request
+
+    def system_text(self) -> str:
+        """The system prompt: Anthropic's ``system`` field (its text blocks joined), or OpenAI's
+        system and developer messages (joined by a blank line); "" if none or not parseable."""
+        wire = _WIRES.get(self.provider or "")
+        return "" if wire is None else wire.system_text(self.body)
+
+    def messages(self) -> list[tuple[str, str]]:
+        """The conversation as ``(role, text)`` pairs, the same for both wire formats: roles
+        ``user``, ``assistant`` and ``tool`` (OpenAI's tool messages; each of Anthropic's
+        tool_result blocks, before the user text of its message if it has some); no system
+        messages (see ``system_text``); tool calls carry no text."""
+        wire = _WIRES.get(self.provider or "")
+        return [] if wire is None else wire.conversation(self.body)
 
 
 class _ClientGone(Exception):
@@ -265,8 +289,11 @@ class FakeLLM:
                     "be valid JSON."
                 ) from None
             facts = wire.parse_request(record.body)
+            record.purpose = facts.purpose
+            # The conversation chatd summarizes or names holds its users' markers: not for it.
+            marked = facts.last_user_text if facts.purpose is Purpose.CHAT else None
             scenario, record.knobs, fault_key = resolve(
-                self.defaults, record.headers.get(KNOB_HEADER), facts.last_user_text
+                self.defaults, record.headers.get(KNOB_HEADER), marked
             )
         except InvalidRequest as exc:
             case = ErrorCase(Fault.BAD_REQUEST, request_id, message=exc.message, param=exc.param)
@@ -276,7 +303,10 @@ class FakeLLM:
         if fault is Fault.MIDSTREAM_ERROR and not facts.stream:
             fault = Fault.SERVER_ERROR  # a plain response has no "mid-stream"
         record.fault = fault
-        plan = plan_reply(scenario, facts, token)
+        digest = ""
+        if scenario.steps and facts.purpose is Purpose.CHAT:
+            digest = request_digest(*wire.digest_parts(record.body))
+        plan = plan_reply(scenario, facts, token, digest=digest)
         if fault is not None and fault not in STREAM_FAULTS:
             case = ErrorCase(
                 fault,

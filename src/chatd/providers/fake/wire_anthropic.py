@@ -23,6 +23,7 @@ from chatd.providers.fake.scenario import (
     RequestFacts,
     StreamScript,
     content_text,
+    purpose_of,
     text_chars,
 )
 
@@ -46,25 +47,60 @@ def parse_request(body: Any) -> RequestFacts:
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequest("max_tokens: Field required (an integer >= 1)", "max_tokens")
-    last = messages[-1]
+    # Tool results come back in user messages of tool_result blocks: those have no text, so
+    # the turn's anchor is the last user message that has.
+    anchor, last_user_text = -1, None
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user" and (text := content_text(messages[i].get("content"))):
+            anchor, last_user_text = i, text
+            break
     return RequestFacts(
         model=model,
         stream=body.get("stream") is True,
         include_usage=True,
-        last_user_text=next(
-            (
-                text
-                for m in reversed(messages)
-                if m["role"] == "user" and (text := content_text(m.get("content")))
-            ),
-            None,
-        ),
-        last_is_tool_result=last["role"] == "user"
-        and isinstance(last.get("content"), list)
-        and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"]),
+        last_user_text=last_user_text,
+        last_is_tool_result=bool(_tool_results(messages[-1])),
         input_chars=text_chars(messages) + text_chars(body.get("system")),
         max_tokens=max_tokens,
+        step_index=sum(m["role"] == "assistant" for m in messages[anchor + 1 :]),
+        purpose=purpose_of(system_text(body)),
     )
+
+
+def _tool_results(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if message.get("role") != "user" or not isinstance(content, list):
+        return []
+    return [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+
+
+def digest_parts(body: Any) -> tuple[Any, ...]:
+    """What identifies a request for its stable tool call ids: the system and the messages."""
+    if not isinstance(body, dict):
+        return (body,)
+    return body.get("system"), body.get("messages")
+
+
+def system_text(body: Any) -> str:
+    """The ``system`` field: a string, or the joined text of its text blocks."""
+    return content_text(body.get("system")) if isinstance(body, dict) else ""
+
+
+def conversation(body: Any) -> list[tuple[str, str]]:
+    """``(role, text)`` per message, shaped like OpenAI's: each tool_result block of a user
+    message is a ``("tool", its text)`` entry, and the user entry (if it has text) follows them;
+    tool calls are not text."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    pairs: list[tuple[str, str]] = []
+    for m in messages if isinstance(messages, list) else []:
+        if not isinstance(m, dict):
+            continue
+        results = _tool_results(m)
+        pairs += [("tool", content_text(r.get("content"))) for r in results]
+        text = content_text(m.get("content"))
+        if text or not results:
+            pairs.append((str(m.get("role", "")), text))
+    return pairs
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:

@@ -24,6 +24,7 @@ from chatd.providers.fake.scenario import (
     StreamScript,
     content_text,
     mask_key,
+    purpose_of,
     text_chars,
 )
 
@@ -52,18 +53,56 @@ def parse_request(body: Any) -> RequestFacts:
     stream = body.get("stream") is True
     options = body.get("stream_options")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    anchor, last_user_text = -1, None  # the last user message that has text
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user" and (text := content_text(messages[i].get("content"))):
+            anchor, last_user_text = i, text
+            break
+    first_system = next((m for m in messages if m["role"] in _SYSTEM_ROLES), None)
     return RequestFacts(
         model=model,
         stream=stream,
         include_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
-        last_user_text=next(
-            (content_text(m.get("content")) for m in reversed(messages) if m["role"] == "user"),
-            None,
-        ),
+        last_user_text=last_user_text,
         last_is_tool_result=messages[-1]["role"] == "tool",
         input_chars=text_chars(messages),
         max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+        step_index=sum(m["role"] == "assistant" for m in messages[anchor + 1 :]),
+        purpose=purpose_of(
+            "" if first_system is None else content_text(first_system.get("content"))
+        ),
     )
+
+
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def digest_parts(body: Any) -> tuple[Any, ...]:
+    """What identifies a request for its stable tool call ids: the messages (system included)."""
+    return (body.get("messages"),) if isinstance(body, dict) else (body,)
+
+
+def system_text(body: Any) -> str:
+    """The text of the system (and developer) messages, joined by a blank line."""
+    return "\n\n".join(
+        content_text(m.get("content")) for m in _messages(body) if m.get("role") in _SYSTEM_ROLES
+    )
+
+
+def conversation(body: Any) -> list[tuple[str, str]]:
+    """``(role, text)`` per message but the system ones; tool calls are not text."""
+    return [
+        (str(m.get("role", "")), content_text(m.get("content")))
+        for m in _messages(body)
+        if m.get("role") not in _SYSTEM_ROLES
+    ]
+
+
+def _messages(body: Any) -> list[dict[str, Any]]:
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return []
+    return [m for m in messages if isinstance(m, dict)]
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:

@@ -3,7 +3,8 @@
 Every state built by ``state_in`` shares one history: user messages at seqs 2 and 7, the last
 message at seq ``L`` = 10, history version ``HV`` = 20 and generation attempt ``GA`` = 30. So
 in an expected outcome, 11 is "the next seq", 21 "the next history version", 31 "the next
-attempt", and a wrong one stands out.
+attempt", and a wrong one stands out. In the states with built-in tools running, the message
+at seq 10 is the assistant message that made ``TOOLS``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ CALLS = (
 CALL_PARTS = tuple(ToolCallPart(c.id, c.name, c.arguments) for c in CALLS)
 VALID_RESULTS = (ToolResult("call_b", '{"ok": true}'), ToolResult("call_a", "[1, 2]"))
 
+# The built-in calls running in the ``running_tools`` and ``interrupting_tools`` states.
+TOOLS = (
+    PendingToolCall("builtin_1", "current_time", "{}"),
+    PendingToolCall("builtin_2", "random_number", "{}"),
+)
+TOOL_PARTS = tuple(ToolCallPart(c.id, c.name, c.arguments) for c in TOOLS)
+TOOL_RESULTS = (ToolResult("builtin_1", '"12:00"'), ToolResult("builtin_2", "4"))
+
 
 def failure(
     kind: ErrorKind = ErrorKind.OVERLOADED,
@@ -84,7 +93,15 @@ RETRYABLE = failure()
 FATAL = failure(ErrorKind.AUTH, retryable=False)
 
 StatusCase = Literal[
-    "waiting", "running", "running_retry", "interrupting", "requires_action", "error"
+    "waiting",
+    "running",
+    "running_retry",
+    "running_tools",
+    "compacting",
+    "interrupting",
+    "interrupting_tools",
+    "requires_action",
+    "error",
 ]
 STATUS_CASES: tuple[StatusCase, ...] = get_args(StatusCase)
 
@@ -121,8 +138,18 @@ def state_in(
                 retry_count=RETRY_COUNT,
                 last_error=RETRYABLE,
             )
+        case "running_tools":
+            state = replace(
+                base, status=ChatStatus.RUNNING, running_tools=TOOLS, tools_message_seq=L
+            )
+        case "compacting":
+            state = replace(base, status=ChatStatus.RUNNING, compacting=True)
         case "interrupting":
             state = replace(base, status=ChatStatus.INTERRUPTING)
+        case "interrupting_tools":
+            state = replace(
+                base, status=ChatStatus.INTERRUPTING, running_tools=TOOLS, tools_message_seq=L
+            )
         case "requires_action":
             state = replace(
                 base,

@@ -3,7 +3,9 @@
 A chat starts empty and receives a random sequence of messages. Internal events carry the
 current episode most of the time and a stale one sometimes. After every step the invariants of
 DESIGN.md section 2 are checked on the decision, on the new state, and on the live history the
-decisions wrote so far (kept here the way the store keeps it: truncation soft-deletes).
+decisions wrote so far (kept here the way the store keeps it: truncation soft-deletes). At the
+end the chat is let come to rest, and every tool call in the history has exactly one result.
+A deleted chat is replaced by a new one and the sequence goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from hypothesis import strategies as st
 
 from chatd.domain.chat_state import ChatState, derived_message_id
 from chatd.domain.chat_status import ChatStatus
-from chatd.domain.conversation import ContentPart, TextPart, ToolCallPart, ToolResultPart
+from chatd.domain.conversation import (
+    ContentPart,
+    SummaryPart,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
 from chatd.domain.decide import decide
 from chatd.domain.effects import (
     ArmActionDeadline,
@@ -27,6 +35,7 @@ from chatd.domain.effects import (
     CancelGeneration,
     Decision,
     DisarmTimers,
+    Done,
     Effect,
     InvalidCommand,
     MessageAccepted,
@@ -36,6 +45,7 @@ from chatd.domain.effects import (
     QueueFull,
     Refusal,
     Reply,
+    RunTools,
     StartGeneration,
     TransitionNotAllowed,
     UnknownTarget,
@@ -46,12 +56,15 @@ from chatd.domain.events import (
     Episode,
     ErrorRaised,
     HistoryReset,
+    PendingToolCall,
     PreviewReset,
     QueuedEntry,
     RetryScheduled,
 )
 from chatd.domain.mailbox import (
     ActionDeadlineFired,
+    Compact,
+    DeleteChat,
     DeleteQueued,
     EditMessage,
     GenerationFailed,
@@ -65,7 +78,9 @@ from chatd.domain.mailbox import (
     SetArchived,
     StepCompleted,
     SubmitToolResults,
+    Summarized,
     ToolResult,
+    ToolsCompleted,
 )
 from chatd.domain.provider_failure import ErrorKind
 from tests.unit.chat_states import CHAT, POLICY, failure
@@ -84,18 +99,25 @@ COMMANDS = (
     PromoteQueued,
     DeleteQueued,
     SetArchived,
+    Compact,
+    DeleteChat,
 )
+
+# The output decide writes for a built-in call the tools left unanswered.
+NO_RESULT = json.dumps({"error": "the tool returned no result"})
 
 # -- the chat as the store would hold it --------------------------------------------------
 
 
 @dataclass
 class Chat:
+    chat_id: UUID = CHAT
     state: ChatState = field(default_factory=lambda: ChatState(CHAT))
     history: list[NewMessage] = field(default_factory=list)  # live (not truncated) messages
     written_ids: set[UUID] = field(default_factory=set)
     now: float = 1_000.0
     counter: int = 0
+    deleted: int = 0
     refusals: Counter[str] = field(default_factory=Counter)
     seen: Counter[str] = field(default_factory=Counter)
 
@@ -104,6 +126,13 @@ class Chat:
         return self.counter
 
     def apply(self, decision: Decision) -> None:
+        if decision.delete:
+            # The chat is gone; the sequence goes on with a new one (its own message ids).
+            self.deleted += 1
+            self.chat_id = UUID(int=CHAT.int + self.deleted)
+            self.state = ChatState(self.chat_id)
+            self.history = []
+            return
         if decision.truncate_after_seq is not None:
             cut = decision.truncate_after_seq
             self.history = [m for m in self.history if m.seq <= cut]
@@ -123,9 +152,13 @@ class Drawn:
     stale: bool = False  # an internal event of an abandoned episode or history version
 
 
-def _episode(data: st.DataObject, state: ChatState) -> tuple[Episode, bool]:
+def _episode(data: st.DataObject, state: ChatState, *, live: bool = True) -> tuple[Episode, bool]:
+    """``live``: whether the event can be of the current episode at all. An outcome of a model
+    call cannot while built-in tools run (no model call runs), nor a model step while a summary
+    is made; ``decide`` ignores those (test_decide_table's rows say so), so they are drawn
+    stale only here."""
     current = state.episode
-    if data.draw(st.integers(0, 4)) > 0:
+    if live and data.draw(st.integers(0, 4)) > 0:
         return current, False
     stale = data.draw(
         st.sampled_from(
@@ -158,7 +191,8 @@ def _draw_results(data: st.DataObject, chat: Chat) -> tuple[ToolResult, ...]:
 
 
 def _draw_step(data: st.DataObject, chat: Chat) -> Drawn:
-    episode, stale = _episode(data, chat.state)
+    idle = bool(chat.state.running_tools) or chat.state.compacting
+    episode, stale = _episode(data, chat.state, live=not idle)
     builtin = [
         ToolCallPart(f"call_{chat.fresh()}", "current_time", "{}")
         for _ in range(data.draw(st.integers(0, 2)))
@@ -168,20 +202,41 @@ def _draw_step(data: st.DataObject, chat: Chat) -> Drawn:
         for _ in range(data.draw(st.integers(0, 2)))
     ]
     text: list[ContentPart] = [TextPart("an answer")] if data.draw(st.booleans()) else []
+    # The model may interleave the two kinds of calls.
+    calls: list[ContentPart] = data.draw(st.permutations([*builtin, *dynamic]))
     return Drawn(
         StepCompleted(
             episode,
-            (*text, *builtin, *dynamic),
+            (*text, *calls),
             None,
-            builtin_results=tuple(ToolResult(c.id, '"12:00"') for c in builtin),
+            builtin_calls=tuple(builtin),
             dynamic_calls=tuple(dynamic),
         ),
         stale,
     )
 
 
-def _draw_failure(data: st.DataObject, chat: Chat) -> Drawn:
+def _draw_tools_completed(data: st.DataObject, chat: Chat) -> Drawn:
     episode, stale = _episode(data, chat.state)
+    calls = [c.id for c in chat.state.running_tools] or [f"call_{chat.fresh()}"]
+    outputs = st.sampled_from(['"12:00"', '{"error": "no such file"}', "4"])
+    results = [ToolResult(i, data.draw(outputs)) for i in data.draw(st.permutations(calls))]
+    match data.draw(st.sampled_from(["all"] * 3 + ["missing", "extra"])):
+        case "missing":
+            results.pop(data.draw(st.integers(0, len(results) - 1)))
+        case "extra":
+            results.append(ToolResult(f"call_{chat.fresh()}", "{}"))
+    return Drawn(ToolsCompleted(episode, tuple(results)), stale)
+
+
+def _draw_summarized(data: st.DataObject, chat: Chat) -> Drawn:
+    episode, stale = _episode(data, chat.state, live=not chat.state.running_tools)
+    text = data.draw(st.sampled_from(["the story so far", ""]))
+    return Drawn(Summarized(episode, text, chat.state.last_message_seq, None), stale)
+
+
+def _draw_failure(data: st.DataObject, chat: Chat) -> Drawn:
+    episode, stale = _episode(data, chat.state, live=not chat.state.running_tools)
     match data.draw(st.sampled_from(["retryable", "retryable", "retry_after", "fatal"])):
         case "retryable":
             failed = failure(ErrorKind.RATE_LIMIT)
@@ -194,7 +249,12 @@ def _draw_failure(data: st.DataObject, chat: Chat) -> Drawn:
 
 def _draw_stopped(data: st.DataObject, chat: Chat) -> Drawn:
     episode, stale = _episode(data, chat.state)
-    parts: list[ContentPart] = []
+    # Stopped while tools ran: the results of the calls that had finished.
+    parts: list[ContentPart] = [
+        ToolResultPart(call.id, '"12:00"')
+        for call in chat.state.running_tools
+        if data.draw(st.booleans())
+    ]
     if data.draw(st.booleans()):
         parts.append(TextPart(data.draw(st.sampled_from(["", "partial"]))))
     if data.draw(st.booleans()):
@@ -215,16 +275,25 @@ def _draw_text(data: st.DataObject) -> str:
 def draw_message(data: st.DataObject, chat: Chat) -> Drawn:
     state = chat.state
     kinds = ["send"] * 3 + ["edit", "interrupt", "promote", "delete", "archive", "resumed"]
-    if state.status is R and state.retry_at is None:
-        kinds += ["step"] * 6 + ["failed"] * 3 + ["interrupt"] * 2
+    kinds += ["compact"]
+    if data.draw(st.integers(0, 3)) == 0:
+        kinds += ["delete_chat"]  # rarely: the sequence goes on with a new, empty chat
+    if state.generating and state.running_tools:
+        kinds += ["tools"] * 6 + ["interrupt"] * 3 + ["resumed"]
+    elif state.generating and state.compacting:
+        kinds += ["summarized"] * 5 + ["failed"] * 2 + ["interrupt"]
+    elif state.generating:
+        kinds += ["step"] * 6 + ["failed"] * 3 + ["interrupt"] * 2 + ["summarized"]
     if state.status is R and state.retry_at is not None:
         kinds += ["timer"] * 4
     if state.status is I:
         kinds += ["stopped"] * 5
     if state.status is A:
-        kinds += ["submit"] * 5 + ["deadline"] * 2 + ["edit", "send"]
+        kinds += ["submit"] * 5 + ["deadline"] * 2 + ["edit"] * 2 + ["send"]
+    if state.status in (W, E):
+        kinds += ["compact"]
     # Now and then anything at all, in any state (they must be ignored or refused).
-    kinds += ["step", "failed", "stopped", "timer", "deadline", "submit"]
+    kinds += ["step", "failed", "stopped", "timer", "deadline", "submit", "tools", "summarized"]
     match data.draw(st.sampled_from(kinds)):
         case "send":
             behavior = data.draw(st.sampled_from(["queue", "interrupt"]))
@@ -237,7 +306,8 @@ def draw_message(data: st.DataObject, chat: Chat) -> Drawn:
                 )
             )
         case "edit":
-            target = _draw_target(data, [u.id for u in state.user_messages])
+            # Any user message of the history: the ones a summary covers are refused.
+            target = _draw_target(data, [m.id for m in chat.history if m.role == "user"])
             return Drawn(EditMessage(target, UUID(int=chat.fresh()), _draw_text(data)))
         case "interrupt":
             return Drawn(Interrupt())
@@ -249,8 +319,16 @@ def draw_message(data: st.DataObject, chat: Chat) -> Drawn:
             return Drawn(SetArchived(data.draw(st.sampled_from([False, False, True]))))
         case "resumed":
             return Drawn(Resumed())
+        case "compact":
+            return Drawn(Compact())
+        case "delete_chat":
+            return Drawn(DeleteChat())
         case "step":
             return _draw_step(data, chat)
+        case "tools":
+            return _draw_tools_completed(data, chat)
+        case "summarized":
+            return _draw_summarized(data, chat)
         case "failed":
             return _draw_failure(data, chat)
         case "stopped":
@@ -312,6 +390,11 @@ def expected_refusal(state: ChatState, message: MailboxMessage) -> type[Refusal]
         case PromoteQueued(queued_id=target) | DeleteQueued(queued_id=target):
             if target not in {q.id for q in state.queue}:
                 return UnknownTarget
+        case Compact():
+            if state.archived or state.status not in (W, E):
+                return TransitionNotAllowed
+            if state.last_message_seq <= state.summary_seq:
+                return TransitionNotAllowed
         case _:
             pass
     return None
@@ -332,7 +415,24 @@ def of_type(effects: tuple[Effect, ...], kind: type[T]) -> list[T]:
 
 def check_state(state: ChatState) -> None:
     """What must hold of every state, whatever led there."""
-    assert (state.status is A) == bool(state.pending_calls) == (state.action_deadline is not None)
+    assert (state.status is A) == (state.action_deadline is not None)
+    if state.status is A:
+        assert state.pending_calls
+        assert not state.running_tools
+    if state.pending_calls:
+        # The client's calls are asked for, or held while chatd's own calls run.
+        assert state.status is A or state.running_tools
+    if state.running_tools:
+        assert state.status in (R, I)
+        assert state.retry_at is None
+        assert 0 < state.tools_message_seq <= state.last_message_seq
+        assert not state.compacting
+    else:
+        assert state.tools_message_seq == 0
+    if state.compacting:
+        # The database requires it: compacting only while running.
+        assert state.status is R
+        assert not state.pending_calls
     if state.retry_at is not None:
         assert state.status is R
     if state.status is E:
@@ -341,20 +441,23 @@ def check_state(state: ChatState) -> None:
         assert state.queue == ()
         assert state.retry_count == 0
         assert state.last_error is None
+    assert 0 <= state.summary_seq <= state.last_message_seq
     assert len(state.queue) <= POLICY.max_queue_length
     assert len({q.id for q in state.queue}) == len(state.queue)
-    assert len({c.id for c in state.pending_calls}) == len(state.pending_calls)
+    calls = [c.id for c in (*state.running_tools, *state.pending_calls)]
+    assert len(set(calls)) == len(calls)
 
 
 def check_history(chat: Chat) -> None:
-    """The live history: ordered, every call answered before the next user or assistant
-    message, the unanswered calls are exactly the pending ones, and the user messages the
-    state knows are exactly those of the history."""
+    """The live history: ordered, every call answered (once) before the next user, assistant
+    or summary message, the unanswered calls are exactly the running and pending ones, and the
+    user messages the state knows are exactly those after the newest summary."""
     seqs = [m.seq for m in chat.history]
     assert seqs == sorted(set(seqs))
     versions = [m.history_version for m in chat.history]
     assert versions == sorted(versions)
     outstanding: list[str] = []
+    summary_seq = 0
     for m in chat.history:
         ids = [p.call_id for p in m.parts if isinstance(p, ToolResultPart)]
         match m.role:
@@ -371,12 +474,152 @@ def check_history(chat: Chat) -> None:
                 for call_id in ids:
                     assert call_id in outstanding, f"a result for no open call: {call_id}"
                     outstanding.remove(call_id)
+            case "summary":
+                assert not outstanding, "a summary while tool calls are unanswered"
+                (part,) = m.parts
+                assert isinstance(part, SummaryPart)
+                assert part.through_seq < m.seq
+                summary_seq = m.seq
     state = chat.state
-    assert outstanding == [c.id for c in state.pending_calls]
-    users = [(m.id, m.seq) for m in chat.history if m.role == "user"]
+    assert sorted(outstanding) == sorted(c.id for c in (*state.running_tools, *state.pending_calls))
+    if state.running_tools:
+        # The calls running are those of the newest message, the step that made them.
+        newest = chat.history[-1]
+        assert (newest.role, newest.seq) == ("assistant", state.tools_message_seq)
+    assert state.summary_seq == summary_seq
+    users = [(m.id, m.seq) for m in chat.history if m.role == "user" and m.seq > summary_seq]
     assert users == [(u.id, u.seq) for u in state.user_messages]
     if chat.history:
         assert chat.history[-1].history_version <= state.history_version
+
+
+def check_every_call_answered_once(chat: Chat) -> None:
+    """At rest, every tool call of the history has exactly one result."""
+    calls = Counter(
+        p.id
+        for m in chat.history
+        if m.role == "assistant"
+        for p in m.parts
+        if isinstance(p, ToolCallPart)
+    )
+    results = Counter(
+        p.call_id for m in chat.history for p in m.parts if isinstance(p, ToolResultPart)
+    )
+    assert results == calls
+    assert set(calls.values()) <= {1}
+
+
+def check_deleted(before: ChatState, decision: Decision) -> None:
+    """Deleting is allowed in every state: nothing is written, what runs stops without keeping
+    anything, the timers go."""
+    assert decision.state == before
+    assert decision.messages == ()
+    assert decision.truncate_after_seq is None
+    runs = before.generating or before.status is I
+    stop = (CancelGeneration(keep_partial=False),) if runs else ()
+    assert decision.effects == (*stop, DisarmTimers(), Reply(Done()))
+
+
+def check_tool_messages(before: ChatState, message: MailboxMessage, decision: Decision) -> None:
+    """Every tool message answers the calls decide was waiting for, once each, in order."""
+    tools = [m for m in decision.messages if m.role == "tool"]
+    assert len(tools) <= 1
+    if isinstance(message, StepCompleted):
+        assert not tools, "a step's tools run after its commit"
+    for m in tools:
+        results = [p for p in m.parts if isinstance(p, ToolResultPart)]
+        assert len(results) == len(m.parts)
+        ids = [r.call_id for r in results]
+        if isinstance(message, ToolsCompleted):
+            # chatd's own calls answered; the client's stay held.
+            given = {r.call_id: r.output for r in message.results}
+            assert ids == [c.id for c in before.running_tools]
+            assert all(not r.is_error for r in results)
+            assert all(r.output == given.get(r.call_id, NO_RESULT) for r in results)
+            assert decision.state.pending_calls == before.pending_calls
+        elif before.running_tools:
+            # Stopped while tools ran: one result for every call of the step.
+            assert isinstance(message, GenerationStopped | Resumed)
+            assert ids == [c.id for c in (*before.running_tools, *before.pending_calls)]
+            finished: dict[str, ToolResultPart] = {}
+            if isinstance(message, GenerationStopped):
+                finished = {p.call_id: p for p in message.parts if isinstance(p, ToolResultPart)}
+            for r in results:
+                if r.call_id in finished:
+                    assert r == finished[r.call_id]
+                else:
+                    assert r.is_error
+                    assert json.loads(r.output)["error"] == "cancelled"
+        else:
+            assert ids == [c.id for c in before.pending_calls]
+            if isinstance(message, SubmitToolResults):
+                submitted = {r.call_id: r.output for r in message.results}
+                assert all(r.output == submitted[r.call_id] for r in results)
+                assert not any(r.is_error for r in results)
+            else:
+                assert all(r.is_error for r in results)
+                assert all(json.loads(r.output)["error"] == "cancelled" for r in results)
+
+
+def check_tools_and_summaries(
+    before: ChatState, message: MailboxMessage, decision: Decision
+) -> None:
+    after = decision.state
+    written = decision.messages
+    starts = of_type(decision.effects, StartGeneration)
+
+    # Built-in calls run only once their step is committed, and again on a resume.
+    runs = of_type(decision.effects, RunTools)
+    assert len(runs) <= 1
+    if runs:
+        assert isinstance(message, StepCompleted | Resumed)
+        assert after.status is R
+        assert runs == [RunTools(after.episode, after.tools_message_seq, after.running_tools)]
+        assert not starts
+    if after.running_tools and not before.running_tools:
+        assert isinstance(message, StepCompleted)
+        assert runs
+        assert [m.role for m in written] == ["assistant"]
+        assert after.tools_message_seq == written[0].seq
+        assert after.running_tools == tuple(
+            PendingToolCall(c.id, c.name, c.arguments) for c in message.builtin_calls
+        )
+        assert after.pending_calls == tuple(
+            PendingToolCall(c.id, c.name, c.arguments) for c in message.dynamic_calls
+        )
+        assert after.generation_attempt == before.generation_attempt
+    if isinstance(message, Resumed) and after.running_tools and after.status is R:
+        assert runs
+    if after.running_tools and before.running_tools:
+        assert after.running_tools == before.running_tools
+        assert after.tools_message_seq == before.tools_message_seq
+        assert written == ()
+
+    # Compacting: asked for in a chat at rest, only while running.
+    if after.compacting and not before.compacting:
+        assert isinstance(message, Compact)
+        assert before.status in (W, E)
+        assert starts
+        assert after.history_version == before.history_version
+    summaries = [m for m in written if m.role == "summary"]
+    assert len(summaries) <= 1
+    if summaries:
+        assert isinstance(message, Summarized)
+        (summary,) = summaries
+        assert written[0] is summary
+        assert summary.parts == (SummaryPart(message.text, message.through_seq),)
+        assert summary.usage == message.usage
+        assert after.summary_seq == summary.seq
+        assert not after.compacting
+        if before.compacting:
+            # Asked for by hand: the turn ends (or the next queued message starts).
+            assert after.status is W or [m.role for m in written] == ["summary", "user"]
+        else:
+            # Made room for the step that starts now.
+            assert after.status is R
+            assert starts
+    else:
+        assert after.summary_seq == before.summary_seq
 
 
 def check_decision(
@@ -387,10 +630,16 @@ def check_decision(
     events = published(decision)
     is_command = isinstance(message, COMMANDS)
 
+    assert decision.delete == isinstance(message, DeleteChat)
+    if decision.delete:
+        check_deleted(before, decision)
+        return
+
     # Counters never go back.
     assert after.history_version >= before.history_version
     assert after.generation_attempt >= before.generation_attempt
     assert after.last_message_seq >= before.last_message_seq
+    assert after.summary_seq >= before.summary_seq
 
     # Writes: consecutive seqs after the last one, increasing versions, stable ids.
     written = decision.messages
@@ -406,7 +655,7 @@ def check_decision(
     assert (after.history_version > before.history_version) == history_changed
     for m in written:
         if m.role != "user":
-            assert m.id == derived_message_id(CHAT, m.seq)
+            assert m.id == derived_message_id(chat.chat_id, m.seq)
 
     # At most one user message, and it is the command's own or the queue's head.
     users = [m for m in written if m.role == "user"]
@@ -427,10 +676,10 @@ def check_decision(
             else:
                 assert after.queue == before.queue[1:]
 
-    # A user message never comes before the results closing the pending calls.
+    # A user message never comes before the results closing the unanswered calls (the ones
+    # chatd runs and the client's), unless the edit removes the message that made them.
     tools = [m for m in written if m.role == "tool"]
-    assert len(tools) <= 1
-    if before.pending_calls and users:
+    if (before.running_tools or before.pending_calls) and users:
         if decision.truncate_after_seq is not None:
             callers = [
                 m.seq
@@ -442,24 +691,8 @@ def check_decision(
         else:
             assert tools
             assert written.index(tools[0]) < written.index(users[0])
-
-    # Every tool message answers exactly the step's built-in calls or the pending calls.
-    for m in tools:
-        results = [p for p in m.parts if isinstance(p, ToolResultPart)]
-        assert len(results) == len(m.parts)
-        if isinstance(message, StepCompleted):
-            assert [(r.call_id, r.output, r.is_error) for r in results] == [
-                (r.call_id, r.output, False) for r in message.builtin_results
-            ]
-        else:
-            assert [r.call_id for r in results] == [c.id for c in before.pending_calls]
-            if isinstance(message, SubmitToolResults):
-                submitted = {r.call_id: r.output for r in message.results}
-                assert all(r.output == submitted[r.call_id] for r in results)
-                assert not any(r.is_error for r in results)
-            else:
-                assert all(r.is_error for r in results)
-                assert all(json.loads(r.output)["error"] == "cancelled" for r in results)
+    check_tool_messages(before, message, decision)
+    check_tools_and_summaries(before, message, decision)
 
     # A new provider attempt: one StartGeneration for the new episode, and only then.
     starts = of_type(effects, StartGeneration)
@@ -470,8 +703,10 @@ def check_decision(
         assert starts[0].episode == after.episode
         assert after.status is R
         assert after.retry_at is None
-        if after.history_version == before.history_version:
-            # Same history, new attempt: what streamed for the old one is stale.
+        assert not after.running_tools
+        if after.history_version == before.history_version and before.status is R:
+            # Same history, new attempt of a running step (a retry or a resume): what
+            # streamed for the old one is stale.
             assert PreviewReset(after.episode) in events
 
     # Exactly one reply to a command, none to an internal event.
@@ -486,12 +721,13 @@ def check_decision(
         assert in_queue != started
         assert reply.queued == in_queue
 
-    # Stopping the stream.
+    # Stopping the stream (or the tools, or the summary call).
     cancels = of_type(effects, CancelGeneration)
     assert len(cancels) <= 1
     if after.status is I and before.status is not I:
         assert cancels == [CancelGeneration(keep_partial=True)]
         assert before.generating
+        assert not after.compacting
     if cancels:
         if cancels[0].keep_partial:
             assert after.status is I
@@ -505,6 +741,7 @@ def check_decision(
     # Truncation: only by an edit, announced with a history reset.
     if decision.truncate_after_seq is not None:
         assert isinstance(message, EditMessage)
+        assert decision.truncate_after_seq >= before.summary_seq
         resets = [e for e in events if isinstance(e, HistoryReset)]
         assert resets == [HistoryReset(before.history_version + 1, decision.truncate_after_seq)]
         assert after.queue == ()
@@ -538,7 +775,8 @@ def check_decision(
         assert after.action_deadline is not None
         assert deadlines == [ArmActionDeadline(after.history_version, after.action_deadline)]
     if entered_action:
-        assert isinstance(message, StepCompleted)
+        # Right after the step, or once chatd's own calls of the step are answered.
+        assert isinstance(message, StepCompleted | ToolsCompleted)
         assert after.action_deadline == chat.now + POLICY.action_timeout_s
         assert deadlines
         assert required == [ActionRequired(after.pending_calls, after.action_deadline)]
@@ -620,6 +858,10 @@ def step(chat: Chat, drawn: Drawn) -> Decision | Refusal:
     if isinstance(decision, Refusal):
         assert isinstance(message, COMMANDS), "internal events are never refused"
         assert type(decision) is expected_refusal(before, message)
+        if isinstance(decision, UnknownTarget) and isinstance(message, EditMessage):
+            # The refusal says which messages can be edited.
+            summarized = "message after the chat's newest summary"
+            assert decision.what == (summarized if before.summary_seq else "message")
         chat.refusals[type(decision).__name__] += 1
         return decision
     assert expected_refusal(before, message) is None
@@ -642,13 +884,33 @@ def test_random_sequences_keep_every_invariant(data: st.DataObject) -> None:
         drawn = draw_message(data, chat)
         step(chat, drawn)
     check_state(chat.state)
+    _finish_all_turns(chat)
+    assert chat.state.status in (W, E)
+    check_every_call_answered_once(chat)
+
+
+def label(state: ChatState) -> str:
+    """The status, and what runs in it: ``running+tools+held``, ``running+retry``, ..."""
+    flags = [
+        ("retry", state.retry_at is not None),
+        ("tools", bool(state.running_tools)),
+        ("held", bool(state.running_tools and state.pending_calls)),
+        ("compacting", state.compacting),
+        ("summarized", state.status is W and state.summary_seq > 0),
+    ]
+    return "+".join([state.status.value, *(name for name, on in flags if on)])
+
+
+def brief(state: ChatState) -> str:
+    """The label without the held calls (what a transition needs set up is rare enough)."""
+    return label(state).replace("+held", "")
 
 
 @dataclass
 class Reach:
     """What the sequences of the sampling test reached (to know the test is not vacuous)."""
 
-    statuses: set[tuple[str, bool]] = field(default_factory=set)
+    labels: set[str] = field(default_factory=set)
     transitions: set[tuple[str, str, str]] = field(default_factory=set)
 
 
@@ -659,7 +921,7 @@ def test_the_random_sequences_reach_every_status_and_message() -> None:
     refusals: Counter[str] = Counter()
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=60, deadline=None, database=None, derandomize=True)
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True)
     @given(st.data())
     def explore(data: st.DataObject) -> None:
         chat = Chat()
@@ -668,17 +930,18 @@ def test_the_random_sequences_reach_every_status_and_message() -> None:
             before = chat.state
             drawn = draw_message(data, chat)
             outcome = step(chat, drawn)
-            if isinstance(outcome, Decision):
-                reach.statuses.add((outcome.state.status.value, outcome.state.retry_at is not None))
-                reach.transitions.add(
-                    (before.status.value, type(drawn.message).__name__, chat.state.status.value)
-                )
+            if isinstance(outcome, Decision) and not outcome.delete:
+                reach.labels.add(label(outcome.state))
+                kind = type(drawn.message).__name__
+                reach.transitions.add((brief(before), kind, brief(chat.state)))
         refusals.update(chat.refusals)
         seen.update(chat.seen)
 
     explore()
-    assert {s for s, _ in reach.statuses} == {s.value for s in ChatStatus}
-    assert ("running", True) in reach.statuses
+    statuses = {name.split("+")[0] for name in reach.labels}
+    assert statuses == {s.value for s in ChatStatus}
+    for name in ["running+retry", "running+tools", "running+tools+held", "interrupting+tools"]:
+        assert name in reach.labels, name
     assert set(seen) == {t.__name__ for t in MESSAGE_TYPES}
     assert set(refusals) == {"TransitionNotAllowed", "InvalidCommand", "QueueFull", "UnknownTarget"}
     # A few transitions that matter and need several steps to set up.
@@ -686,10 +949,20 @@ def test_the_random_sequences_reach_every_status_and_message() -> None:
         ("requires_action", "SubmitToolResults", "running"),
         ("requires_action", "ActionDeadlineFired", "waiting"),
         ("interrupting", "GenerationStopped", "running"),
-        ("running", "RetryTimerFired", "running"),
+        ("running+retry", "RetryTimerFired", "running"),
         ("running", "GenerationFailed", "error"),
         ("requires_action", "SendMessage", "running"),
         ("requires_action", "EditMessage", "running"),
+        ("running", "StepCompleted", "running+tools"),
+        ("running", "StepCompleted", "requires_action"),
+        ("running+tools", "ToolsCompleted", "running"),
+        ("running+tools", "ToolsCompleted", "requires_action"),
+        ("running+tools", "Resumed", "running+tools"),
+        ("running+tools", "Interrupt", "interrupting+tools"),
+        ("interrupting+tools", "GenerationStopped", "waiting"),
+        ("waiting", "Compact", "running+compacting"),
+        ("running+compacting", "Summarized", "waiting+summarized"),
+        ("running", "Summarized", "running"),
     ]:
         assert transition in reach.transitions, transition
 
@@ -697,6 +970,8 @@ def test_the_random_sequences_reach_every_status_and_message() -> None:
 MESSAGE_TYPES: tuple[type[Any], ...] = (
     *COMMANDS,
     StepCompleted,
+    ToolsCompleted,
+    Summarized,
     GenerationFailed,
     GenerationStopped,
     RetryTimerFired,
@@ -709,22 +984,28 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
 
 
 def _finish_all_turns(chat: Chat) -> list[UUID]:
-    """Let every run end (a stop completes, a step answers) and list the user messages that
+    """Let every run end (a stop completes, a retry fires, tools and summaries answer, a step
+    answers, the client never does) until the chat rests, and list the user messages that
     started turns, in order."""
     started: list[UUID] = []
     for _ in range(50):
         state = chat.state
-        if state.status is W:
+        if state.status in (W, E):
             return started
         message: MailboxMessage
         if state.status is I:
             message = GenerationStopped(state.episode, (TextPart("partial"),))
-        elif state.status is R and state.retry_at is not None:
+        elif state.status is A:
+            message = ActionDeadlineFired(state.history_version)
+        elif state.retry_at is not None:
             message = RetryTimerFired(state.episode)
-        elif state.status is R:
-            message = StepCompleted(state.episode, (TextPart("done"),), None)
+        elif state.running_tools:
+            results = tuple(ToolResult(c.id, '"done"') for c in state.running_tools)
+            message = ToolsCompleted(state.episode, results)
+        elif state.compacting:
+            message = Summarized(state.episode, "summary", state.last_message_seq, None)
         else:
-            raise AssertionError(f"unexpected status {state.status}")
+            message = StepCompleted(state.episode, (TextPart("done"),), None)
         decision = step(chat, Drawn(message))
         assert isinstance(decision, Decision)
         started += [m.id for m in decision.messages if m.role == "user"]

@@ -37,6 +37,7 @@ from chatd.domain.effects import (
     Publish,
     Refusal,
     Reply,
+    RunTools,
     StartGeneration,
     TransitionNotAllowed,
 )
@@ -67,6 +68,7 @@ from chatd.domain.mailbox import (
     StepCompleted,
     SubmitToolResults,
     ToolResult,
+    ToolsCompleted,
 )
 from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.retry_policy import RetryPolicy
@@ -121,6 +123,9 @@ class Flow:
     def answer(self, text: str = "an answer") -> Decision:
         return self.do(StepCompleted(self.state.episode, (TextPart(text),), USAGE))
 
+    def tools_done(self, *results: ToolResult) -> Decision:
+        return self.do(ToolsCompleted(self.state.episode, results))
+
     @property
     def roles(self) -> list[str]:
         return [m.role for m in self.history]
@@ -133,10 +138,10 @@ def published(decision: Decision) -> list[ChatEvent]:
 def step(
     episode: Episode,
     *parts: ContentPart,
-    builtin: tuple[ToolResult, ...] = (),
+    builtin: tuple[ToolCallPart, ...] = (),
     dynamic: tuple[ToolCallPart, ...] = (),
 ) -> StepCompleted:
-    return StepCompleted(episode, parts, USAGE, builtin_results=builtin, dynamic_calls=dynamic)
+    return StepCompleted(episode, parts, USAGE, builtin_calls=builtin, dynamic_calls=dynamic)
 
 
 # -- a plain turn --------------------------------------------------------------------------
@@ -184,18 +189,25 @@ def test_built_in_results_continue_the_turn_with_a_new_episode() -> None:
     for n in (1, 2):
         call = ToolCallPart(f"time_{n}", "current_time", "{}")
         before = flow.state
-        continued = flow.do(
-            step(
-                flow.state.episode,
-                TextPart("checking"),
-                call,
-                builtin=(ToolResult(call.id, '"12:00"'),),
-            )
+        committed = flow.do(step(flow.state.episode, TextPart("checking"), call, builtin=(call,)))
+        # The step is committed before its tool runs, on the same attempt.
+        assert committed.state.status is R
+        assert [(m.role, m.seq) for m in committed.messages] == [
+            ("assistant", before.last_message_seq + 1)
+        ]
+        pending = (PendingToolCall(call.id, call.name, call.arguments),)
+        assert committed.state.running_tools == pending
+        assert committed.state.episode == Episode(
+            before.history_version + 1, before.generation_attempt
         )
+        assert committed.effects == (
+            RunTools(committed.state.episode, before.last_message_seq + 1, pending),
+        )
+        continued = flow.tools_done(ToolResult(call.id, '"12:00"'))
         assert continued.state.status is R
-        assert [m.role for m in continued.messages] == ["assistant", "tool"]
-        assert continued.messages[1].parts == (ToolResultPart(call.id, '"12:00"'),)
-        # One transaction commits the step's message and its tools' results together.
+        assert continued.state.running_tools == ()
+        assert [m.role for m in continued.messages] == ["tool"]
+        assert continued.messages[0].parts == (ToolResultPart(call.id, '"12:00"'),)
         assert continued.state.episode == Episode(
             before.history_version + 2, before.generation_attempt + 1
         )
@@ -221,8 +233,11 @@ def flow_requiring_action(*, with_builtin: bool = False) -> Flow:
     flow.send("Look it up and deploy")
     builtin_call = ToolCallPart("call_0", "current_time", "{}")
     parts = (builtin_call, *CALLS) if with_builtin else CALLS
-    builtin = (ToolResult("call_0", '"noon"'),) if with_builtin else ()
+    builtin = (builtin_call,) if with_builtin else ()
     decision = flow.do(step(flow.state.episode, *parts, builtin=builtin, dynamic=CALLS))
+    if with_builtin:
+        assert decision.state.status is R
+        decision = flow.tools_done(ToolResult("call_0", '"noon"'))
     assert decision.state.status is A
     return flow
 
@@ -230,8 +245,9 @@ def flow_requiring_action(*, with_builtin: bool = False) -> Flow:
 def test_dynamic_calls_wait_for_the_client_and_valid_results_continue() -> None:
     flow = flow_requiring_action(with_builtin=True)
     decision = flow.decisions[-1]
-    # The built-in result is committed with the assistant message; the dynamic calls wait.
-    assert [m.role for m in decision.messages] == ["assistant", "tool"]
+    # The built-in result is committed after the assistant message; the dynamic calls wait.
+    assert [m.role for m in flow.decisions[-2].messages] == ["assistant"]
+    assert [m.role for m in decision.messages] == ["tool"]
     assert flow.state.pending_calls == PENDING
     deadline = flow.now + POLICY.action_timeout_s
     assert flow.state.action_deadline == deadline

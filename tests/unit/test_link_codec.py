@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import typing
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
@@ -38,6 +39,9 @@ from chatd.domain.events import (
 )
 from chatd.domain.mailbox import (
     AttemptSuperseded,
+    Command,
+    Compact,
+    DeleteChat,
     DeleteQueued,
     EditMessage,
     IdempotencyMark,
@@ -167,6 +171,10 @@ def a_chat() -> Chat:
         last_message_seq=4,
         created_at=now,
         updated_at=now,
+        tools=("calculate", "read_file"),
+        input_tokens=1200,
+        output_tokens=34,
+        compacting=True,
     )
 
 
@@ -194,6 +202,8 @@ COMMANDS: list[object] = [
     PromoteQueued(uuid4()),
     DeleteQueued(uuid4()),
     SetArchived(archived=True),
+    Compact(),
+    DeleteChat(),
     CreateChatRequest(
         owner_id=uuid4(),
         message_id=uuid4(),
@@ -202,12 +212,17 @@ COMMANDS: list[object] = [
         system_prompt="s",
         model_config_id=uuid4(),
         dynamic_tools=(ToolSpec("run", "runs", {"type": "object", "properties": {}}),),
+        tools=("current_time",),
     ),
 ]
 
 
 def test_every_command_type_has_a_sample() -> None:
     assert {type(c) for c in COMMANDS} == set(link_codec.COMMANDS.values())
+
+
+def test_every_command_of_the_mailbox_crosses_the_link() -> None:
+    assert set(typing.get_args(Command)) <= set(link_codec.COMMANDS.values())
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: type(c).__name__)

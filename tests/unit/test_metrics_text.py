@@ -20,7 +20,6 @@ from chatd.domain.mailbox import (
     RetryTimerFired,
     SendMessage,
     StepCompleted,
-    ToolResult,
 )
 from chatd.web.metrics import (
     SUPERVISOR_COUNTERS,
@@ -145,7 +144,7 @@ def test_an_answer_ends_the_turn_whether_the_chat_waits_or_the_queue_goes_on() -
 
 def test_dynamic_calls_end_the_turn_but_built_in_results_continue_it() -> None:
     assert ended("running", StepCompleted(CURRENT, (CALL,), None, dynamic_calls=(CALL,)))
-    builtin = StepCompleted(CURRENT, (CALL,), None, builtin_results=(ToolResult("call_1", "1"),))
+    builtin = StepCompleted(CURRENT, (CALL,), None, builtin_calls=(CALL,))
     assert not ended("running", builtin)
 
 

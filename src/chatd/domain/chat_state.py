@@ -36,7 +36,17 @@ class ChatState:
     pending_calls: tuple[PendingToolCall, ...] = ()
     queue: tuple[QueuedEntry, ...] = ()
     last_message_seq: int = 0
+    # Live user messages after the newest summary boundary (the ones an edit may address).
     user_messages: tuple[UserMessageRef, ...] = ()
+    # Built-in calls chatd is running (status running, between two model steps): the calls of
+    # the assistant message at ``tools_message_seq`` not answered yet. The dynamic calls of the
+    # same message wait in ``pending_calls`` until they are done.
+    running_tools: tuple[PendingToolCall, ...] = ()
+    tools_message_seq: int = 0
+    # The seq of the newest summary message (0: none); messages up to it cannot be edited.
+    summary_seq: int = 0
+    # A summary asked for by hand is being made (status running, nothing to answer).
+    compacting: bool = False
 
     @property
     def episode(self) -> Episode:

@@ -6,6 +6,7 @@ The stored shape is a list of typed objects, the same that clients see::
     {"type": "reasoning", "text": ..., "signature": ... | null}
     {"type": "tool_call", "id": ..., "name": ..., "arguments": <JSON text>}
     {"type": "tool_result", "call_id": ..., "output": <JSON text>, "is_error": false}
+    {"type": "chat_summarized", "summary": ..., "through_seq": <int>}   (role "summary")
 
 This module is the only place that knows it, so the actor, the loader and the event hub agree.
 Decoding is strict about types (a row that does not fit is a bug or a foreign write, and
@@ -21,6 +22,7 @@ from typing import Any, assert_never
 from chatd.domain.conversation import (
     ContentPart,
     ReasoningPart,
+    SummaryPart,
     TextPart,
     ToolCallPart,
     ToolResultPart,
@@ -47,6 +49,8 @@ def part_to_json(part: ContentPart) -> dict[str, Any]:
                 "output": output,
                 "is_error": is_error,
             }
+        case SummaryPart(text=text, through_seq=through_seq):
+            return {"type": "chat_summarized", "summary": text, "through_seq": through_seq}
         case _:
             assert_never(part)
 
@@ -68,6 +72,11 @@ def part_from_json(data: Mapping[str, Any]) -> ContentPart:
             if not isinstance(is_error, bool):
                 raise MalformedContent("tool_result part: 'is_error' must be a boolean")
             return ToolResultPart(_str(data, "call_id"), _str(data, "output"), is_error)
+        case "chat_summarized":
+            through = data.get("through_seq")
+            if not isinstance(through, int) or isinstance(through, bool):
+                raise MalformedContent("chat_summarized part: 'through_seq' must be an integer")
+            return SummaryPart(_str(data, "summary"), through)
         case _:
             raise MalformedContent(f"unknown content part type {kind!r}")
 

@@ -41,9 +41,19 @@ class ToolResultPart:
     is_error: bool = False
 
 
-ContentPart = TextPart | ReasoningPart | ToolCallPart | ToolResultPart
+@dataclass(frozen=True, slots=True)
+class SummaryPart:
+    """A summary boundary (compaction): ``text`` stands for every message up to
+    ``through_seq``; prompts start here. Clients render it as a marker."""
 
-Role = Literal["user", "assistant", "tool"]
+    text: str
+    through_seq: int
+
+
+ContentPart = TextPart | ReasoningPart | ToolCallPart | ToolResultPart | SummaryPart
+
+# ``summary`` messages never reach a provider as messages: their text joins the system text.
+Role = Literal["user", "assistant", "tool", "summary"]
 
 
 @dataclass(frozen=True, slots=True)

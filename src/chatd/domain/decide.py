@@ -23,7 +23,13 @@ from uuid import UUID
 
 from chatd.domain.chat_state import ChatPolicy, ChatState, UserMessageRef, derived_message_id
 from chatd.domain.chat_status import ChatStatus
-from chatd.domain.conversation import ContentPart, TextPart, ToolCallPart, ToolResultPart
+from chatd.domain.conversation import (
+    ContentPart,
+    SummaryPart,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
 from chatd.domain.effects import (
     ArmActionDeadline,
     ArmRetryTimer,
@@ -39,12 +45,14 @@ from chatd.domain.effects import (
     Publish,
     QueueFull,
     Reply,
+    RunTools,
     StartGeneration,
     TransitionNotAllowed,
     UnknownTarget,
 )
 from chatd.domain.events import (
     ActionRequired,
+    Episode,
     ErrorRaised,
     HistoryReset,
     PendingToolCall,
@@ -54,6 +62,8 @@ from chatd.domain.events import (
 )
 from chatd.domain.mailbox import (
     ActionDeadlineFired,
+    Compact,
+    DeleteChat,
     DeleteQueued,
     EditMessage,
     GenerationFailed,
@@ -67,7 +77,9 @@ from chatd.domain.mailbox import (
     SetArchived,
     StepCompleted,
     SubmitToolResults,
+    Summarized,
     ToolResult,
+    ToolsCompleted,
 )
 from chatd.domain.retry_policy import GiveUp, RetryAfter
 
@@ -97,8 +109,16 @@ def decide(  # noqa: PLR0911, PLR0912 - one exhaustive match over the mailbox un
             return _delete_queued(state, message)
         case SetArchived():
             return Decision(replace(state, archived=message.archived), effects=(Reply(Done()),))
+        case Compact():
+            return _compact(state)
+        case DeleteChat():
+            return _delete(state)
         case StepCompleted():
             return _step_completed(state, message, now, policy)
+        case ToolsCompleted():
+            return _tools_completed(state, message, now, policy)
+        case Summarized():
+            return _summarized(state, message)
         case GenerationFailed():
             return _generation_failed(state, message, now, policy)
         case GenerationStopped():
@@ -163,7 +183,10 @@ def _edit(state: ChatState, m: EditMessage) -> Decision:
         raise InvalidCommand("text", "must not be empty")
     target = next((u for u in state.user_messages if u.id == m.message_id), None)
     if target is None:
-        raise UnknownTarget("message", m.message_id)
+        # Messages a summary covers are not kept in memory (nor editable: the prompt no longer
+        # holds them), so the refusal says where editable messages are.
+        what = "message after the chat's newest summary" if state.summary_seq else "message"
+        raise UnknownTarget(what, m.message_id)
     stop: tuple[Effect, ...] = ()
     if state.generating or state.status is I:
         stop = (CancelGeneration(keep_partial=False),)
@@ -173,6 +196,9 @@ def _edit(state: ChatState, m: EditMessage) -> Decision:
         user_messages=tuple(u for u in state.user_messages if u.seq < target.seq),
         queue=(),
         pending_calls=(),
+        running_tools=(),
+        tools_message_seq=0,
+        compacting=False,
         action_deadline=None,
         retry_at=None,
         retry_count=0,
@@ -201,9 +227,10 @@ def _interrupt(state: ChatState, *, reply: bool = True) -> Decision:
             turn = _finish_turn(cleared, notify=False)
             return replace(turn, effects=(DisarmTimers(), *turn.effects, *done))
         case ChatStatus.RUNNING:
-            return Decision(
-                replace(state, status=I), effects=(CancelGeneration(keep_partial=True), *done)
-            )
+            # Whatever runs (a model step, built-in tools, a summary) stops; what it finished
+            # is kept (GenerationStopped).
+            stopping = replace(state, status=I, compacting=False)
+            return Decision(stopping, effects=(CancelGeneration(keep_partial=True), *done))
         case ChatStatus.REQUIRES_ACTION:
             closed, results = _cancel_pending(state, "the user interrupted")
             turn = _finish_turn(closed, notify=False)
@@ -270,11 +297,30 @@ def _delete_queued(state: ChatState, m: DeleteQueued) -> Decision:
     return Decision(replace(state, queue=rest), effects=(Reply(Done()),))
 
 
+def _compact(state: ChatState) -> Decision:
+    if state.archived:
+        raise TransitionNotAllowed("archived", "compacting")
+    if state.status not in (W, E):
+        raise TransitionNotAllowed(state.status.value, "compacting")
+    if state.last_message_seq <= state.summary_seq:
+        raise TransitionNotAllowed("without messages since its last summary", "compacting")
+    running = replace(_running(state), compacting=True)
+    return Decision(running, effects=(StartGeneration(running.episode), Reply(Done())))
+
+
+def _delete(state: ChatState) -> Decision:
+    """Allowed in every status: what runs stops, nothing of it is kept."""
+    stop: tuple[Effect, ...] = ()
+    if state.status in (R, I) and state.retry_at is None:
+        stop = (CancelGeneration(keep_partial=False),)
+    return Decision(state, delete=True, effects=(*stop, DisarmTimers(), Reply(Done())))
+
+
 # -- internal events -----------------------------------------------------------------------
 
 
 def _step_completed(state: ChatState, m: StepCompleted, now: float, policy: ChatPolicy) -> Decision:
-    if not (state.generating and m.episode == state.episode):
+    if not (_model_step(state, m.episode) and not state.compacting):
         return Decision(state)  # a step of an abandoned episode
     seq = state.last_message_seq + 1
     assistant = NewMessage(
@@ -292,36 +338,88 @@ def _step_completed(state: ChatState, m: StepCompleted, now: float, policy: Chat
         retry_count=0,
         last_error=None,
     )
-    messages: tuple[NewMessage, ...] = (assistant,)
-    if m.builtin_results:
-        after, results = _results_message(
-            after, [ToolResultPart(r.call_id, r.output) for r in m.builtin_results]
-        )
-        messages = (assistant, results)
-    if m.dynamic_calls:
-        deadline = now + policy.action_timeout_s
-        calls = tuple(PendingToolCall(c.id, c.name, c.arguments) for c in m.dynamic_calls)
-        waiting = replace(after, status=A, pending_calls=calls, action_deadline=deadline)
+    dynamic = tuple(PendingToolCall(c.id, c.name, c.arguments) for c in m.dynamic_calls)
+    if m.builtin_calls:
+        # The step is committed before any of its tools runs, so a tool with side effects
+        # runs for a call that is durably recorded (the effect journal is keyed by it); the
+        # client's calls wait until chatd's own are answered.
+        calls = tuple(PendingToolCall(c.id, c.name, c.arguments) for c in m.builtin_calls)
+        tooling = replace(after, running_tools=calls, tools_message_seq=seq, pending_calls=dynamic)
         return Decision(
-            waiting,
-            messages=messages,
-            effects=(
-                ArmActionDeadline(waiting.history_version, deadline),
-                Publish((ActionRequired(calls, deadline),)),
-                Notify("action_required"),
-            ),
+            tooling, messages=(assistant,), effects=(RunTools(tooling.episode, seq, calls),)
         )
-    if m.builtin_results:
-        running = _running(after)  # the model continues with the results of its tools
-        return Decision(running, messages=messages, effects=(StartGeneration(running.episode),))
+    if dynamic:
+        return _await_action(replace(after, pending_calls=dynamic), (assistant,), now, policy)
     turn = _finish_turn(after, notify=True)
-    return replace(turn, messages=(*messages, *turn.messages))
+    return replace(turn, messages=(assistant, *turn.messages))
+
+
+def _tools_completed(
+    state: ChatState, m: ToolsCompleted, now: float, policy: ChatPolicy
+) -> Decision:
+    if not (state.status is R and state.running_tools and m.episode == state.episode):
+        return Decision(state)  # tools of an abandoned episode
+    by_id = {r.call_id: r.output for r in m.results}
+    missing = json.dumps({"error": "the tool returned no result"})
+    after, results = _results_message(
+        replace(state, running_tools=(), tools_message_seq=0),
+        [ToolResultPart(c.id, by_id.get(c.id, missing)) for c in state.running_tools],
+    )
+    if after.pending_calls:
+        return _await_action(after, (results,), now, policy)
+    running = _running(after)  # the model continues with the results of its tools
+    return Decision(running, messages=(results,), effects=(StartGeneration(running.episode),))
+
+
+def _await_action(
+    state: ChatState, messages: tuple[NewMessage, ...], now: float, policy: ChatPolicy
+) -> Decision:
+    """Wait for the client's results to ``state.pending_calls``."""
+    deadline = now + policy.action_timeout_s
+    waiting = replace(state, status=A, action_deadline=deadline)
+    return Decision(
+        waiting,
+        messages=messages,
+        effects=(
+            ArmActionDeadline(waiting.history_version, deadline),
+            Publish((ActionRequired(waiting.pending_calls, deadline),)),
+            Notify("action_required"),
+        ),
+    )
+
+
+def _summarized(state: ChatState, m: Summarized) -> Decision:
+    if not _model_step(state, m.episode):
+        return Decision(state)
+    seq = state.last_message_seq + 1
+    summary = NewMessage(
+        derived_message_id(state.chat_id, seq),
+        seq,
+        "summary",
+        (SummaryPart(m.text, m.through_seq),),
+        state.history_version + 1,
+        m.usage,
+    )
+    after = replace(
+        state,
+        last_message_seq=seq,
+        history_version=state.history_version + 1,
+        summary_seq=seq,
+        user_messages=(),  # every one is before the boundary now
+        retry_count=0,
+        last_error=None,
+    )
+    if state.compacting:  # asked for by hand: nothing to answer
+        turn = _finish_turn(after, notify=False)
+        return replace(turn, messages=(summary, *turn.messages))
+    running = _running(after)  # the step the summary made room for
+    return Decision(running, messages=(summary,), effects=(StartGeneration(running.episode),))
 
 
 def _generation_failed(
     state: ChatState, m: GenerationFailed, now: float, policy: ChatPolicy
 ) -> Decision:
-    if not (state.generating and m.episode == state.episode):
+    if not _model_step(state, m.episode):
         return Decision(state)
     outcome = policy.retry.decide(m.failure, state.retry_count + 1)
     match outcome:
@@ -338,7 +436,7 @@ def _generation_failed(
                 ),
             )
         case GiveUp():
-            failed = replace(state, status=E, retry_at=None, last_error=m.failure)
+            failed = replace(state, status=E, retry_at=None, last_error=m.failure, compacting=False)
             return Decision(failed, effects=(Publish((ErrorRaised(m.failure),)), Notify("failed")))
         case _:
             assert_never(outcome)
@@ -347,6 +445,11 @@ def _generation_failed(
 def _generation_stopped(state: ChatState, m: GenerationStopped) -> Decision:
     if not (state.status is I and m.episode == state.episode):
         return Decision(state)
+    if state.running_tools:
+        # Stopped while built-in tools ran: the step is committed, so every call gets a result
+        # (the ones that finished their own, the rest and the client's cancelled).
+        finished = {p.call_id: p for p in m.parts if isinstance(p, ToolResultPart)}
+        return _close_tools(state, finished, "the user interrupted")
     # A call without its result must never stay in the history: keep only the prose.
     kept = tuple(p for p in m.parts if not isinstance(p, ToolCallPart))
     messages: tuple[NewMessage, ...] = ()
@@ -388,10 +491,15 @@ def _action_deadline_fired(state: ChatState, m: ActionDeadlineFired) -> Decision
     return replace(turn, messages=(results, *turn.messages))
 
 
-def _resumed(state: ChatState) -> Decision:
+def _resumed(state: ChatState) -> Decision:  # noqa: PLR0911 - one case per status
     match state.status:
         case ChatStatus.RUNNING if state.retry_at is not None:
             return Decision(state, effects=(ArmRetryTimer(state.episode, state.retry_at),))
+        case ChatStatus.RUNNING if state.running_tools:
+            # The committed step's tools run again; the effect journal keeps a side-effecting
+            # call that had started from running twice.
+            run = RunTools(state.episode, state.tools_message_seq, state.running_tools)
+            return Decision(state, effects=(run,))
         case ChatStatus.RUNNING:
             # The stream of the previous attempt died with the process that ran it.
             again = replace(state, generation_attempt=state.generation_attempt + 1)
@@ -399,6 +507,8 @@ def _resumed(state: ChatState) -> Decision:
                 again,
                 effects=(Publish((PreviewReset(again.episode),)), StartGeneration(again.episode)),
             )
+        case ChatStatus.INTERRUPTING if state.running_tools:
+            return _close_tools(state, {}, "the user interrupted")
         case ChatStatus.INTERRUPTING:
             return _finish_turn(state, notify=False)
         case ChatStatus.REQUIRES_ACTION:
@@ -413,6 +523,12 @@ def _resumed(state: ChatState) -> Decision:
 
 
 # -- building blocks -----------------------------------------------------------------------
+
+
+def _model_step(state: ChatState, episode: Episode) -> bool:
+    """A model call (a step, or a summary) of ``episode`` is what the chat waits for: not a
+    stale one, and not while built-in tools run (the step they answer is committed)."""
+    return state.generating and not state.running_tools and episode == state.episode
 
 
 def _running(state: ChatState) -> ChatState:
@@ -430,6 +546,7 @@ def _running(state: ChatState) -> ChatState:
 def _begin_turn(state: ChatState, message_id: UUID, text: str, *, queued: bool) -> Decision:
     """Add the user message and start generating (the chat has no unanswered calls)."""
     assert not state.pending_calls
+    assert not state.running_tools
     seq = state.last_message_seq + 1
     with_message = replace(
         state,
@@ -449,8 +566,9 @@ def _finish_turn(state: ChatState, *, notify: bool) -> Decision:
     """The run is over: the next queued message starts, or the chat waits."""
     if state.queue:
         head, *rest = state.queue
-        return _begin_turn(replace(state, queue=tuple(rest)), head.id, head.text, queued=True)
-    idle = replace(state, status=W, retry_at=None, retry_count=0, last_error=None)
+        nxt = replace(state, queue=tuple(rest), compacting=False)
+        return _begin_turn(nxt, head.id, head.text, queued=True)
+    idle = replace(state, status=W, retry_at=None, retry_count=0, last_error=None, compacting=False)
     return Decision(idle, effects=(Notify("turn_finished"),) if notify else ())
 
 
@@ -488,6 +606,19 @@ def _cancel_pending(state: ChatState, reason: str) -> tuple[ChatState, NewMessag
         state, [ToolResultPart(c.id, output, is_error=True) for c in state.pending_calls]
     )
     return replace(closed, pending_calls=(), action_deadline=None, status=R), message
+
+
+def _close_tools(state: ChatState, finished: dict[str, ToolResultPart], reason: str) -> Decision:
+    """End the turn of a step whose tools were stopped: the finished calls keep their results,
+    the other built-in calls and the client's get cancelled ones."""
+    output = json.dumps({"error": "cancelled", "reason": reason})
+    calls = (*state.running_tools, *state.pending_calls)
+    closed, message = _results_message(
+        replace(state, running_tools=(), tools_message_seq=0, pending_calls=()),
+        [finished.get(c.id, ToolResultPart(c.id, output, is_error=True)) for c in calls],
+    )
+    turn = _finish_turn(closed, notify=False)
+    return replace(turn, messages=(message, *turn.messages))
 
 
 def _accepted(m: SendMessage, *, queued: bool) -> Reply:

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from chatd.domain.chat_state import ChatState
 from chatd.domain.conversation import ContentPart, Role
-from chatd.domain.events import ChatEvent, Episode
+from chatd.domain.events import ChatEvent, Episode, PendingToolCall
 from chatd.domain.stream_parts import Usage
 
 # -- writes --------------------------------------------------------------------------------
@@ -46,6 +46,16 @@ class Publish:
 @dataclass(frozen=True, slots=True)
 class StartGeneration:
     episode: Episode
+
+
+@dataclass(frozen=True, slots=True)
+class RunTools:
+    """Run the built-in calls of the committed assistant message at ``message_seq`` (the
+    side-effecting ones through the effect journal); the actor answers ``ToolsCompleted``."""
+
+    episode: Episode
+    message_seq: int
+    calls: tuple[PendingToolCall, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +96,7 @@ Effect = (
     Reply
     | Publish
     | StartGeneration
+    | RunTools
     | CancelGeneration
     | ArmRetryTimer
     | ArmActionDeadline
@@ -101,6 +112,8 @@ class Decision:
     # Soft-delete every message above this seq (an edit truncates the history).
     truncate_after_seq: int | None = None
     effects: tuple[Effect, ...] = ()
+    # Delete the chat (its history, queue, journal; its workspace after the commit).
+    delete: bool = False
 
 
 # -- replies -------------------------------------------------------------------------------

@@ -62,6 +62,18 @@ class SetArchived:
     archived: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """Summarize the history now (``POST /chats/{id}/compact``): the chat runs a summary call
+    and commits a summary boundary; its next prompts start there."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteChat:
+    """Delete the chat, its history and its workspace (``DELETE /chats/{id}``); a run in
+    progress is stopped first. Replied with ``Done`` once the deletion committed."""
+
+
 Command = (
     SendMessage
     | EditMessage
@@ -70,6 +82,8 @@ Command = (
     | PromoteQueued
     | DeleteQueued
     | SetArchived
+    | Compact
+    | DeleteChat
 )
 
 # -- idempotency ---------------------------------------------------------------------------
@@ -107,14 +121,34 @@ class AttemptSuperseded(Refusal):
 
 @dataclass(frozen=True, slots=True)
 class StepCompleted:
-    """A model step ended normally. ``builtin_results`` answer the built-in calls of the step;
-    ``dynamic_calls`` are the calls the client must answer."""
+    """A model step ended normally. ``builtin_calls`` are the calls chatd runs itself (after
+    the step is committed); ``dynamic_calls`` are the calls the client must answer."""
 
     episode: Episode
     parts: tuple[ContentPart, ...]
     usage: Usage | None
-    builtin_results: tuple[ToolResult, ...] = ()
+    builtin_calls: tuple[ToolCallPart, ...] = ()
     dynamic_calls: tuple[ToolCallPart, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsCompleted:
+    """The built-in calls of the committed step at ``episode`` have their results (in the
+    order of ``ChatState.running_tools``)."""
+
+    episode: Episode
+    results: tuple[ToolResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Summarized:
+    """The summary call of ``episode`` answered: ``text`` stands for every message up to
+    ``through_seq``."""
+
+    episode: Episode
+    text: str
+    through_seq: int
+    usage: Usage | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +159,8 @@ class GenerationFailed:
 
 @dataclass(frozen=True, slots=True)
 class GenerationStopped:
-    """The generation was cancelled on request; ``parts`` is what had streamed by then."""
+    """The generation was cancelled on request; ``parts`` is what had streamed by then (when
+    built-in tools were running: the results of the calls that had finished)."""
 
     episode: Episode
     parts: tuple[ContentPart, ...]
@@ -148,6 +183,8 @@ class Resumed:
 
 InternalEvent = (
     StepCompleted
+    | ToolsCompleted
+    | Summarized
     | GenerationFailed
     | GenerationStopped
     | RetryTimerFired

@@ -53,6 +53,16 @@ class ChatDiffStatusChanged:
     changed_files: int
 
 
+@dataclass(frozen=True, slots=True)
+class ChatDeleted:
+    chat_id: UUID
+
+
 WatchEvent = (
-    ChatCreated | ChatStatusChanged | ChatTitleChanged | ChatActionRequired | ChatDiffStatusChanged
+    ChatCreated
+    | ChatStatusChanged
+    | ChatTitleChanged
+    | ChatActionRequired
+    | ChatDiffStatusChanged
+    | ChatDeleted
 )

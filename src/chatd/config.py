@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -98,6 +99,22 @@ class Settings:
     resume_sweep_interval_s: float = 60.0
     max_queue_length: int = 16
     action_timeout_s: float = 300.0
+
+    # The agent half (README, "Tools, compaction, titles and usage"). Built-in file and command
+    # tools work in <workspace_root>/<chat id> (empty: <home>/workspaces); what a read, a search
+    # or a command returns is cut to tool_output_max_bytes (head and tail), write_file and
+    # edit_file leave at most tool_write_max_bytes, and `execute` runs at most
+    # execute_timeout_s (the tools' other bounds: chatd.tools.workspace.WorkspaceLimits).
+    # A chat without a title gets one from a model after its first answer (titles=false:
+    # never), made with the model config title_model_config_id (empty: the chat's own) within
+    # title_timeout_s.
+    workspace_root: str = ""
+    tool_output_max_bytes: int = 65_536
+    tool_write_max_bytes: int = 4_194_304
+    execute_timeout_s: float = 30.0
+    titles: bool = True
+    title_model_config_id: str = ""
+    title_timeout_s: float = 60.0
 
     # Providers, model configs and user prompts are re-read at most this often.
     config_cache_ttl_s: float = 30.0
@@ -223,6 +240,10 @@ class Settings:
             "link_timeout_s",
             "handover_timeout_s",
             "relay_reconnect_timeout_s",
+            "tool_output_max_bytes",
+            "tool_write_max_bytes",
+            "execute_timeout_s",
+            "title_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -257,10 +278,21 @@ class Settings:
             raise SettingsError(
                 f"{_label('idempotency_pending_timeout_s')} must exceed {_label('ask_timeout_s')}"
             )
+        self._check_agent()
         if self.db_pool_min_size > self.db_pool_max_size:
             raise SettingsError(
                 f"{_label('db_pool_min_size')} must not exceed {_label('db_pool_max_size')}"
             )
+
+    def _check_agent(self) -> None:
+        if self.title_model_config_id:
+            try:
+                uuid.UUID(self.title_model_config_id)
+            except ValueError:
+                raise SettingsError(
+                    f"{_label('title_model_config_id')} must be a model config's id (a UUID)"
+                    " or empty (the chat's own)"
+                ) from None
 
     def _check_workers(self) -> None:
         if self.worker_restart_limit < 0:
@@ -286,6 +318,10 @@ class Settings:
     def link_url_host(self) -> str:
         """The host peers use to reach this worker's internal link."""
         return self.link_advertise_host or self.link_host
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace_root) if self.workspace_root else self.home / "workspaces"
 
     @property
     def uses_embedded_database(self) -> bool:

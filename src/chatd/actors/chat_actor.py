@@ -31,8 +31,10 @@ chat (and committing the finished answer it carries).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 from uuid import UUID
 
@@ -45,10 +47,20 @@ from chatd.actors.feeds import UserFeed
 from chatd.actors.hub import ChatHub
 from chatd.actors.models import ModelCatalog, ModelUnavailable
 from chatd.actors.persist import writes_for
+from chatd.domain import compaction
+from chatd.domain.agent_prompts import SUMMARY_SYSTEM, TITLE_SYSTEM
 from chatd.domain.chat_state import ChatPolicy, ChatState
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json, tool_spec_to_json
-from chatd.domain.conversation import Message, ModelRequest, ToolSpec
+from chatd.domain.conversation import (
+    Message,
+    ModelRequest,
+    SummaryPart,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    ToolSpec,
+)
 from chatd.domain.decide import decide
 from chatd.domain.effects import (
     ArmActionDeadline,
@@ -62,6 +74,7 @@ from chatd.domain.effects import (
     Publish,
     Refusal,
     Reply,
+    RunTools,
     StartGeneration,
     TransitionNotAllowed,
     UnknownTarget,
@@ -91,23 +104,39 @@ from chatd.domain.mailbox import (
     RetryTimerFired,
     SendMessage,
     StepCompleted,
+    Summarized,
+    ToolResult,
+    ToolsCompleted,
 )
-from chatd.domain.provider_failure import ErrorKind
+from chatd.domain.provider_failure import ErrorKind, ProviderFailure
 from chatd.domain.step_assembler import StepAssembler
+from chatd.domain.stream_parts import Usage
 from chatd.domain.watch_events import (
     ChatActionRequired,
     ChatCreated,
+    ChatDeleted,
     ChatStatusChanged,
+    ChatTitleChanged,
     WatchEvent,
 )
+from chatd.providers.base import ModelProvider
 from chatd.providers.errors import ProviderError
-from chatd.store import chats
+from chatd.store import chats, tool_journal
 from chatd.store.chats import ClaimRun, CreateChat, MarkIdempotencyKey
 from chatd.store.config_cache import ConfigCache
 from chatd.store.database import Database, DatabaseUnavailable
 from chatd.store.records import Chat, InboxNotification
-from chatd.tools.builtin import BUILTINS, run_builtin
 from chatd.tools.dynamic import ToolLimits, validate_dynamic_tools
+from chatd.tools.registry import (
+    DEFAULT_TOOLS,
+    ToolContext,
+    enabled_specs,
+    has_side_effects,
+    remove_workspace,
+    run_builtin,
+    workspace_for,
+)
+from chatd.tools.workspace import WorkspaceLimits
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +152,8 @@ class CreateChatRequest:
     system_prompt: str = ""
     model_config_id: UUID | None = None
     dynamic_tools: tuple[ToolSpec, ...] = ()
+    # The chat's own allow-list of built-in tools (validated names); None: its model config's.
+    tools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +176,16 @@ class ChatCounters:
     ``turns``: model turns ended by the model's outcome (see ``ends_turn``). ``retries``:
     provider retries scheduled. ``errors``: chats stopped in ``error``, by the kind of the
     failure (every kind present from the start, so a series exists before its first error).
+    ``input_tokens``/``output_tokens``: the usage providers reported, counted when committed
+    (a title's when it is made).
     """
 
     turns: int = 0
     retries: int = 0
     errors: dict[ErrorKind, int] = field(default_factory=_zero_per_kind)
+    # Tokens the provider reported for every model call (answers, summaries, titles).
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,14 +208,50 @@ class ChatDeps:
     # running (checked in the run's commit, exact across workers), admins included; 0:
     # no limit, and no check at all (no ClaimRun: no lock, no statement in the commit).
     max_running_chats_per_user: int = 0
+    # Workspaces of the built-in file and command tools: <workspace_root>/<chat id>.
+    workspace_root: Path = field(default_factory=lambda: Path(".chatd/workspaces"))
+    workspace_limits: WorkspaceLimits = field(default_factory=WorkspaceLimits)
+    # A chat without a title gets one made by a model after its first answer (with the
+    # model config ``title_model_config_id``, or the chat's own when None), within
+    # ``title_timeout_s``.
+    titles: bool = False
+    title_model_config_id: UUID | None = None
+    title_timeout_s: float = 60.0
+    title_max_chars: int = 80
 
 
 @dataclass
 class _Generation:
+    """The chat's work in progress between two commits: a model step (its parts in
+    ``assembler``), a summary call, or the built-in tools of a committed step (the results of
+    the calls done so far in ``tool_results``)."""
+
     episode: Episode
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     assembler: StepAssembler = field(default_factory=StepAssembler)
+    tool_results: list[ToolResultPart] = field(default_factory=list)
+
+
+# A summary call that answered nothing: retried like a failed step.
+EMPTY_SUMMARY = ProviderFailure(
+    kind=ErrorKind.GENERIC,
+    provider="chatd",
+    status_code=None,
+    retryable=True,
+    retry_after_s=None,
+    message="The model returned an empty summary of the conversation.",
+    detail="the summary call answered no text",
+)
+
+# What a side-effecting call gets when a restart finds it started but not finished.
+OUTCOME_UNKNOWN = json.dumps(
+    {
+        "error": "outcome unknown",
+        "detail": "this call started before chatd restarted and whether it finished is not"
+        " known; it was not run again. Check its effect before repeating it.",
+    }
+)
 
 
 class ChatActor:
@@ -193,8 +265,11 @@ class ChatActor:
         "_seqs",
         "_setup",
         "_state",
+        "_summary",
         "_timers",
+        "_title_wanted",
         "_unsure",
+        "_usages",
     )
 
     def __init__(self, ctx: ActorContext, deps: ChatDeps) -> None:
@@ -202,8 +277,13 @@ class ChatActor:
         self._deps = deps
         self._state: ChatState | None = None
         self._setup: ChatSetup | None = None
+        # What the next prompt needs: the messages after the newest summary boundary (their
+        # seqs, the usage reported for each answer) and that summary's text.
         self._history: list[Message] = []
         self._seqs: list[int] = []
+        self._usages: list[Usage | None] = []
+        self._summary = ""
+        self._title_wanted = False
         self._generation: _Generation | None = None
         self._timers: dict[str, trio.CancelScope] = {}
         # A commit of ours failed on an outage: whether it went through is not known yet.
@@ -219,6 +299,9 @@ class ChatActor:
         self._setup = loaded.setup
         self._history = list(loaded.history)
         self._seqs = list(loaded.message_seqs)
+        self._usages = list(loaded.usages)
+        self._summary = loaded.summary
+        self._title_wanted = loaded.untitled and self._deps.titles
         published = self._ctx.carried.get(_PUBLISHED)
         if isinstance(published, ChatState):
             await self._catch_up(published)
@@ -397,7 +480,9 @@ class ChatActor:
         chat_id = self._ctx.chat_id
         declared = [tool_spec_to_json(t) for t in request.dynamic_tools]
         tools = validate_dynamic_tools(declared, self._deps.tool_limits)
-        setup = ChatSetup(request.owner_id, request.system_prompt, request.model_config_id, tools)
+        setup = ChatSetup(
+            request.owner_id, request.system_prompt, request.model_config_id, tools, request.tools
+        )
         empty = ChatState(chat_id)
         decision = decide(
             empty,
@@ -413,9 +498,11 @@ class ChatActor:
             system_prompt=request.system_prompt,
             model_config_id=request.model_config_id,
             dynamic_tools=declared,
+            tools=request.tools,
         )
         self._state = empty
         self._setup = setup
+        self._title_wanted = not request.title and self._deps.titles
         claim = self._run_claim(
             SendMessage(request.message_id, request.text), empty, decision.state
         )
@@ -437,6 +524,8 @@ class ChatActor:
     ) -> object:
         assert self._state is not None
         assert self._setup is not None
+        if decision.delete:
+            return await self._delete(decision, mark)
         before = self._state
         owner = self._setup.owner_id
         writes = writes_for(before, decision, owner_id=owner)
@@ -471,17 +560,40 @@ class ChatActor:
         reply: object = None
         for effect in decision.effects:
             reply = await self._run(effect, reply)
+        if ended_turn and self._title_wanted:
+            self._title_wanted = False
+            self._ctx.nursery.start_soon(self._make_title)
         if create is not None:
             assert stored is not None
             assert isinstance(reply, MessageAccepted)
             return ChatCreatedReply(reply.message_id, reply.queued, stored)
         return reply
 
+    async def _delete(self, decision: Decision, mark: IdempotencyMark | None) -> object:
+        """Stop what runs, delete the chat (one fenced commit), then its workspace; the actor
+        then knows the chat no more (every later command: unknown chat)."""
+        assert self._setup is not None
+        await self._stop_generation()
+        for scope in self._timers.values():
+            scope.cancel()
+        self._timers.clear()
+        chat_id = self._ctx.chat_id
+        await chats.delete_chat(self._deps.db, self._ctx.fence, chat_id, mark=mark)
+        self._state = None
+        self._history, self._seqs, self._usages = [], [], []
+        self._deps.watch.publish(self._setup.owner_id, ChatDeleted(chat_id))
+        await remove_workspace(self._deps.workspace_root, chat_id)
+        return next((e.value for e in decision.effects if isinstance(e, Reply)), None)
+
     def _count(self, decision: Decision, *, ended_turn: bool) -> None:
         """Count what the committed decision did (for metrics)."""
         counters = self._deps.counters
         if ended_turn:
             counters.turns += 1
+        for message in decision.messages:
+            if message.usage is not None:
+                counters.input_tokens += message.usage.input_tokens
+                counters.output_tokens += message.usage.output_tokens
         for effect in decision.effects:
             if isinstance(effect, Publish):
                 for event in effect.events:
@@ -491,13 +603,23 @@ class ChatActor:
                         counters.errors[event.failure.kind] += 1
 
     def _remember(self, decision: Decision) -> None:
-        """Keep the history the next model request needs, without reading it back."""
+        """Keep the history the next model request needs, without reading it back: from the
+        newest summary boundary on, so memory is bounded by the context, not the history."""
         if decision.truncate_after_seq is not None:
             keep = sum(1 for s in self._seqs if s <= decision.truncate_after_seq)
-            del self._history[keep:], self._seqs[keep:]
+            del self._history[keep:], self._seqs[keep:], self._usages[keep:]
         for m in decision.messages:
+            summary = m.parts[0] if m.role == "summary" and m.parts else None
+            if isinstance(summary, SummaryPart):
+                cut = sum(1 for s in self._seqs if s <= summary.through_seq)
+                del self._history[:cut], self._seqs[:cut], self._usages[:cut]
+                # What was reported for the kept answers measured the old, longer prompt.
+                self._usages = [None] * len(self._usages)
+                self._summary = summary.text
+                continue
             self._history.append(Message(m.role, m.parts))
             self._seqs.append(m.seq)
+            self._usages.append(m.usage)
 
     def _events(self, before: ChatState, decision: Decision) -> list[ChatEvent]:
         """Resets first, then the new messages, then an error (before the status it explains,
@@ -560,6 +682,11 @@ class ChatActor:
             case StartGeneration(episode=episode):
                 await self._stop_generation()
                 self._start_generation(episode)
+            case RunTools():
+                await self._stop_generation()
+                generation = _Generation(effect.episode)
+                self._generation = generation
+                self._ctx.nursery.start_soon(self._run_tools, generation, effect)
             case CancelGeneration(keep_partial=keep):
                 running = self._generation
                 parts = await self._stop_generation()
@@ -608,13 +735,16 @@ class ChatActor:
         generation.scope.cancel()
         with trio.move_on_after(self._deps.cancel_grace_s):
             await generation.done.wait()
-        return generation.assembler.content(complete_calls_only=True)
+        # A model step's complete parts, or (while tools ran) the results of finished calls.
+        return (*generation.assembler.content(complete_calls_only=True), *generation.tool_results)
 
     async def _generate(self, generation: _Generation) -> None:
         assert self._setup is not None
+        assert self._state is not None
         setup = self._setup
         episode = generation.episode
         chat_id = self._ctx.chat_id
+        compacting = self._state.compacting
         try:
             with generation.scope:
                 try:
@@ -623,11 +753,25 @@ class ChatActor:
                     self._finished(GenerationFailed(episode, exc.failure))
                     return
                 user_prompt = await self._deps.config.user_prompt(setup.owner_id)
+                system = compaction.system_with_summary(
+                    system_text(setup.system_prompt, user_prompt), self._summary
+                )
+                tokens = compaction.prompt_tokens(system, self._history, self._usages)
+                too_big = compaction.over_threshold(
+                    tokens, model.context_limit, model.compression_threshold
+                )
+                if (compacting or too_big) and await self._summarize(
+                    generation, model.provider, model.model, whole=compacting
+                ):
+                    return
                 request = ModelRequest(
                     model=model.model,
                     messages=tuple(self._history),
-                    system=system_text(setup.system_prompt, user_prompt),
-                    tools=(*(t.spec for t in BUILTINS.values()), *setup.dynamic_tools),
+                    system=system,
+                    tools=(
+                        *enabled_specs(self._enabled_tools(model.tools)),
+                        *setup.dynamic_tools,
+                    ),
                     options=model.options,
                 )
                 seq = 0
@@ -644,6 +788,138 @@ class ChatActor:
         finally:
             generation.done.set()
 
+    async def _summarize(
+        self, generation: _Generation, provider: ModelProvider, model: str, *, whole: bool
+    ) -> bool:
+        """Make the summary the prompt needs first and report it (``Summarized``, or a
+        ``GenerationFailed`` retried like any step); False when there is nothing to summarize
+        (the prompt goes as it is, and a provider that finds it too long says so)."""
+        cut = compaction.summary_cut(self._history, whole=whole)
+        if cut is None:
+            if whole:  # asked for by hand, with nothing new: the boundary stays where it is
+                seq = self._seqs[-1] if self._seqs else 0
+                self._finished(Summarized(generation.episode, self._summary, seq, None))
+            return whole
+        request = ModelRequest(
+            model=model,
+            messages=(
+                Message(
+                    "user",
+                    (
+                        TextPart(
+                            compaction.summary_request_text(self._summary, self._history[:cut])
+                        ),
+                    ),
+                ),
+            ),
+            system=SUMMARY_SYSTEM,
+        )
+        try:
+            text, usage = await _complete(provider, request)
+        except ProviderError as exc:
+            self._finished(GenerationFailed(generation.episode, exc.failure))
+            return True
+        if not text.strip():  # a boundary with nothing in it would lose the history: retry
+            self._finished(GenerationFailed(generation.episode, EMPTY_SUMMARY))
+            return True
+        self._finished(Summarized(generation.episode, text.strip(), self._seqs[cut - 1], usage))
+        return True
+
+    def _enabled_tools(self, model_tools: tuple[str, ...]) -> tuple[str, ...]:
+        assert self._setup is not None
+        return self._setup.tools if self._setup.tools is not None else model_tools
+
+    async def _run_tools(self, generation: _Generation, run: RunTools) -> None:
+        """Answer the built-in calls of a committed step, one after the other. A call with side
+        effects is journalled: its intent committed before it runs, its result after; a call
+        found started by an earlier run is not run again (its stored result, or "outcome
+        unknown")."""
+        assert self._setup is not None
+        chat_id = self._ctx.chat_id
+        db, fence = self._deps.db, self._ctx.fence
+        try:
+            with generation.scope:
+                try:
+                    model_tools = (
+                        await self._deps.models.resolve(self._setup.model_config_id)
+                    ).tools
+                except ModelUnavailable:
+                    model_tools = DEFAULT_TOOLS
+                enabled = self._enabled_tools(model_tools)
+                context = ToolContext(
+                    workspace_for(self._deps.workspace_root, chat_id), self._deps.workspace_limits
+                )
+                journalled = [
+                    c for c in run.calls if c.name in enabled and has_side_effects(c.name)
+                ]
+                found = (
+                    await tool_journal.entries(db, chat_id, run.message_seq) if journalled else {}
+                )
+                results: list[ToolResult] = []
+                for call in run.calls:
+                    part = ToolCallPart(call.id, call.name, call.arguments)
+                    if call in journalled:
+                        earlier = found.get(call.id) or await tool_journal.record_intent(
+                            db,
+                            fence,
+                            chat_id,
+                            message_seq=run.message_seq,
+                            call_id=call.id,
+                            tool=call.name,
+                        )
+                        if earlier is not None:
+                            result = ToolResult(call.id, earlier.result or OUTCOME_UNKNOWN)
+                        else:
+                            result = await run_builtin(part, context, enabled)
+                            await tool_journal.record_result(
+                                db,
+                                fence,
+                                chat_id,
+                                message_seq=run.message_seq,
+                                call_id=call.id,
+                                result=result.output,
+                            )
+                    else:
+                        result = await run_builtin(part, context, enabled)
+                    results.append(result)
+                    generation.tool_results.append(ToolResultPart(call.id, result.output))
+                self._finished(ToolsCompleted(run.episode, tuple(results)))
+        finally:
+            generation.done.set()
+
+    async def _make_title(self) -> None:
+        """Name the chat after its first answer, unless it has a name by then. Best effort: a
+        failure is logged, and the chat stays untitled."""
+        assert self._setup is not None
+        setup, chat_id = self._setup, self._ctx.chat_id
+        first = next((m for m in self._history if m.role == "user"), None)
+        if first is None:
+            return
+        text = "".join(p.text for p in first.parts if isinstance(p, TextPart))[:2000]
+        with trio.move_on_after(self._deps.title_timeout_s):
+            try:
+                model = await self._deps.models.resolve(
+                    self._deps.title_model_config_id or setup.model_config_id
+                )
+                request = ModelRequest(
+                    model=model.model,
+                    messages=(Message("user", (TextPart(text),)),),
+                    system=TITLE_SYSTEM,
+                    max_output_tokens=64,
+                )
+                answer, usage = await _complete(model.provider, request)
+                title = " ".join(answer.split()).strip("\"'")[: self._deps.title_max_chars]
+                if title and await chats.set_generated_title(self._deps.db, chat_id, title):
+                    self._deps.watch.publish(setup.owner_id, ChatTitleChanged(chat_id, title))
+                if usage is not None:
+                    await chats.add_usage(
+                        self._deps.db, chat_id, usage.input_tokens, usage.output_tokens
+                    )
+                    self._deps.counters.input_tokens += usage.input_tokens
+                    self._deps.counters.output_tokens += usage.output_tokens
+            except (ProviderError, ModelUnavailable, DatabaseUnavailable) as exc:
+                log.warning("chat %s got no title: %s", chat_id, exc)
+
     def _step(self, generation: _Generation, setup: ChatSetup) -> StepCompleted:
         dynamic_names = {t.name for t in setup.dynamic_tools}
         calls = generation.assembler.tool_calls()
@@ -651,7 +927,7 @@ class ChatActor:
             generation.episode,
             generation.assembler.content(),
             generation.assembler.usage,
-            builtin_results=tuple(run_builtin(c) for c in calls if c.name not in dynamic_names),
+            builtin_calls=tuple(c for c in calls if c.name not in dynamic_names),
             dynamic_calls=tuple(c for c in calls if c.name in dynamic_names),
         )
 
@@ -674,6 +950,8 @@ class CommandNotCommitted(Refusal, DatabaseUnavailable):
 # Messages of the chat's own making (never refused back to a user).
 _INTERNAL = (
     StepCompleted,
+    ToolsCompleted,
+    Summarized,
     GenerationFailed,
     GenerationStopped,
     RetryTimerFired,
@@ -734,12 +1012,24 @@ def ends_turn(message: MailboxMessage, before: ChatState, after: ChatState) -> b
     goes on to its next queued message. A step whose built-in tool results the model goes on
     with, a retried failure, a stale outcome and a run the user interrupted or edited do not.
     """
-    if not isinstance(message, StepCompleted | GenerationFailed):
+    if not isinstance(message, StepCompleted | ToolsCompleted | GenerationFailed):
         return False
     if before.status is not ChatStatus.RUNNING:
         return False
     next_queued = len(after.user_messages) > len(before.user_messages)
     return after.status is not ChatStatus.RUNNING or next_queued
+
+
+async def _complete(provider: ModelProvider, request: ModelRequest) -> tuple[str, Usage | None]:
+    """One model call whose answer nobody watches stream (a summary, a title): its text and
+    usage, collected from the provider's stream, so the same adapters, silence limits and
+    failure classification apply."""
+    assembler = StepAssembler()
+    async with provider.stream(request) as parts:
+        async for part in parts:
+            assembler.add(part)
+    text = "".join(p.text for p in assembler.content() if isinstance(p, TextPart))
+    return text, assembler.usage
 
 
 def system_text(system_prompt: str, user_prompt: str | None) -> str:

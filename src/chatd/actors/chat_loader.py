@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 from uuid import UUID
 
 from chatd.actors.clock import to_epoch
 from chatd.domain.chat_state import ChatState, UserMessageRef
 from chatd.domain.chat_status import ChatStatus
 from chatd.domain.content_json import parts_from_json, tool_spec_from_json
-from chatd.domain.conversation import Message, ToolCallPart, ToolResultPart, ToolSpec
+from chatd.domain.conversation import (
+    Message,
+    SummaryPart,
+    ToolCallPart,
+    ToolResultPart,
+    ToolSpec,
+)
 from chatd.domain.events import PendingToolCall, QueuedEntry
 from chatd.domain.provider_failure import ProviderFailure
+from chatd.domain.stream_parts import Usage
 from chatd.store import chats
 from chatd.store.database import Database
 from chatd.store.records import Chat, QueuedMessage
@@ -28,14 +36,22 @@ class ChatSetup:
     system_prompt: str
     model_config_id: UUID | None
     dynamic_tools: tuple[ToolSpec, ...]
+    # The chat's own allow-list of built-in tools; None: its model config's.
+    tools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedChat:
+    """A chat as its actor keeps it: the history from the newest summary boundary on (what
+    the next prompt needs), not the whole of it."""
+
     state: ChatState
     setup: ChatSetup
     history: tuple[Message, ...]
     message_seqs: tuple[int, ...]  # the seq of each history message, in order
+    usages: tuple[Usage | None, ...] = ()  # what the provider reported for each (answers)
+    summary: str = ""  # the newest summary's text
+    untitled: bool = False
 
 
 async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
@@ -44,14 +60,23 @@ async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
         return None
     history: list[Message] = []
     seqs: list[int] = []
+    usages: list[Usage | None] = []
     users: list[UserMessageRef] = []
-    after = 0
+    boundary = await chats.newest_summary(db, chat_id)
+    summary = _summary_part(boundary.content) if boundary is not None else None
+    after = 0 if summary is None else summary.through_seq
+    summary_seq = 0 if boundary is None else boundary.seq
     while True:
         page = await chats.list_messages(db, chat_id, after_seq=after, limit=_PAGE)
         for m in page:
+            if m.role == "summary":
+                continue
             history.append(Message(m.role, parts_from_json(m.content)))
             seqs.append(m.seq)
-            if m.role == "user":
+            # Reported for a prompt that started at an older boundary: not this prompt's size.
+            fresh = m.usage is not None and m.seq > summary_seq
+            usages.append(_usage(m.usage) if fresh else None)
+            if m.role == "user" and m.seq > summary_seq:
                 users.append(UserMessageRef(m.id, m.seq))
         if len(page) < _PAGE:
             break
@@ -62,13 +87,51 @@ async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
         system_prompt=row.system_prompt,
         model_config_id=row.model_config_id,
         dynamic_tools=tuple(tool_spec_from_json(t) for t in row.dynamic_tools),
+        tools=row.tools,
     )
+    state = _state(row, users, queue, history, setup)
+    if state.status in (ChatStatus.RUNNING, ChatStatus.INTERRUPTING):
+        running, dynamic, seq = _tools_in_flight(history, seqs, setup)
+        state = replace(state, running_tools=running, tools_message_seq=seq, pending_calls=dynamic)
     return LoadedChat(
-        state=_state(row, users, queue, history, setup),
+        state=replace(state, summary_seq=summary_seq, compacting=row.compacting),
         setup=setup,
         history=tuple(history),
         message_seqs=tuple(seqs),
+        usages=tuple(usages),
+        summary="" if summary is None else summary.text,
+        untitled=not row.title,
     )
+
+
+def _summary_part(content: list[dict[str, object]]) -> SummaryPart | None:
+    parts = parts_from_json(content)
+    return parts[0] if parts and isinstance(parts[0], SummaryPart) else None
+
+
+def _usage(data: Mapping[str, Any] | None) -> Usage | None:
+    if not data:
+        return None
+    return Usage(
+        int(data.get("input_tokens", 0)),
+        int(data.get("output_tokens", 0)),
+        int(data.get("cache_read_tokens", 0)),
+        int(data.get("cache_write_tokens", 0)),
+    )
+
+
+def _tools_in_flight(
+    history: list[Message], seqs: list[int], setup: ChatSetup
+) -> tuple[tuple[PendingToolCall, ...], tuple[PendingToolCall, ...], int]:
+    """A running chat whose last step's built-in calls have no results: chatd was running
+    them. Returns those calls, the step's unanswered dynamic calls and the step's seq."""
+    dynamic_names = {t.name for t in setup.dynamic_tools}
+    every = unanswered_calls(history, None)
+    builtin = tuple(c for c in every if c.name not in dynamic_names)
+    if not builtin:
+        return (), (), 0
+    step = max(i for i, m in enumerate(history) if m.role == "assistant")
+    return builtin, tuple(c for c in every if c.name in dynamic_names), seqs[step]
 
 
 def _state(
@@ -103,8 +166,11 @@ def queued_entry(queued: QueuedMessage) -> QueuedEntry:
     return QueuedEntry(queued.id, text)
 
 
-def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[PendingToolCall, ...]:
-    """The dynamic calls of the last assistant message that no later tool message answers."""
+def unanswered_calls(
+    history: list[Message], dynamic: set[str] | None
+) -> tuple[PendingToolCall, ...]:
+    """The calls of the last assistant message that no later tool message answers: the
+    dynamic ones (named in ``dynamic``), or all of them (``dynamic`` None)."""
     for index in range(len(history) - 1, -1, -1):
         if history[index].role == "assistant":
             answered = {
@@ -116,7 +182,9 @@ def unanswered_calls(history: list[Message], dynamic: set[str]) -> tuple[Pending
             return tuple(
                 PendingToolCall(p.id, p.name, p.arguments)
                 for p in history[index].parts
-                if isinstance(p, ToolCallPart) and p.name in dynamic and p.id not in answered
+                if isinstance(p, ToolCallPart)
+                and (dynamic is None or p.name in dynamic)
+                and p.id not in answered
             )
     return ()
 

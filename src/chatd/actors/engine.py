@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from uuid import UUID
 
 import trio
@@ -34,6 +35,7 @@ from chatd.store.database import Database
 from chatd.store.leases import Fence
 from chatd.store.records import Chat, InboxNotification
 from chatd.tools.dynamic import ToolLimits
+from chatd.tools.workspace import WorkspaceLimits
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,11 @@ class EngineOptions:
     config_cache_ttl_s: float = 30.0
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
     max_running_chats_per_user: int = 0  # 0: no limit
+    workspace_root: Path = field(default_factory=lambda: Path(".chatd/workspaces"))
+    workspace_limits: WorkspaceLimits = field(default_factory=WorkspaceLimits)
+    titles: bool = False
+    title_model_config_id: UUID | None = None
+    title_timeout_s: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, worker_id: str) -> EngineOptions:
@@ -99,6 +106,19 @@ class EngineOptions:
                 max_schema_depth=settings.max_tool_schema_depth,
             ),
             max_running_chats_per_user=settings.max_running_chats_per_user,
+            workspace_root=settings.workspace_path,
+            workspace_limits=WorkspaceLimits(
+                max_read_bytes=settings.tool_output_max_bytes,
+                max_output_bytes=settings.tool_output_max_bytes,
+                execute_max_output_bytes=settings.tool_output_max_bytes,
+                max_write_bytes=settings.tool_write_max_bytes,
+                execute_timeout_s=settings.execute_timeout_s,
+            ),
+            titles=settings.titles,
+            title_model_config_id=(
+                UUID(settings.title_model_config_id) if settings.title_model_config_id else None
+            ),
+            title_timeout_s=settings.title_timeout_s,
         )
 
 
@@ -163,6 +183,11 @@ async def open_engine(
         tool_limits=options.tool_limits,
         counters=counters,
         max_running_chats_per_user=options.max_running_chats_per_user,
+        workspace_root=options.workspace_root,
+        workspace_limits=options.workspace_limits,
+        titles=options.titles,
+        title_model_config_id=options.title_model_config_id,
+        title_timeout_s=options.title_timeout_s,
     )
 
     def factory(ctx: ActorContext) -> ActorBehavior:

@@ -50,6 +50,7 @@ from chatd.actors.feeds import UserFeed
 from chatd.domain.watch_events import (
     ChatActionRequired,
     ChatCreated,
+    ChatDeleted,
     ChatDiffStatusChanged,
     ChatStatusChanged,
     ChatTitleChanged,
@@ -73,6 +74,7 @@ _KINDS: Final[dict[str, type[WatchEvent]]] = {
     "title_change": ChatTitleChanged,
     "action_required": ChatActionRequired,
     "diff_status_change": ChatDiffStatusChanged,
+    "deleted": ChatDeleted,
 }
 _KIND_OF: Final[dict[type[WatchEvent], str]] = {cls: kind for kind, cls in _KINDS.items()}
 # Inbox ids remembered as delivered, so that a backstop does not deliver them again.

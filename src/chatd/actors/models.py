@@ -23,6 +23,12 @@ class ResolvedModel:
     provider: ModelProvider
     model: str
     options: Mapping[str, Any]
+    # The built-in tools the model config enables (a chat may name its own instead).
+    tools: tuple[str, ...] = ()
+    # Compaction: a prompt past ``compression_threshold`` (a fraction) of ``context_limit``
+    # tokens is summarized first.
+    context_limit: int = 0
+    compression_threshold: float = 0.7
 
 
 class ModelUnavailable(Exception):
@@ -73,7 +79,14 @@ class ModelCatalog:
             )
             cached = (version, adapter)
             self._adapters[row.id] = cached
-        return ResolvedModel(cached[1], config.model, config.options)
+        return ResolvedModel(
+            cached[1],
+            config.model,
+            config.options,
+            tools=config.tools,
+            context_limit=config.context_limit,
+            compression_threshold=config.compression_threshold,
+        )
 
     async def aclose(self) -> None:
         adapters, self._adapters = self._adapters, {}

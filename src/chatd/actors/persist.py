@@ -40,7 +40,7 @@ def writes_for(before: ChatState, decision: Decision, *, owner_id: UUID) -> list
             Enqueue(id=q.id, position=i, content=[{"type": "text", "text": q.text}])
             for i, q in enumerate(after.queue, start=1)
         )
-    update = _update(before, after)
+    update = _update(before, after, decision.messages)
     if update is not None:
         writes.append(update)
     for effect in decision.effects:
@@ -103,9 +103,22 @@ def usage_json(usage: Usage | None) -> dict[str, Any] | None:
     return None if usage is None else dataclasses.asdict(usage)
 
 
-def _update(before: ChatState, after: ChatState) -> UpdateChat | None:
+def _update(
+    before: ChatState, after: ChatState, messages: tuple[NewMessage, ...]
+) -> UpdateChat | None:
     changes: dict[str, Any] = {}
-    for name in ("status", "archived", "history_version", "generation_attempt", "retry_count"):
+    used = [m.usage for m in messages if m.usage is not None]
+    if used:
+        changes["add_input_tokens"] = sum(u.input_tokens for u in used)
+        changes["add_output_tokens"] = sum(u.output_tokens for u in used)
+    for name in (
+        "status",
+        "archived",
+        "history_version",
+        "generation_attempt",
+        "retry_count",
+        "compacting",
+    ):
         if getattr(before, name) != getattr(after, name):
             changes[name] = getattr(after, name)
     if before.retry_at != after.retry_at:

@@ -10,6 +10,11 @@ exactly one is the default: the first one created becomes it, making another the
 the old one, the default cannot be un-defaulted (make another the default instead), and it
 cannot be deleted while other model configs exist.
 
+A model config names the built-in tools its model may call (``tools``, names from
+``chatd.tools.registry``; a chat may name its own at creation) and when a chat's history is
+summarised: ``compression_threshold`` is a fraction of ``context_limit`` (0.7: once a prompt
+would pass 70% of the context). Both default to the database's defaults (migration 0005).
+
 Everything here is admin-only except ``GET /model-configs``: every user needs the ids to create
 chats with a chosen model.
 """
@@ -17,7 +22,7 @@ chats with a chosen model.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -29,6 +34,7 @@ from chatd.store import providers
 from chatd.store.errors import NotFound
 from chatd.store.records import UNSET as KEEP
 from chatd.store.records import ModelConfig, Provider, ProviderKind, Unset
+from chatd.tools.registry import TOOL_NAMES, validate_tool_names
 from chatd.web.decode import check_length, parse_uuid
 from chatd.web.errors import ApiError
 from chatd.web.routing import ApiRoutes, Call
@@ -48,6 +54,31 @@ MAX_OPTIONS_BYTES: Final = 32_768
 RESERVED_OPTIONS: Final = frozenset(
     {"model", "messages", "system", "stream", "stream_options", "tools"}
 )
+# The CHECK on model_configs.tools and chats.tools (0005_agent.sql): names in one allow-list.
+MAX_TOOL_NAMES: Final = 64
+
+# -- documented field types ------------------------------------------------------------------
+
+# A request's allow-list of built-in tools: the schema lists the names this chatd knows; a name
+# outside them is refused by ``validate_tool_names`` naming ``tools[i]``.
+ToolNames = Annotated[
+    list[Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(TOOL_NAMES)})]],
+    msgspec.Meta(
+        max_length=MAX_TOOL_NAMES,
+        description="Built-in tools the model may call, by name (duplicates are dropped).",
+    ),
+]
+# Documented only: ``_check_threshold`` enforces the bounds with its own rule.
+CompressionThreshold = Annotated[
+    float,
+    msgspec.Meta(
+        description=(
+            "When a chat's history is summarised, as a fraction of context_limit: 0.7 summarises"
+            " once a prompt would pass 70% of the context."
+        ),
+        extra_json_schema={"exclusiveMinimum": 0, "maximum": 1},
+    ),
+]
 
 # -- payloads ------------------------------------------------------------------------------
 
@@ -71,13 +102,17 @@ class UpdateProvider(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CreateModelConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Absent ``compression_threshold`` and ``tools`` take the database's defaults (0.7, and
+    ``current_time`` with ``calculate``)."""
+
     provider_id: UUID
     name: str
     model: str
     context_limit: int
-    compression_threshold: float = 0.8
+    compression_threshold: CompressionThreshold | UnsetType = UNSET
     options: dict[str, Any] = {}
     is_default: bool = False
+    tools: ToolNames | UnsetType = UNSET
 
 
 class UpdateModelConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -87,9 +122,10 @@ class UpdateModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     name: str | UnsetType = UNSET
     model: str | UnsetType = UNSET
     context_limit: int | UnsetType = UNSET
-    compression_threshold: float | UnsetType = UNSET
+    compression_threshold: CompressionThreshold | UnsetType = UNSET
     options: dict[str, Any] | UnsetType = UNSET
     is_default: bool | UnsetType = UNSET
+    tools: ToolNames | UnsetType = UNSET
 
 
 # -- views ---------------------------------------------------------------------------------
@@ -118,11 +154,13 @@ class ModelConfigView(msgspec.Struct):
     name: str
     model: str
     context_limit: int
-    compression_threshold: float
+    compression_threshold: CompressionThreshold
     options: dict[str, Any]
     is_default: bool
     created_at: datetime
     updated_at: datetime
+    # As stored: a name a later chatd no longer knows stays listed (and is ignored).
+    tools: list[str]
 
 
 class ModelConfigList(msgspec.Struct):
@@ -154,6 +192,7 @@ def model_config_view(row: ModelConfig) -> ModelConfigView:
         row.is_default,
         row.created_at,
         row.updated_at,
+        list(row.tools),
     )
 
 
@@ -211,6 +250,16 @@ def _check_options(value: dict[str, Any]) -> None:
             raise ApiError.invalid(f"options.{key}", "is set by chatd and cannot be an option")
     if len(msgspec.json.encode(value)) > MAX_OPTIONS_BYTES:
         raise ApiError.invalid("options", f"at most {MAX_OPTIONS_BYTES} bytes as JSON")
+
+
+def _tool_names(names: list[str]) -> tuple[str, ...]:
+    """The allow-list as stored: checked, duplicates dropped (order kept)."""
+    return validate_tool_names(names, "tools")
+
+
+def _or_none(value: T | UnsetType) -> T | None:
+    """msgspec's "absent" as the store's "the column's default"."""
+    return None if isinstance(value, UnsetType) else value
 
 
 def _keep(value: T | UnsetType) -> T | Unset:
@@ -354,6 +403,7 @@ def _check_model_fields(
     context_limit: int | UnsetType = UNSET,
     compression_threshold: float | UnsetType = UNSET,
     options: dict[str, Any] | UnsetType = UNSET,
+    tools: list[str] | UnsetType = UNSET,
 ) -> None:
     if not isinstance(name, UnsetType):
         _check_name("name", name, MAX_NAME_CHARS)
@@ -365,6 +415,8 @@ def _check_model_fields(
         _check_threshold(compression_threshold)
     if not isinstance(options, UnsetType):
         _check_options(options)
+    if not isinstance(tools, UnsetType):
+        validate_tool_names(tools, "tools")
 
 
 @routes.http(
@@ -385,6 +437,7 @@ async def create_model_config(call: Call[CreateModelConfig]) -> ModelConfigView:
         context_limit=body.context_limit,
         compression_threshold=body.compression_threshold,
         options=body.options,
+        tools=body.tools,
     )
     is_default = body.is_default or await providers.get_default_model_config(db) is None
     try:
@@ -394,9 +447,10 @@ async def create_model_config(call: Call[CreateModelConfig]) -> ModelConfigView:
             name=body.name,
             model=body.model,
             context_limit=body.context_limit,
-            compression_threshold=body.compression_threshold,
+            compression_threshold=_or_none(body.compression_threshold),
             options=body.options,
             is_default=is_default,
+            tools=None if isinstance(body.tools, UnsetType) else _tool_names(body.tools),
         )
     except NotFound as exc:
         raise _unknown_provider(exc) from None
@@ -461,6 +515,8 @@ async def update_model_config(call: Call[UpdateModelConfig], config_id: str) -> 
         raise ApiError.invalid(
             "is_default", "cannot be cleared: make another model config the default instead"
         )
+    if "tools" in fields:
+        fields["tools"] = _tool_names(fields["tools"])
     if fields:
         try:
             row = await providers.update_model_config(db, target, **fields)

@@ -5,7 +5,9 @@ reads go to the store. Another user's chat is a 404, like a missing one.
 
 Ownership is checked against the process's ``ChatOwners`` (``chatd.store.chat_owners``): an
 owner never changes, so once the edge has seen a chat (created it, read it, or checked it
-once), its commands and stream handshakes reach the actor without a query.
+once), its commands and stream handshakes reach the actor without a query. A chat deleted here
+is forgotten there; one deleted through another worker may still pass the check here, and its
+actor then answers the command with the same 404.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from chatd.domain.chat_status import ChatStatus
 from chatd.domain.conversation import ToolSpec
 from chatd.domain.effects import MessageAccepted
 from chatd.domain.mailbox import (
+    Compact,
+    DeleteChat,
     DeleteQueued,
     EditMessage,
     Interrupt,
@@ -34,6 +38,8 @@ from chatd.domain.mailbox import (
 from chatd.domain.watch_events import ChatDiffStatusChanged, ChatTitleChanged
 from chatd.store import chats, diff_status, idempotency
 from chatd.store.records import Chat, ChatMessage, DiffStatus, PullRequestState
+from chatd.tools.registry import validate_tool_names
+from chatd.web.admin import ToolNames
 from chatd.web.decode import check_length, parse_uuid
 from chatd.web.errors import ApiError
 from chatd.web.routing import ApiRoutes, Call, QueryParam
@@ -60,6 +66,8 @@ class CreateChat(msgspec.Struct, forbid_unknown_fields=True):
     system_prompt: str = ""
     model_config_id: UUID | None = None
     dynamic_tools: list[ToolDeclaration] = []
+    # The chat's own allow-list of built-in tools; absent or null: its model config's.
+    tools: ToolNames | None = None
 
 
 class UpdateChat(msgspec.Struct, forbid_unknown_fields=True):
@@ -113,6 +121,11 @@ class ChatView(msgspec.Struct):
     model_config_id: UUID | None
     system_prompt: str
     dynamic_tools: list[dict[str, Any]]
+    # The chat's own allow-list of built-in tools; null: its model config's.
+    tools: list[str] | None
+    # Tokens the provider reported for every model call made for the chat.
+    input_tokens: int
+    output_tokens: int
     created_at: datetime
     updated_at: datetime
 
@@ -151,6 +164,12 @@ class Accepted(msgspec.Struct):
     queued: bool
 
 
+class Compacting(msgspec.Struct):
+    """A summary is being made: the chat is ``running`` until it is committed."""
+
+    compacting: bool
+
+
 class DiffStatusView(msgspec.Struct):
     chat_id: UUID
     branch: str | None
@@ -183,6 +202,9 @@ def _chat_fields(chat: Chat) -> dict[str, Any]:
         "model_config_id": chat.model_config_id,
         "system_prompt": chat.system_prompt,
         "dynamic_tools": chat.dynamic_tools,
+        "tools": None if chat.tools is None else list(chat.tools),
+        "input_tokens": chat.input_tokens,
+        "output_tokens": chat.output_tokens,
         "created_at": chat.created_at,
         "updated_at": chat.updated_at,
     }
@@ -304,6 +326,7 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
         config = await call.services.engine.config.model_config(body.model_config_id)
         if config is None:
             raise ApiError.invalid("model_config_id", "must name an existing model config")
+    tools = None if body.tools is None else validate_tool_names(body.tools, "tools")
     chat_id = _new_chat_id(call)
     request = CreateChatRequest(
         owner_id=call.user.id,
@@ -315,6 +338,7 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
         dynamic_tools=tuple(
             ToolSpec(t.name, t.description, t.input_schema) for t in body.dynamic_tools
         ),
+        tools=tools,
     )
     reply = await _ask(call, chat_id, call.keyed(request))
     assert isinstance(reply, ChatCreatedReply)
@@ -398,6 +422,46 @@ async def update_chat(call: Call[UpdateChat], chat_id: str) -> ChatDetail:
     updated = await chats.get_chat(call.services.db, chat.id)
     assert updated is not None
     return await _detail(call, updated)
+
+
+@routes.http(
+    "DELETE",
+    "/chats/<chat_id>",
+    summary="Delete a chat with its history; a run in progress is stopped first",
+    errors=(404,),
+    commits_key=True,
+)
+async def delete_chat(call: Call[None], chat_id: str) -> None:
+    ident = await owned_chat_id(call, chat_id)
+    await _ask(call, ident, call.keyed(DeleteChat()))
+    # Else this edge would keep passing the chat's ownership check, and the routes that go to
+    # the store directly (diff status) would answer for a chat that is gone.
+    call.services.chat_owners.forget(ident)
+
+
+async def _recover_compact(call: Call[None], chat_id: str) -> Compacting:
+    """The answer to a retry whose key's compaction committed: it was started."""
+    await owned_chat_id(call, chat_id)
+    return Compacting(compacting=True)
+
+
+@routes.http(
+    "POST",
+    "/chats/<chat_id>/compact",
+    summary=(
+        "Summarize the chat's history now: its next prompts start from the summary"
+        " (409 while it is busy or when there is nothing to summarize)"
+    ),
+    response=Compacting,
+    status=202,
+    errors=(404, 409, 429),
+    commits_key=True,
+    recover=_recover_compact,
+)
+async def compact(call: Call[None], chat_id: str) -> Compacting:
+    ident = await owned_chat_id(call, chat_id)
+    await _ask(call, ident, call.keyed(Compact()))
+    return Compacting(compacting=True)
 
 
 # -- messages ------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from chatd.domain.stream_parts import (
 from chatd.domain.watch_events import (
     ChatActionRequired,
     ChatCreated,
+    ChatDeleted,
     ChatDiffStatusChanged,
     ChatStatusChanged,
     ChatTitleChanged,
@@ -287,12 +288,17 @@ class DiffStatusChangeFrame(_WatchFrame, tag="diff_status_change"):
     changed_files: int
 
 
+class DeletedFrame(_WatchFrame, tag="deleted"):
+    """The chat is gone: drop it from the list."""
+
+
 WatchFrame = (
     CreatedFrame
     | StatusChangeFrame
     | TitleChangeFrame
     | WatchActionRequiredFrame
     | DiffStatusChangeFrame
+    | DeletedFrame
 )
 
 
@@ -318,6 +324,8 @@ def watch_frame(event: WatchEvent) -> WatchFrame:
                 event.deletions,
                 event.changed_files,
             )
+        case ChatDeleted(chat_id=chat_id):
+            return DeletedFrame(chat_id)
         case _:
             assert_never(event)
 

@@ -42,6 +42,8 @@ from chatd.domain.effects import (
 from chatd.domain.events import Episode
 from chatd.domain.mailbox import (
     AttemptSuperseded,
+    Compact,
+    DeleteChat,
     DeleteQueued,
     EditMessage,
     IdempotencyMark,
@@ -76,6 +78,8 @@ COMMANDS: Final = _registry(
     PromoteQueued,
     DeleteQueued,
     SetArchived,
+    Compact,
+    DeleteChat,
     CreateChatRequest,
 )
 REPLIES: Final = _registry(MessageAccepted, ChatCreatedReply, Done)

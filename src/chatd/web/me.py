@@ -1,4 +1,5 @@
-"""The caller themself: who the token belongs to, their API tokens, and their custom prompt.
+"""The caller themself: who the token belongs to, their API tokens, their custom prompt, and
+the tokens their chats' model calls used.
 
 A token revoked here is refused by this process from the next request on, the one revoking it
 included (``TokenCache.revoke``); the other workers are told at once and forget the tokens
@@ -54,6 +55,14 @@ class TokenList(msgspec.Struct):
     tokens: list[TokenView]
 
 
+class UsageView(msgspec.Struct):
+    """Tokens the providers reported for every model call of the caller's chats (answers,
+    summaries, titles), deleted chats included."""
+
+    input_tokens: int
+    output_tokens: int
+
+
 class PromptView(msgspec.Struct):
     """``prompt`` is empty and ``updated_at`` null when the user has no custom prompt."""
 
@@ -100,6 +109,17 @@ async def revoke_token(call: Call[None], token_id: str) -> None:
         raise
     config.tokens_revoked()
     await config.announce()
+
+
+@routes.http(
+    "GET",
+    "/users/me/usage",
+    summary="The caller's token usage over all their chats, deleted ones included",
+    response=UsageView,
+)
+async def get_usage(call: Call[None]) -> UsageView:
+    usage = await users.get_usage(call.services.db, call.user.id)
+    return UsageView(usage.input_tokens, usage.output_tokens)
 
 
 @routes.http(

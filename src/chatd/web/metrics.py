@@ -241,6 +241,16 @@ def engine_metrics(engine: Engine) -> list[Metric]:
             counters.retries,
         ),
         Metric(
+            "chatd_tokens_total",
+            "counter",
+            "Tokens the providers reported for the model calls of the chats this process ran"
+            " (answers, summaries, titles), by direction: input (the prompt) or output.",
+            (
+                Sample(counters.input_tokens, (("direction", "input"),)),
+                Sample(counters.output_tokens, (("direction", "output"),)),
+            ),
+        ),
+        Metric(
             "chatd_errors_total",
             "counter",
             "Chats stopped in error, by the classified kind of their failure (a chat parked"

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -152,8 +153,23 @@ async def serve_api(db: Database, **overrides: Any) -> AsyncIterator[ApiWorld]:
     crashes, python-trio/trio-websocket#184); and the ping task outlives its closed socket
     until the next ping, holding each test's shutdown for the grace period.
     """
-    defaults = {"shard_count": 4, "port": 0, "ws_ping_interval_s": 0.0}
-    settings = Settings(**{**defaults, **overrides})
+    defaults: dict[str, Any] = {
+        "shard_count": 4,
+        "port": 0,
+        "ws_ping_interval_s": 0.0,
+        # Title calls would add a request to the fake provider after every first answer;
+        # the tests of titles turn them on.
+        "titles": False,
+    }
+    with tempfile.TemporaryDirectory(prefix="chatd-workspaces-") as scratch:
+        defaults["workspace_root"] = scratch
+        settings = Settings(**{**defaults, **overrides})
+        async with serve_settings(db, settings) as world:
+            yield world
+
+
+@contextlib.asynccontextmanager
+async def serve_settings(db: Database, settings: Settings) -> AsyncIterator[ApiWorld]:
     async with open_fake_llm() as llm:
         await register_default_model(db, base_url=f"{llm.url}/v1")
         options = EngineOptions.from_settings(settings, worker_id="e2e-worker")

@@ -257,6 +257,8 @@ async def test_another_users_chat_is_a_404_like_a_missing_one(api: ApiWorld) -> 
         ("POST", f"/queue/{qid}/promote", None),
         ("GET", "/diff-status", None),
         ("PUT", "/diff-status", {"branch": "x"}),
+        ("POST", "/compact", None),
+        ("DELETE", "", None),
     ]
     for method, suffix, body in requests:
         theirs = await bob.http.request(method, f"/api/v1/chats/{chat['id']}{suffix}", json=body)

@@ -27,6 +27,7 @@ EXPECTED = {
     "chatd_turns_total": "counter",
     "chatd_retries_total": "counter",
     "chatd_errors_total": "counter",
+    "chatd_tokens_total": "counter",
     "chatd_actors_active": "gauge",
     "chatd_mailbox_depth": "gauge",
     "chatd_actor_activations_total": "counter",

@@ -123,6 +123,17 @@ class ApiWorld:
         self.clients.append(client)
         return client
 
+    def rejoin(self, client: Client) -> Client:
+        """``client``'s user and token on this server (another server on the same database)."""
+        http = httpx2.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {client.token}"},
+            timeout=DEADLINE_S,
+        )
+        rejoined = Client(self, client.user, client.token, http)
+        self.clients.append(rejoined)
+        return rejoined
+
     def anonymous(self) -> httpx2.AsyncClient:
         return httpx2.AsyncClient(base_url=self.url, timeout=DEADLINE_S)
 

@@ -178,7 +178,7 @@ async def test_compaction_starts_the_next_prompt_at_the_summary(db: Database) ->
     assert [m["role"] for m in history] == ["user", "assistant", "user", "summary", "assistant"]
 
 
-async def test_compact_by_hand_then_the_next_prompt_starts_at_the_summary(
+async def test_compact_by_hand_then_a_restarted_chat_prompts_from_the_summary(
     db: Database,
 ) -> None:
     async with serve_api(db) as world:
@@ -191,6 +191,9 @@ async def test_compact_by_hand_then_the_next_prompt_starts_at_the_summary(
         await alice.wait_status(chat["id"], "waiting")
         again = await alice.http.post(f"{path}/compact")
         assert again.status_code == 409, again.text
+    # Another server on the same database loads the chat from its newest boundary.
+    async with serve_api(db) as world:
+        alice = world.rejoin(alice)
         before = len(world.llm.requests)
         await alice.http.post(f"{path}/messages", json={"text": "which number?"})
         await alice.wait_status(chat["id"], "waiting")

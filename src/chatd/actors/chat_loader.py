@@ -58,29 +58,29 @@ async def load_chat(db: Database, chat_id: UUID) -> LoadedChat | None:
     row = await chats.get_chat(db, chat_id)
     if row is None:
         return None
+    rows = await chats.list_prompt_messages(db, chat_id, limit=_PAGE)
+    page = rows
+    while len(page) == _PAGE:
+        page = await chats.list_messages(db, chat_id, after_seq=page[-1].seq, limit=_PAGE)
+        rows.extend(page)
+    # The newest boundary is among them (it comes after every message it covers).
+    boundary = next((m for m in reversed(rows) if m.role == "summary"), None)
+    summary = _summary_part(boundary.content) if boundary is not None else None
+    summary_seq = 0 if boundary is None else boundary.seq
     history: list[Message] = []
     seqs: list[int] = []
     usages: list[Usage | None] = []
     users: list[UserMessageRef] = []
-    boundary = await chats.newest_summary(db, chat_id)
-    summary = _summary_part(boundary.content) if boundary is not None else None
-    after = 0 if summary is None else summary.through_seq
-    summary_seq = 0 if boundary is None else boundary.seq
-    while True:
-        page = await chats.list_messages(db, chat_id, after_seq=after, limit=_PAGE)
-        for m in page:
-            if m.role == "summary":
-                continue
-            history.append(Message(m.role, parts_from_json(m.content)))
-            seqs.append(m.seq)
-            # Reported for a prompt that started at an older boundary: not this prompt's size.
-            fresh = m.usage is not None and m.seq > summary_seq
-            usages.append(_usage(m.usage) if fresh else None)
-            if m.role == "user" and m.seq > summary_seq:
-                users.append(UserMessageRef(m.id, m.seq))
-        if len(page) < _PAGE:
-            break
-        after = page[-1].seq
+    for m in rows:
+        if m.role == "summary":
+            continue
+        history.append(Message(m.role, parts_from_json(m.content)))
+        seqs.append(m.seq)
+        # Reported for a prompt that started at an older boundary: not this prompt's size.
+        fresh = m.usage is not None and m.seq > summary_seq
+        usages.append(_usage(m.usage) if fresh else None)
+        if m.role == "user" and m.seq > summary_seq:
+            users.append(UserMessageRef(m.id, m.seq))
     queue = tuple(queued_entry(q) for q in await chats.list_queue(db, chat_id))
     setup = ChatSetup(
         owner_id=row.owner_id,

@@ -619,14 +619,27 @@ LAST_STEP_SQL = """
 """
 
 
-async def newest_summary(db: Database, chat_id: UUID) -> ChatMessage | None:
-    """The chat's newest live summary message (its boundary), if it has one."""
-    row = await db.fetchrow(
-        "SELECT * FROM chat_messages WHERE chat_id = $1 AND role = 'summary'"
-        " AND deleted_at IS NULL ORDER BY seq DESC LIMIT 1",
-        chat_id,
-    )
-    return None if row is None else chat_message_from_row(row)
+# The first page of what chat $1's next prompt needs: the live messages after what its newest
+# summary covers (all of them without one), that summary included; one statement, so loading a
+# chat costs no round trip more for compaction. Later pages: list_messages.
+PROMPT_MESSAGES_SQL = """
+    SELECT * FROM chat_messages
+    WHERE chat_id = $1 AND deleted_at IS NULL
+      AND seq > coalesce(
+          (SELECT (content->0->>'through_seq')::bigint FROM chat_messages
+           WHERE chat_id = $1 AND role = 'summary' AND deleted_at IS NULL
+           ORDER BY seq DESC LIMIT 1),
+          0)
+    ORDER BY seq
+    LIMIT $2
+"""
+
+
+async def list_prompt_messages(db: Database, chat_id: UUID, *, limit: int) -> list[ChatMessage]:
+    """The first ``limit`` messages from the chat's newest summary boundary on (see
+    ``PROMPT_MESSAGES_SQL``); page on with ``list_messages``."""
+    rows = await db.fetch(PROMPT_MESSAGES_SQL, chat_id, limit)
+    return [chat_message_from_row(row) for row in rows]
 
 
 async def list_last_step(db: Database, chat_id: UUID) -> list[ChatMessage]:

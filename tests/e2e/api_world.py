@@ -8,9 +8,10 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -33,6 +34,21 @@ from chatd.web.context import Services, services
 from chatd.web.server import serve
 
 DEADLINE_S = 30.0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds, within DEADLINE_S: for what a test cannot wait on but only
+    look at (a file a command writes, a process ending)."""
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.02)
+
+
+def file_text(path: Path) -> str:
+    """The file's text, stripped; empty while it does not exist."""
+    return path.read_text().strip() if path.exists() else ""
 
 
 @dataclass

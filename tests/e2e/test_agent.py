@@ -5,7 +5,6 @@ hand, titles and token usage, and deleting a chat with its workspace."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,10 @@ from chatd.domain.agent_prompts import SUMMARY_SYSTEM, TITLE_SYSTEM
 from chatd.providers.fake.scenario import knobs_marker
 from chatd.store import providers
 from chatd.store.database import Database
-from tests.e2e.api_world import DEADLINE_S, Client, frames, serve_api
+from chatd.tools.registry import TOOL_NAMES
+from tests.e2e.api_world import DEADLINE_S, Client, file_text, frames, serve_api, until
 
-EVERY_TOOL = [
-    "current_time",
-    "calculate",
-    "list_files",
-    "read_file",
-    "write_file",
-    "edit_file",
-    "search_files",
-    "execute",
-]
+EVERY_TOOL = list(TOOL_NAMES)
 
 
 def _call(name: str, **arguments: Any) -> dict[str, Any]:
@@ -60,19 +51,6 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _text(path: Path) -> str:
-    return path.read_text().strip() if path.exists() else ""
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Until ``condition()`` holds (a process or a file: nothing to wait on but a poll)."""
-    with trio.fail_after(DEADLINE_S):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.02)
 
 
 async def test_a_turn_writes_edits_reads_and_runs_a_command_and_never_leaves_its_workspace(
@@ -111,7 +89,7 @@ async def test_a_turn_writes_edits_reads_and_runs_a_command_and_never_leaves_its
     assert len(escapes) == 5
     assert all("error" in r and "workspace" in r["error"] for r in escapes), escapes
     assert not (tmp_path / "escape.txt").exists()
-    assert not _text(Path("/tmp/escape.txt"))
+    assert not file_text(Path("/tmp/escape.txt"))
     assert history[-1]["content"] == [{"type": "text", "text": "done"}]
 
 
@@ -123,12 +101,12 @@ async def test_an_interrupt_during_a_long_command_kills_its_process_group(
         alice = await world.client("alice")
         steps = _steps([_call("execute", command="sleep 1000 & echo $! > pid; wait")])
         chat = await alice.create_chat(f"long {steps}", tools=["execute"])
-        await _until(lambda: bool(_text(root / chat["id"] / "pid")))
-        pid = int(_text(root / chat["id"] / "pid"))
+        await until(lambda: bool(file_text(root / chat["id"] / "pid")))
+        pid = int(file_text(root / chat["id"] / "pid"))
         interrupted = await alice.http.post(f"/api/v1/chats/{chat['id']}/interrupt")
         assert interrupted.status_code == 204, interrupted.text
         await alice.wait_status(chat["id"], "waiting")
-        await _until(lambda: not _alive(pid))
+        await until(lambda: not _alive(pid))
         history = await _history(alice, chat["id"])
     assert [m["role"] for m in history] == ["user", "assistant", "tool"]
     assert _results(history) == [{"error": "cancelled", "reason": "the user interrupted"}]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -16,21 +15,8 @@ from chatd.providers.fake import knobs_marker, open_fake_llm
 from chatd.runtime import register_default_model
 from chatd.store import users
 from chatd.store.database import Database
-from tests.e2e.api_world import DEADLINE_S
+from tests.e2e.api_world import DEADLINE_S, file_text, until
 from tests.e2e.chatd_process import chatd_server
-
-
-def _text(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Until ``condition()`` holds (a file written by a command: nothing to wait on but a poll)."""
-    with trio.fail_after(DEADLINE_S):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.02)
 
 
 async def _status(http: httpx2.AsyncClient, chat_id: str) -> str:
@@ -65,11 +51,11 @@ async def test_a_call_cut_by_kill_9_is_not_run_again_after_the_restart(
             assert created.status_code == 201, created.text
             chat_id = created.json()["id"]
             workspace = home / "workspaces" / chat_id
-            await _until(lambda: bool(_text(workspace / "group").strip()))
+            await until(lambda: bool(file_text(workspace / "group").strip()))
             first.process.kill()
             await first.process.wait()
         # The command outlived the worker (its own session); it is not chatd's any more.
-        os.killpg(int(_text(workspace / "group")), signal.SIGKILL)
+        os.killpg(int(file_text(workspace / "group")), signal.SIGKILL)
         async with (
             chatd_server(args, env=env) as second,
             httpx2.AsyncClient(base_url=second.url, headers=auth, timeout=DEADLINE_S) as http,
@@ -85,4 +71,4 @@ async def test_a_call_cut_by_kill_9_is_not_run_again_after_the_restart(
     result = json.loads(history[2]["content"][0]["output"])
     assert result["error"] == "outcome unknown"
     assert history[3]["content"] == [{"type": "text", "text": "carried on"}]
-    assert _text(workspace / "runs.txt") == "ran\n"  # run once, never again
+    assert file_text(workspace / "runs.txt") == "ran"  # run once, never again

@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 postgres:
 	@scripts/ensure-postgres.sh
 
+# Debian's Chromium for the browser test of the web page (tests/e2e/test_page.py).
+.PHONY: chromium
+chromium:
+	@scripts/ensure-chromium.sh
+
 run: $(STAMP)
 	@if [ -z "$$CHATD_DATABASE_URL" ]; then scripts/ensure-postgres.sh; fi
 	$(BIN)/chatd serve --demo --home "$(CHATD_HOME)" --admin-token-file "$(CHATD_HOME)/admin-token"
@@ -48,7 +53,7 @@ typecheck: $(STAMP)
 # end-to-end tests wait on the processes they start. PYTEST_ARGS narrows or adds, e.g.
 # make pytest PYTEST_ARGS='-n 0 tests/unit' for one process.
 PYTEST_ARGS ?=
-pytest: $(STAMP) postgres
+pytest: $(STAMP) postgres chromium
 	$(BIN)/pytest -n auto --maxprocesses 4 $(PYTEST_ARGS)
 
 # The sweep draws its charts with matplotlib, the optional `bench` extra.

@@ -7,7 +7,7 @@ from quart_trio import QuartTrio
 from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
-from chatd.web import admin, chats, errors, health, inbox, me, metrics, openapi, streams
+from chatd.web import admin, chats, errors, health, inbox, me, metrics, openapi, page, streams
 from chatd.web.context import Services, attach
 from chatd.web.routing import ApiRoutes
 
@@ -33,6 +33,7 @@ def create_app(settings: Settings, db: Database, engine: Engine) -> QuartTrio:
     attach(app, Services(settings=settings, db=db, engine=engine, routes=routes))
     errors.install(app)
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(page.blueprint)
     for area in API:
         app.register_blueprint(area.blueprint)
     return app

@@ -82,7 +82,9 @@ class LiveSocket {
     const ws = new WebSocket(this.url());
     this.ws = ws;
     this.onState("connecting");
+    let opened = false;
     ws.onopen = () => {
+      opened = true;
       this.delay = RECONNECT_MIN_MS;
       this.onState("open");
     };
@@ -93,6 +95,8 @@ class LiveSocket {
     ws.onclose = () => {
       if (this.ws !== ws || this.closed) return;
       this.onState("closed");
+      // A refused handshake says nothing to a browser: a revoked token signs out (api does).
+      if (!opened) api("GET", "/users/me").catch(() => {});
       this.timer = setTimeout(() => this.open(), this.delay);
       this.delay = Math.min(this.delay * 2, RECONNECT_MAX_MS);
     };

@@ -160,8 +160,11 @@ class Settings:
     idempotency_wait_s: float = 10.0
     idempotency_pending_timeout_s: float = 60.0
 
-    # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *).
+    # HTTP edge: WebSockets. Origins allowed besides the server's own (comma-separated, or *);
+    # the same list is the HTTP API's CORS allow-list (chatd.web.cors).
     ws_allowed_origins: str = ""
+    # How long a browser may keep a CORS preflight's answer.
+    cors_max_age_s: float = 600.0
     ws_ping_interval_s: float = 20.0  # 0: no pings
     # Per user, admins included (`make run` hands people an admin token): WebSockets open at
     # once on this process, stream, watch and inbox watch together (one more: 429 at the

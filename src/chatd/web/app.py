@@ -7,7 +7,19 @@ from quart_trio import QuartTrio
 from chatd.actors.engine import Engine
 from chatd.config import Settings
 from chatd.store.database import Database
-from chatd.web import admin, chats, errors, health, inbox, me, metrics, openapi, page, streams
+from chatd.web import (
+    admin,
+    chats,
+    cors,
+    errors,
+    health,
+    inbox,
+    me,
+    metrics,
+    openapi,
+    page,
+    streams,
+)
 from chatd.web.context import Services, attach
 from chatd.web.routing import ApiRoutes
 
@@ -32,6 +44,7 @@ def create_app(settings: Settings, db: Database, engine: Engine) -> QuartTrio:
     routes = tuple(spec for area in API for spec in area.specs)
     attach(app, Services(settings=settings, db=db, engine=engine, routes=routes))
     errors.install(app)
+    cors.install(app, allowed=settings.ws_allowed_origins, max_age_s=settings.cors_max_age_s)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(page.blueprint)
     for area in API:

@@ -14,12 +14,14 @@ import msgspec
 from quart import (
     Quart,
     Response,
+    current_app,
+    has_app_context,
     has_request_context,
     has_websocket_context,
     request,
     websocket,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from chatd.actors.errors import ActorDead, AskTimeout, MailboxFull, NotOwner
 from chatd.actors.hub import CursorError
@@ -114,9 +116,35 @@ def api_error_for(exc: BaseException) -> ApiError | None:  # noqa: PLR0911, PLR0
             return ApiError(
                 503, "unavailable", "temporarily unavailable; retry shortly", headers=_RETRY_SOON
             )
+        case MethodNotAllowed(valid_methods=methods):
+            allow = ", ".join(sorted(methods or ()))
+            return ApiError(
+                405,
+                "method_not_allowed",
+                f"{_method()} is not allowed here; the route allows {allow}",
+                headers={"Allow": allow},
+            )
+        case RequestEntityTooLarge():
+            return ApiError(413, "payload_too_large", _too_large())
         case HTTPException(code=int(code)):
             return ApiError(code, _http_code(code), exc.description or exc.name)
     return None
+
+
+def _method() -> str:
+    return request.method if has_request_context() else "this method"
+
+
+def _too_large() -> str:
+    """What a 413 says: the body's size when it was declared, and the limit's setting."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH") if has_app_context() else None
+    setting = "max_body_bytes (CHATD_MAX_BODY_BYTES)"
+    length = request.content_length if has_request_context() else None
+    if limit is None:
+        return f"the body is over the limit, {setting}"
+    if length is not None and length > limit:
+        return f"the body is {length} bytes; the limit is {limit} bytes, {setting}"
+    return f"the body is over the limit of {limit} bytes, {setting}"
 
 
 def _http_code(status: int) -> str:

@@ -22,6 +22,7 @@ from chatd.config import Settings, SettingsError
 from chatd.demo import DemoError, start_message
 from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
 from chatd.identity import IdentityError
+from chatd.logs import configure_logging
 from chatd.providers.fake import Scenario, serve_fake_llm
 from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
 from chatd.scaletest import cli as scaletest
@@ -60,14 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx2 logs every request at INFO: a line per model step in the server, per message in
-    # the load driver; CPU and noise that say nothing an operator needs.
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # CHATD_LOG_LEVEL and CHATD_LOG_FORMAT (Settings checks them again below).
+    configure_logging()
     try:
         settings = Settings.load(overrides=_overrides(args))
         run: Callable[[Settings, argparse.Namespace], int] = args.run

@@ -188,6 +188,16 @@ class Settings:
     # so that the close does not reset the connection before the client read the last answer.
     close_linger_s: float = 1.0
 
+    # Logs (chatd.logs): the level (DEBUG, INFO, WARNING, ERROR) and the format of the lines
+    # on stderr: text, or json (one object per line). An access line per request at INFO.
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # Metrics for scrapers without a token: the text of /api/v1/metrics at /metrics on
+    # metrics_host:metrics_port (0: off). With several workers, each takes the first free
+    # port from metrics_port up (and logs it).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+
     def __post_init__(self) -> None:
         positive = (
             "db_pool_min_size",
@@ -282,6 +292,7 @@ class Settings:
                 f"{_label('idempotency_pending_timeout_s')} must exceed {_label('ask_timeout_s')}"
             )
         self._check_agent()
+        self._check_observability()
         if self.db_pool_min_size > self.db_pool_max_size:
             raise SettingsError(
                 f"{_label('db_pool_min_size')} must not exceed {_label('db_pool_max_size')}"
@@ -296,6 +307,16 @@ class Settings:
                     f"{_label('title_model_config_id')} must be a model config's id (a UUID)"
                     " or empty (the chat's own)"
                 ) from None
+
+    def _check_observability(self) -> None:
+        if self.log_level.strip().upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"{_label('log_level')} must be DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            )
+        if self.log_format.strip().lower() not in ("text", "json"):
+            raise SettingsError(f"{_label('log_format')} must be text or json")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"{_label('metrics_port')} must be between 0 (off) and 65535")
 
     def _check_workers(self) -> None:
         if self.worker_restart_limit < 0:

@@ -40,6 +40,9 @@ EXPECTED = {
     "chatd_db_statements_total": "counter",
     "chatd_db_notifications_received_total": "counter",
     "chatd_db_notifications_dropped_total": "counter",
+    "chatd_time_to_first_token_seconds": "histogram",
+    "chatd_turn_duration_seconds": "histogram",
+    "chatd_http_request_duration_seconds": "histogram",
 }
 
 
@@ -68,6 +71,10 @@ def parse(text: str) -> Scrape:
         else:
             series, _, value = line.rpartition(" ")
             name = series.partition("{")[0]
+            for suffix in ("_bucket", "_sum", "_count"):
+                base = name.removesuffix(suffix)
+                if base != name and scrape.types.get(base) == "histogram":
+                    name = base
             assert name in scrape.types, f"sample before its # TYPE: {line!r}"
             assert series not in scrape.samples, f"repeated series: {line!r}"
             scrape.samples[series] = float(value)
@@ -115,6 +122,12 @@ async def test_every_series_is_described_and_follows_a_turn(api: ApiWorld) -> No
         assert figures.types.get(name) == kind, name
         assert figures.help.get(name), name
     assert figures["chatd_turns_total"] == 1
+    assert figures["chatd_turn_duration_seconds_count"] == 1
+    assert figures['chatd_turn_duration_seconds_bucket{le="+Inf"}'] == 1
+    assert 0 < figures["chatd_turn_duration_seconds_sum"] < DEADLINE_S
+    assert figures["chatd_time_to_first_token_seconds_count"] == 1
+    created = 'chatd_http_request_duration_seconds_count{route="/api/v1/chats",status="2xx"}'
+    assert figures[created] >= 1
     assert figures["chatd_actors_active"] >= 1
     assert figures["chatd_actor_activations_total"] >= 1
     assert figures["chatd_mailbox_depth"] >= 0

@@ -21,13 +21,16 @@ from chatd.domain.mailbox import (
     SendMessage,
     StepCompleted,
 )
+from chatd.histogram import Histogram
 from chatd.web.metrics import (
     SUPERVISOR_COUNTERS,
+    HttpMetrics,
     Memory,
     Metric,
     Sample,
     counter,
     gauge,
+    histogram,
     parse_proc_status,
     render,
 )
@@ -43,6 +46,35 @@ from tests.unit.chat_states import (
 )
 
 # -- the exposition text -----------------------------------------------------------------------
+
+
+def test_a_histogram_renders_cumulative_buckets_sum_and_count() -> None:
+    h = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        h.observe(value)
+    out = render([histogram("chatd_x_seconds", "X.", (((("route", "/a"),), h),))])
+    assert out == (
+        "# HELP chatd_x_seconds X.\n"
+        "# TYPE chatd_x_seconds histogram\n"
+        'chatd_x_seconds_bucket{route="/a",le="0.1"} 2\n'
+        'chatd_x_seconds_bucket{route="/a",le="1.0"} 3\n'
+        'chatd_x_seconds_bucket{route="/a",le="+Inf"} 4\n'
+        'chatd_x_seconds_sum{route="/a"} 3.65\n'
+        'chatd_x_seconds_count{route="/a"} 4\n'
+    )
+
+
+def test_request_durations_are_by_route_and_status_class_and_404s_are_one_series() -> None:
+    http = HttpMetrics()
+    http.observe("/api/v1/chats/<chat_id>", 200, 0.01)
+    http.observe("/api/v1/chats/<chat_id>", 204, 0.02)
+    http.observe("/api/v1/nothing/1", 404, 0.01)
+    http.observe("/api/v1/nothing/2", 404, 0.01)
+    assert sorted(http.durations) == [
+        ("/api/v1/chats/<chat_id>", "2xx"),
+        ("unmatched", "4xx"),
+    ]
+    assert http.durations[("unmatched", "4xx")].count == 2
 
 
 def test_each_metric_has_help_type_and_its_samples() -> None:

@@ -119,6 +119,7 @@ from chatd.domain.watch_events import (
     ChatTitleChanged,
     WatchEvent,
 )
+from chatd.histogram import Histogram
 from chatd.providers.base import ModelProvider
 from chatd.providers.errors import ProviderError
 from chatd.store import chats, tool_journal
@@ -186,6 +187,10 @@ class ChatCounters:
     # Tokens the provider reported for every model call (answers, summaries, titles).
     input_tokens: int = 0
     output_tokens: int = 0
+    # Seconds from a model step's start to its first streamed part, and from a turn's first
+    # step to the outcome that ended it (``ends_turn``).
+    first_token: Histogram = field(default_factory=Histogram)
+    turn_duration: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +273,7 @@ class ChatActor:
         "_summary",
         "_timers",
         "_title_wanted",
+        "_turn_started",
         "_unsure",
         "_usages",
     )
@@ -288,6 +294,8 @@ class ChatActor:
         self._timers: dict[str, trio.CancelScope] = {}
         # A commit of ours failed on an outage: whether it went through is not known yet.
         self._unsure = False
+        # When the turn in progress started its first model step (trio clock), for metrics.
+        self._turn_started: float | None = None
 
     # -- the behavior the runtime drives -----------------------------------------------------
 
@@ -590,6 +598,10 @@ class ChatActor:
         counters = self._deps.counters
         if ended_turn:
             counters.turns += 1
+            if self._turn_started is not None:
+                counters.turn_duration.observe(trio.current_time() - self._turn_started)
+        if ended_turn or decision.state.status is not ChatStatus.RUNNING:
+            self._turn_started = None  # ended, or stopped (interrupted, edited, deleted)
         for message in decision.messages:
             if message.usage is not None:
                 counters.input_tokens += message.usage.input_tokens
@@ -599,8 +611,30 @@ class ChatActor:
                 for event in effect.events:
                     if isinstance(event, RetryScheduled):
                         counters.retries += 1
+                        self._log_failure(event.failure, retry_in_s=event.delay_s)
                     elif isinstance(event, ErrorRaised):
                         counters.errors[event.failure.kind] += 1
+                        self._log_failure(event.failure, retry_in_s=None)
+
+    def _log_failure(self, failure: ProviderFailure, *, retry_in_s: float | None) -> None:
+        """One warning per failed model step: retried in so many seconds, or given up."""
+        outcome = "gave up" if retry_in_s is None else f"retry in {retry_in_s:.1f} s"
+        log.warning(
+            "chat %s: provider %s failed (%s, status %s): %s; %s",
+            self._ctx.chat_id,
+            failure.provider,
+            failure.kind.value,
+            failure.status_code,
+            failure.detail or failure.message,
+            outcome,
+            extra={
+                "chat_id": str(self._ctx.chat_id),
+                "provider": failure.provider,
+                "kind": failure.kind.value,
+                "status": failure.status_code,
+                "retry_in_s": retry_in_s,
+            },
+        )
 
     def _remember(self, decision: Decision) -> None:
         """Keep the history the next model request needs, without reading it back: from the
@@ -680,6 +714,8 @@ class ChatActor:
             case Publish():
                 pass  # published with the commit's other events
             case StartGeneration(episode=episode):
+                if self._turn_started is None:
+                    self._turn_started = trio.current_time()
                 await self._stop_generation()
                 self._start_generation(episode)
             case RunTools():
@@ -745,6 +781,7 @@ class ChatActor:
         episode = generation.episode
         chat_id = self._ctx.chat_id
         compacting = self._state.compacting
+        started = trio.current_time()
         try:
             with generation.scope:
                 try:
@@ -780,6 +817,9 @@ class ChatActor:
                         async for part in parts:
                             generation.assembler.add(part)
                             seq += 1
+                            if seq == 1:
+                                first = trio.current_time() - started
+                                self._deps.counters.first_token.observe(first)
                             self._deps.hub.publish(chat_id, (MessagePart(episode, seq, part),))
                 except ProviderError as exc:
                     self._finished(GenerationFailed(episode, exc.failure))

@@ -266,11 +266,24 @@ class ShardKeeper:
         self._handing_over -= lost
         if lost:
             self.stats.shards_lost += len(lost)
-            log.warning("lost shards %s; stopping their actors", sorted(lost))
+            shards = sorted(lost)
+            log.warning(
+                "lost shards %s (worker %s); stopping their actors",
+                shards,
+                self.worker_id,
+                extra={"shard_move": "lost", "shards": shards, "worker_id": self.worker_id},
+            )
             self._hooks.lost(lost)
         if gained:
             self.stats.shards_gained += len(gained)
-            log.info("holding shards %s", [f.shard for f in gained])
+            shards = sorted(f.shard for f in gained)
+            log.info(
+                "acquired shards %s (worker %s, epochs %s)",
+                shards,
+                self.worker_id,
+                sorted({f.epoch for f in gained}),
+                extra={"shard_move": "acquired", "shards": shards, "worker_id": self.worker_id},
+            )
         return gained
 
     # -- handover ----------------------------------------------------------------------------
@@ -326,7 +339,12 @@ class ShardKeeper:
             self._hooks.lost(frozenset(given))
             self._hooks.changed()
             await self._release(fences, leaving=False)
-        log.info("handed over shards %s", given)
+        log.info(
+            "released shards %s (worker %s, handed over)",
+            given,
+            self.worker_id,
+            extra={"shard_move": "released", "shards": given, "worker_id": self.worker_id},
+        )
 
     # -- leaving -------------------------------------------------------------------------------
 
@@ -343,6 +361,14 @@ class ShardKeeper:
         on failure the leases and the row expire instead)."""
         if self._checked_in or fences:  # not when the start failed: nothing to undo
             await self._release(fences, leaving=True)
+        if fences:
+            shards = sorted(f.shard for f in fences)
+            log.info(
+                "released shards %s (worker %s, leaving)",
+                shards,
+                self.worker_id,
+                extra={"shard_move": "released", "shards": shards, "worker_id": self.worker_id},
+            )
 
     async def _release(self, fences: list[Fence], *, leaving: bool) -> None:
         what = "leave the workers" if leaving else "release the handed-over shards"

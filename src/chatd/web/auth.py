@@ -4,7 +4,8 @@ Tokens are checked through the process's ``TokenCache`` (``chatd.store.token_cac
 token costs no query, and a revocation elsewhere is seen within ``auth_cache_ttl_s``.
 
 Browsers cannot set headers on a WebSocket, so a WebSocket handshake may carry the token as the
-``access_token`` query parameter instead (chatd keeps no access log, so it is not written down).
+``access_token`` query parameter instead (the access log names
+the route's template, never a query string, so it is not written down).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 from werkzeug.datastructures import Headers
 
+from chatd.logs import note_user
 from chatd.store.records import User
 from chatd.store.token_cache import TokenCache
 from chatd.web.errors import ApiError
@@ -40,6 +42,7 @@ async def authenticate(tokens: TokenCache, token: str) -> User:
     user = await tokens.authenticate(token)
     if user is None:
         raise _unauthorized("the token is unknown or revoked")
+    note_user(user.id)  # for the request's access line
     return user
 
 

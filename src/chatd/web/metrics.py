@@ -14,15 +14,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from quart import Quart, current_app
+
 from chatd.actors.engine import Engine
+from chatd.histogram import Histogram
 from chatd.store.database import DatabaseStats
+from chatd.web.context import Services
 from chatd.web.routing import ApiRoutes, Call
 
 routes = ApiRoutes("metrics", tag="meta")
 
 PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
-MetricType = Literal["counter", "gauge"]
+MetricType = Literal["counter", "gauge", "histogram"]
 Labels = tuple[tuple[str, str], ...]
 
 
@@ -30,6 +34,7 @@ Labels = tuple[tuple[str, str], ...]
 class Sample:
     value: float
     labels: Labels = ()
+    suffix: str = ""  # a histogram's _bucket, _sum or _count
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,65 @@ def gauge(name: str, help_text: str, value: float) -> Metric:
     return Metric(name, "gauge", help_text, (Sample(value),))
 
 
+def histogram(name: str, help_text: str, series: Iterable[tuple[Labels, Histogram]]) -> Metric:
+    """A histogram family: per label set, its cumulative buckets (``le``), sum and count."""
+    samples: list[Sample] = []
+    for labels, h in series:
+        samples.extend(
+            Sample(n, (*labels, ("le", _bound(bound))), "_bucket") for bound, n in h.cumulative()
+        )
+        samples.append(Sample(h.sum, labels, "_sum"))
+        samples.append(Sample(h.count, labels, "_count"))
+    return Metric(name, "histogram", help_text, tuple(samples))
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+class HttpMetrics:
+    """Request durations of this process by route template, method and status class, observed
+    by the server's access-log middleware (``chatd.web.server.access_logged``)."""
+
+    __slots__ = ("durations",)
+
+    def __init__(self) -> None:
+        self.durations: dict[tuple[str, str], Histogram] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        # Unmatched paths (404s) are one series, whatever the path: no unbounded labels.
+        key = (route if status != 404 else "unmatched", _STATUS_CLASSES.get(status // 100, "other"))
+        h = self.durations.get(key)
+        if h is None:
+            h = self.durations[key] = Histogram()
+        h.observe(seconds)
+
+    def metrics(self) -> list[Metric]:
+        return [
+            histogram(
+                "chatd_http_request_duration_seconds",
+                "Time from a request's arrival to the end of its answer (a WebSocket's: to the"
+                " handshake's answer), by route template and status class, in seconds.",
+                (
+                    ((("route", route), ("status", status)), h)
+                    for (route, status), h in sorted(self.durations.items())
+                ),
+            )
+        ]
+
+
+_STATUS_CLASSES: Final = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+_HTTP_METRICS_KEY: Final = "chatd.http_metrics"
+
+
+def http_metrics(app: Quart) -> HttpMetrics:
+    """The app's request metrics (made on first use)."""
+    found = app.extensions.get(_HTTP_METRICS_KEY)
+    if not isinstance(found, HttpMetrics):
+        found = app.extensions[_HTTP_METRICS_KEY] = HttpMetrics()
+    return found
+
+
 # -- rendering ---------------------------------------------------------------------------------
 
 
@@ -59,7 +123,9 @@ def render(metrics: Iterable[Metric]) -> str:
     for metric in metrics:
         lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
         lines.append(f"# TYPE {metric.name} {metric.type}")
-        lines.extend(f"{metric.name}{_labels(s.labels)} {_value(s.value)}" for s in metric.samples)
+        lines.extend(
+            f"{metric.name}{s.suffix}{_labels(s.labels)} {_value(s.value)}" for s in metric.samples
+        )
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -271,6 +337,19 @@ def engine_metrics(engine: Engine) -> list[Metric]:
         gauge(
             "chatd_owned_shards", "Shards whose lease this process holds.", len(supervisor.fences)
         ),
+        histogram(
+            "chatd_time_to_first_token_seconds",
+            "Time from the start of a model step (the model config resolved, the prompt"
+            " built, the provider called) to its first streamed part, in seconds.",
+            (((), counters.first_token),),
+        ),
+        histogram(
+            "chatd_turn_duration_seconds",
+            "Time from the start of a turn's first model step to the model's outcome that"
+            " ended it (retries and built-in tool rounds included; see chatd_turns_total),"
+            " in seconds.",
+            (((), counters.turn_duration),),
+        ),
     ]
     out += [
         counter(name, help_text, getattr(stats, field))
@@ -340,12 +419,17 @@ def database_metrics(stats: DatabaseStats, *, pool_size: int, pool_idle: int) ->
     media_type=PROMETHEUS_TEXT,
 )
 async def metrics(call: Call[None]) -> str:
-    svc = call.services
+    return exposition(call.services, http_metrics(current_app))
+
+
+def exposition(svc: Services, http: HttpMetrics) -> str:
+    """Every figure of this process, as ``/api/v1/metrics`` and the metrics port serve it."""
     db = svc.db
     return render(
         [
             *process_metrics(),
             *engine_metrics(svc.engine),
             *database_metrics(db.stats, pool_size=db.pool_size, pool_idle=db.pool_idle),
+            *http.metrics(),
         ]
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, cast
@@ -36,10 +37,13 @@ from hypercorn.typing import (
     Scope,
 )
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
+from quart import request, websocket
 from quart_trio import QuartTrio
 
 from chatd.config import Settings
-from chatd.web.context import services
+from chatd.logs import begin_request, end_request, note_route, request_done
+from chatd.web.context import Services, services
+from chatd.web.metrics import PROMETHEUS_TEXT, HttpMetrics, exposition, http_metrics
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +102,16 @@ async def serve(
     ``shutdown_grace_s`` to finish; idle keep-alive connections are closed at once.
     """
     config = hypercorn_config(settings, host=host, port=port, listen_fd=listen_fd)
-    asgi = wrap_app(close_after_unread_body(app), config.wsgi_max_body_size, "asgi")
+    inner = close_after_unread_body(app)
+    # The public API is logged and measured; the internal link between workers (served by this
+    # loop too) is not: its requests are the API's, forwarded, and logged where they came in.
+    api = isinstance(app.extensions.get("chatd"), Services)
+    if api:
+        note_routes(app)
+        inner = access_logged(inner, http_metrics(app))
+    asgi = wrap_app(inner, config.wsgi_max_body_size, "asgi")
     sockets = listening_sockets(config, settings)
+    metrics_socket = bind_metrics(settings) if api and settings.metrics_port else None
     context = WorkerContext(None)
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(asgi, config, lifespan_state)
@@ -130,6 +142,8 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
+        if metrics_socket is not None:
+            lifespan_nursery.start_soon(serve_metrics, app, metrics_socket, settings)
         listeners = [
             trio.SocketListener(trio.socket.from_stdlib_socket(sock))
             for sock in sockets.insecure_sockets
@@ -436,6 +450,86 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
     return middleware
 
 
+def note_routes(app: QuartTrio) -> None:
+    """Tell each request's access record the template of the route it matched (the raw path
+    of one that matched none)."""
+
+    async def note_http() -> None:
+        rule = request.url_rule
+        if rule is not None:
+            note_route(rule.rule)
+
+    async def note_websocket() -> None:
+        rule = websocket.url_rule
+        if rule is not None:
+            note_route(rule.rule)
+
+    app.before_request(note_http)
+    app.before_websocket(note_websocket)
+
+
+def access_logged(app: ASGIFramework, metrics: HttpMetrics) -> ASGIFramework:
+    """ASGI middleware: one access line per request (``chatd.logs.request_done``) and its
+    duration in ``metrics``, when its response ended; a WebSocket's when its handshake was
+    answered (101, or the refusal's status).
+
+    The method, the status and the time are seen here; the route's template and the caller
+    are noted on the request's ``AccessRecord`` by the layers that know them. A request that
+    ends without an answer (the client went away) is logged with 499, one the app failed
+    without one with 500.
+    """
+
+    async def middleware(
+        scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        kind = scope["type"]
+        if kind not in {"http", "websocket"}:
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        record, token = begin_request()
+        status = 0
+        done = False
+
+        def finish(code: int) -> None:
+            nonlocal done
+            done = True
+            seconds = time.perf_counter() - started
+            route = record.route or str(scope.get("path", ""))
+            metrics.observe(route, code, seconds)
+            method = str(scope.get("method", "GET"))
+            request_done(method, route, code, seconds, record.user_id)
+
+        async def send_watched(message: ASGISendEvent) -> None:
+            nonlocal status
+            event = message["type"]
+            if event in {"http.response.start", "websocket.http.response.start"}:
+                status = message["status"]  # type: ignore[typeddict-item]
+            await send(message)
+            if done:
+                return
+            if event in {"http.response.body", "websocket.http.response.body"}:
+                if not message.get("more_body", False):
+                    finish(status)
+            elif event == "websocket.accept":
+                finish(101)
+            elif event == "websocket.close":
+                finish(403)  # closed before the accept: Hypercorn answers the handshake 403
+
+        try:
+            await app(scope, receive, send_watched)
+        except Exception:
+            if not done:
+                finish(500)
+            raise
+        finally:
+            end_request(token)
+            if not done:
+                finish(status or 499)
+
+    return middleware
+
+
 def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name.lower() == b"transfer-encoding":
@@ -499,3 +593,71 @@ def listening_sockets(config: Config, settings: Settings) -> Sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
         sock.listen(config.backlog)
     return sockets
+
+
+# -- the metrics port --------------------------------------------------------------------------
+
+_METRICS_REQUEST_MAX_BYTES = 8192
+# With several workers on one host, each takes the first free port from metrics_port up.
+_METRICS_PORT_TRIES = 256
+
+
+def bind_metrics(settings: Settings) -> socket.socket:
+    """The listening socket of the metrics port: ``metrics_host:metrics_port``; a worker of
+    ``chatd serve --workers`` takes the first free one from there up (and logs it)."""
+    tries = _METRICS_PORT_TRIES if settings.parent_fd >= 0 else 1
+    last: OSError | None = None
+    for port in range(settings.metrics_port, min(settings.metrics_port + tries, 65536)):
+        info = socket.getaddrinfo(settings.metrics_host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(info[4])
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        sock.listen(64)
+        sock.setblocking(False)  # noqa: FBT003
+        return sock
+    raise OSError(
+        f"metrics_port (CHATD_METRICS_PORT) {settings.metrics_port} on"
+        f" {settings.metrics_host}: cannot listen ({last})"
+    )
+
+
+async def serve_metrics(app: QuartTrio, sock: socket.socket, settings: Settings) -> None:
+    """``GET /metrics`` without a token, for scrapers: the text of ``/api/v1/metrics``. One
+    request per connection, read within ``client_send_timeout_s``; anything else is a 404."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    host, port = sock.getsockname()[:2]
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    svc = services(app)
+    http = http_metrics(app)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(settings.client_send_timeout_s):
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < _METRICS_REQUEST_MAX_BYTES:
+                    data = await stream.receive_some(_METRICS_REQUEST_MAX_BYTES)
+                    if not data:
+                        break
+                    head += data
+                method, _, rest = head.partition(b" ")
+                target = rest.partition(b" ")[0].partition(b"?")[0]
+                if method in (b"GET", b"HEAD") and target == b"/metrics":
+                    body = exposition(svc, http).encode()
+                    status, kind = b"200 OK", PROMETHEUS_TEXT.encode()
+                else:
+                    body, status, kind = b"not found\n", b"404 Not Found", b"text/plain"
+                await stream.send_all(
+                    b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n%s"
+                    % (status, kind, len(body), b"" if method == b"HEAD" else body)
+                )
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+    async with listener:
+        await trio.serve_listeners(answer, [listener])

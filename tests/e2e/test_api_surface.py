@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 import uuid
+from html.parser import HTMLParser
 
+from chatd.web.docs import PUBLIC_PATHS
+from chatd.web.frames import StreamFrame, WatchFrame
 from chatd.web.routing import API_PREFIX
 from tests.e2e.api_world import ApiWorld
 
@@ -16,7 +19,7 @@ def api_rules(api: ApiWorld) -> list[tuple[str, str, bool]]:
     app = api.app
     out = []
     for rule in app.url_map.iter_rules():
-        if not rule.rule.startswith(API_PREFIX):
+        if not rule.rule.startswith(API_PREFIX) or rule.rule in PUBLIC_PATHS:
             continue
         path = _PARAM.sub(lambda _m: str(uuid.uuid4()), rule.rule)
         if rule.websocket:
@@ -56,8 +59,8 @@ async def test_admin_routes_refuse_a_user_token(api: ApiWorld) -> None:
 
 
 async def test_openapi_lists_exactly_the_routes_served(api: ApiWorld) -> None:
-    alice = await api.client("alice")
-    response = await alice.http.get("/api/v1/openapi.json")
+    async with api.anonymous() as anonymous:
+        response = await anonymous.get("/api/v1/openapi.json")
     assert response.status_code == 200
     document = response.json()
     assert document["openapi"].startswith("3.")
@@ -76,7 +79,95 @@ async def test_openapi_lists_exactly_the_routes_served(api: ApiWorld) -> None:
     for operations in document["paths"].values():
         for operation in operations.values():
             assert operation["summary"]
-            assert "401" in operation["responses"]
+            public = operation.get("security") == []
+            assert ("401" in operation["responses"]) != public
     schemas = document["components"]["schemas"]
     assert "ChatDetail" in schemas
     assert "ErrorResponse" in schemas
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.urls.append(value)
+
+
+async def test_the_docs_page_needs_no_token_and_nothing_from_elsewhere(api: ApiWorld) -> None:
+    async with api.anonymous() as anonymous:
+        page = await anonymous.get("/docs")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        links = _Links()
+        links.feed(page.text)
+        assert len(links.urls) >= 3
+        for url in links.urls:
+            assert url.startswith("/"), url  # served here: no CDN, works offline
+            asset = await anonymous.get(url)
+            assert asset.status_code == 200, url
+            assert len(asset.content) > 0
+        script = (await anonymous.get("/docs/assets/docs.js")).text
+        assert '"/api/v1/openapi.json"' in script
+        assert "validatorUrl: null" in script
+        bundle = await anonymous.get("/docs/assets/swagger-ui-bundle.js")
+        assert bundle.headers["content-type"].startswith("text/javascript")
+        assert "SwaggerUIBundle" in bundle.text
+        missing = await anonymous.get("/docs/assets/..%2F..%2Fpyproject.toml")
+        assert missing.status_code == 404
+
+
+async def test_the_document_describes_every_websocket_event(api: ApiWorld) -> None:
+    async with api.anonymous() as anonymous:
+        document = (await anonymous.get("/api/v1/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    stream_types = set(schemas["StreamEvent"]["discriminator"]["mapping"])
+    assert stream_types == {cls.__struct_config__.tag for cls in StreamFrame.__args__}
+    assert stream_types == {
+        "message_part",
+        "message",
+        "status",
+        "error",
+        "retry",
+        "queue_update",
+        "action_required",
+        "preview_reset",
+        "history_reset",
+    }
+    watch_kinds = set(schemas["WatchEvent"]["discriminator"]["mapping"])
+    assert watch_kinds == {cls.__struct_config__.tag for cls in WatchFrame.__args__}
+    assert schemas["InboxEvent"]["$ref"].endswith("/NotificationEvent")
+    assert schemas["NotificationEvent"]["properties"]["type"]["enum"] == ["notification"]
+    assert set(schemas["MessagePartFrame"]["properties"]) >= {"seq", "part", "history_version"}
+    websockets = {
+        path: operation["get"]
+        for path, operation in document["paths"].items()
+        if operation.get("get", {}).get("x-websocket")
+    }
+    assert set(websockets) == {
+        "/api/v1/chats/{chat_id}/stream",
+        "/api/v1/chats/watch",
+        "/api/v1/notifications/inbox/watch",
+    }
+    for operation in websockets.values():
+        [one, many] = operation["x-websocket-events"]["schema"]["anyOf"]
+        assert many == {"type": "array", "items": one}
+        assert one["$ref"].removeprefix("#/components/schemas/") in schemas
+
+
+async def test_the_document_declares_the_limits_of_this_server(api: ApiWorld) -> None:
+    async with api.anonymous() as anonymous:
+        document = (await anonymous.get("/api/v1/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    settings = api.settings
+    text = schemas["SendMessageBody"]["properties"]["text"]
+    assert text["maxLength"] == settings.max_message_chars
+    create = schemas["CreateChat"]["properties"]
+    assert create["title"]["maxLength"] == settings.max_title_chars
+    assert create["dynamic_tools"]["maxItems"] == settings.max_tools_per_chat
+    tool = schemas["ToolDeclaration"]["properties"]
+    assert tool["description"]["maxLength"] == settings.max_tool_description_chars
+    assert tool["name"]["pattern"] == "^[A-Za-z0-9_-]{1,64}$"

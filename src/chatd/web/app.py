@@ -11,12 +11,12 @@ from chatd.web import (
     admin,
     chats,
     cors,
+    docs,
     errors,
     health,
     inbox,
     me,
     metrics,
-    openapi,
     page,
     streams,
 )
@@ -30,7 +30,6 @@ API: tuple[ApiRoutes, ...] = (
     me.routes,
     admin.routes,
     metrics.routes,
-    openapi.routes,
 )
 
 
@@ -47,6 +46,7 @@ def create_app(settings: Settings, db: Database, engine: Engine) -> QuartTrio:
     cors.install(app, allowed=settings.ws_allowed_origins, max_age_s=settings.cors_max_age_s)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(page.blueprint)
+    app.register_blueprint(docs.blueprint)
     for area in API:
         app.register_blueprint(area.blueprint)
     return app

@@ -49,7 +49,10 @@ def decode_body(raw: bytes, kind: type[T], *, max_depth: int) -> T:
 
 
 def check_tree(value: Any, *, max_depth: int, path: str = "") -> None:
-    """Refuse nesting deeper than ``max_depth`` and NUL characters in strings (and keys)."""
+    """Refuse nesting deeper than ``max_depth`` and NUL characters in strings (and keys).
+
+    A number with no fraction written as a float (``3.0``) becomes an int in place: JSON (and
+    JSON Schema, which calls it an integer) does not tell them apart, so neither do we."""
     stack: list[tuple[Any, str, int]] = [(value, path, 1)]
     while stack:
         item, where, depth = stack.pop()
@@ -64,9 +67,18 @@ def check_tree(value: Any, *, max_depth: int, path: str = "") -> None:
                     name = f"{where}.{key}" if where else str(key)
                     if "\x00" in key:
                         raise ApiError.invalid(where or "body", "keys must not contain NUL")
+                    if _integral(child):
+                        item[key] = int(child)
                     stack.append((child, name, depth + 1))
             else:
-                stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
+                for i, child in enumerate(item):
+                    if _integral(child):
+                        item[i] = int(child)
+                    stack.append((child, f"{where}[{i}]", depth + 1))
+
+
+def _integral(value: object) -> bool:
+    return isinstance(value, float) and value.is_integer() and abs(value) <= 2**53
 
 
 def _invalid(message: str) -> ApiError:

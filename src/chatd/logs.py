@@ -151,13 +151,16 @@ def request_done(method: str, route: str, status: int, seconds: float, user_id: 
         return
     ms = round(seconds * 1000, 2)
     user = "-" if user_id is None else str(user_id)
-    access_log.info(
+    # Made and handled directly: ``info`` would also walk the stack for the caller's file and
+    # line (a third of the cost, and always this line).
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        __file__,
+        0,
         "%s %s %d %.2fms user=%s",
-        method,
-        route,
-        status,
-        ms,
-        user,
+        (method, route, status, ms, user),
+        None,
         extra={
             "method": method,
             "route": route,
@@ -166,3 +169,4 @@ def request_done(method: str, route: str, status: int, seconds: float, user_id: 
             "user_id": None if user_id is None else user,
         },
     )
+    access_log.handle(record)

@@ -452,7 +452,10 @@ def close_after_unread_body(app: ASGIFramework) -> ASGIFramework:
 
 def note_routes(app: QuartTrio) -> None:
     """Tell each request's access record the template of the route it matched (the raw path
-    of one that matched none)."""
+    of one that matched none). Once per app, however often it is served."""
+    if app.extensions.get("chatd.routes_noted"):
+        return
+    app.extensions["chatd.routes_noted"] = True
 
     async def note_http() -> None:
         rule = request.url_rule

@@ -89,3 +89,60 @@ async def test_the_servers_own_origin_is_allowed_without_a_setting(api: ApiWorld
     own = api.url.rstrip("/")
     response = await alice.http.get("/api/v1/chats", headers={"Origin": own})
     assert response.headers["access-control-allow-origin"] == own
+
+
+async def test_a_chat_reports_the_model_config_that_answers_it(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    [default] = (await alice.http.get("/api/v1/model-configs")).json()["model_configs"]
+    assert default["is_default"]
+    chat = await alice.create_chat("hello")
+    # The chat follows the default: it has no config of its own, and says which one answers.
+    assert chat["model_config_id"] is None
+    assert chat["effective_model_config_id"] == default["id"]
+    assert chat["warnings"] == []
+    read = (await alice.http.get(f"/api/v1/chats/{chat['id']}")).json()
+    assert read["effective_model_config_id"] == default["id"]
+    [listed] = (await alice.http.get("/api/v1/chats")).json()["chats"]
+    assert listed["effective_model_config_id"] == default["id"]
+
+    root = await api.client("root", admin=True)
+    newer = {"provider_id": default["provider_id"], "name": "newer", "model": "m2"}
+    created = await root.http.post("/api/v1/model-configs", json={**newer, "context_limit": 8000})
+    assert created.status_code == 201, created.text
+    newer_id = created.json()["id"]
+    response = await root.http.patch(f"/api/v1/model-configs/{newer_id}", json={"is_default": True})
+    assert response.status_code == 200, response.text
+    read = (await alice.http.get(f"/api/v1/chats/{chat['id']}")).json()
+    assert read["effective_model_config_id"] == newer_id
+    own = await alice.create_chat("hi", model_config_id=default["id"])
+    assert own["model_config_id"] == own["effective_model_config_id"] == default["id"]
+
+
+async def test_creating_a_chat_with_no_model_config_warns_how_to_add_one(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    root = await api.client("root", admin=True)
+    for config in (await root.http.get("/api/v1/model-configs")).json()["model_configs"]:
+        response = await root.http.delete(f"/api/v1/model-configs/{config['id']}")
+        assert response.status_code == 204, response.text
+    chat = await alice.create_chat("hello")
+    assert chat["model_config_id"] is None
+    assert chat["effective_model_config_id"] is None
+    [warning] = chat["warnings"]
+    assert warning.startswith("no model config exists")
+    assert "POST /api/v1/model-configs" in warning
+    await alice.wait_status(chat["id"], "error")
+
+
+async def test_an_integral_float_is_an_integer(api: ApiWorld) -> None:
+    alice = await api.client("alice")
+    chat = await alice.create_chat("hello")
+    response = await alice.http.put(
+        f"/api/v1/chats/{chat['id']}/diff-status", json={"additions": 3.0, "deletions": 1}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["additions"] == 3
+    response = await alice.http.put(
+        f"/api/v1/chats/{chat['id']}/diff-status", json={"additions": 3.5}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "additions"

@@ -118,7 +118,12 @@ class ChatView(msgspec.Struct):
     retry_at: datetime | None
     last_error: dict[str, Any] | None
     action_deadline: datetime | None
+    # The chat's own model config; null: it follows the default model config, whichever that
+    # is at each turn.
     model_config_id: UUID | None
+    # The model config that answers the chat now: its own, or the current default; null when
+    # there is none (the chat's next turn would fail with a config error).
+    effective_model_config_id: UUID | None
     system_prompt: str
     dynamic_tools: list[dict[str, Any]]
     # The chat's own allow-list of built-in tools; null: its model config's.
@@ -135,6 +140,16 @@ class ChatDetail(ChatView):
 
     queue: list[QueuedView] = []
     pending_tool_calls: list[PendingCallView] = []
+    # What the caller should know about the chat just created (only in create's answer):
+    # today, that no model config exists, so its answer will fail until one is added.
+    warnings: list[str] = []
+
+
+NO_MODEL_CONFIG = (
+    "no model config exists: this chat's answer fails (a config error) until an admin adds a"
+    " provider (POST /api/v1/providers) and a model config (POST /api/v1/model-configs), or"
+    " runs `chatd serve --demo` for the fake model; then send the message again"
+)
 
 
 class ChatPage(msgspec.Struct):
@@ -182,11 +197,18 @@ class DiffStatusView(msgspec.Struct):
     updated_at: datetime | None
 
 
-def chat_view(chat: Chat) -> ChatView:
-    return ChatView(**_chat_fields(chat))
+def chat_view(chat: Chat, default_config: UUID | None) -> ChatView:
+    return ChatView(**_chat_fields(chat, default_config))
 
 
-def _chat_fields(chat: Chat) -> dict[str, Any]:
+async def default_config_id(call: Call[Any]) -> UUID | None:
+    """The default model config's id now (from the process's config cache: no query while
+    cached), or None when there is no model config."""
+    config = await call.services.engine.config.model_config(None)
+    return None if config is None else config.id
+
+
+def _chat_fields(chat: Chat, default_config: UUID | None) -> dict[str, Any]:
     return {
         "id": chat.id,
         "title": chat.title,
@@ -200,6 +222,7 @@ def _chat_fields(chat: Chat) -> dict[str, Any]:
         "last_error": chat.last_error,
         "action_deadline": chat.action_deadline,
         "model_config_id": chat.model_config_id,
+        "effective_model_config_id": chat.model_config_id or default_config,
         "system_prompt": chat.system_prompt,
         "dynamic_tools": chat.dynamic_tools,
         "tools": None if chat.tools is None else list(chat.tools),
@@ -322,10 +345,11 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
     _check_text(call, body.text)
     check_length("title", body.title, settings.max_title_chars)
     check_length("system_prompt", body.system_prompt, settings.max_system_prompt_chars)
-    if body.model_config_id is not None:
-        config = await call.services.engine.config.model_config(body.model_config_id)
-        if config is None:
-            raise ApiError.invalid("model_config_id", "must name an existing model config")
+    # Without model_config_id the chat follows the default (the one answering it is in
+    # effective_model_config_id); with none at all, the answer says so (warnings).
+    config = await call.services.engine.config.model_config(body.model_config_id)
+    if config is None and body.model_config_id is not None:
+        raise ApiError.invalid("model_config_id", "must name an existing model config")
     tools = None if body.tools is None else validate_tool_names(body.tools, "tools")
     chat_id = _new_chat_id(call)
     request = CreateChatRequest(
@@ -344,7 +368,9 @@ async def create_chat(call: Call[CreateChat]) -> ChatDetail:
     assert isinstance(reply, ChatCreatedReply)
     call.services.chat_owners.remember(chat_id, call.user.id)
     # A new chat has no queue and no pending calls yet.
-    return ChatDetail(**_chat_fields(reply.chat))
+    warnings = [NO_MODEL_CONFIG] if config is None else []
+    fields = _chat_fields(reply.chat, None if config is None else config.id)
+    return ChatDetail(**fields, warnings=warnings)
 
 
 @routes.http(
@@ -371,7 +397,8 @@ async def list_chats(call: Call[None]) -> ChatPage:
         cursor=call.query.cursor(),
     )
     cursor = None if page.next_cursor is None else page.next_cursor.encode()
-    return ChatPage([chat_view(c) for c in page.chats], cursor)
+    default = await default_config_id(call)
+    return ChatPage([chat_view(c, default) for c in page.chats], cursor)
 
 
 @routes.http(
@@ -391,7 +418,7 @@ async def _detail(call: Call[Any], chat: Chat) -> ChatDetail:
     queue = await current_queue(db, chat)
     calls = await pending_calls(db, chat)
     return ChatDetail(
-        **_chat_fields(chat),
+        **_chat_fields(chat, await default_config_id(call)),
         queue=[QueuedView(e.id, e.text) for e in queue],
         pending_tool_calls=[pending_call_view(c) for c in calls],
     )

@@ -175,7 +175,17 @@ def document(specs: tuple[RouteSpec, ...], settings: Settings | None = None) -> 
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "chatd", "version": "1"},
+        "info": {
+            "title": "chatd",
+            "version": "1",
+            "description": (
+                "Chats for LLM agents over HTTP and WebSockets. Every route but this document"
+                " needs `Authorization: Bearer <token>` (`chatd token create --user NAME`)."
+                " Errors are `{error: {code, message, field, rule}}`. The WebSocket routes"
+                " list the events they send in `x-websocket-events`; the event types are the"
+                " StreamEvent, WatchEvent and InboxEvent schemas."
+            ),
+        },
         "paths": paths,
         "components": {
             "schemas": components,

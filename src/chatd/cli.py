@@ -7,9 +7,12 @@ in one line on stderr saying what to fix, and exit code 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +27,14 @@ from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
 from chatd.identity import IdentityError
 from chatd.logs import configure_logging
 from chatd.providers.fake import Scenario, serve_fake_llm
-from chatd.runtime import Ready, StartupError, database_url, open_database, run_server
+from chatd.runtime import (
+    Ready,
+    StartupError,
+    database_url,
+    listening_socket,
+    open_database,
+    run_server,
+)
 from chatd.scaletest import cli as scaletest
 from chatd.store import users
 from chatd.store.database import DatabaseUnavailable
@@ -210,42 +220,58 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # Started by `chatd serve --workers` (chatd.fleet): readiness goes to the parent, which
     # prints the one start message, and the parent's end ends this process too.
     control = fleet.parent_control(settings)
+    with contextlib.ExitStack() as stack:
+        listener: socket.socket | None = None
+        if settings.listen_fd < 0:
+            # Bound before anything starts (the embedded PostgreSQL, the migrations): a taken
+            # port is one line at once. The server takes a duplicate over (and closes it when
+            # it stops); this one is closed as soon as it serves, so that a stopping server
+            # refuses new connections instead of leaving them queued.
+            listener = stack.enter_context(listening_socket(settings))
+            settings = settings.replace(listen_fd=os.dup(listener.fileno()))
 
-    def on_ready(ready: Ready) -> None:
-        freeze_startup_objects()
-        if control is not None:
-            fleet.report_ready(control, ready.worker_id)
-            return
-        print(
-            start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
-        )
-
-    async def serve_until_signal(url: str) -> None:
-        shutdown = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_shutdown_on_signal, shutdown, nursery.cancel_scope)
+        def on_ready(ready: Ready) -> None:
+            freeze_startup_objects()
+            if listener is not None:
+                listener.close()
             if control is not None:
-                nursery.start_soon(
-                    fleet.stop_with_parent,
-                    control,
-                    shutdown,
-                    nursery.cancel_scope,
-                    settings.worker_stop_timeout_s,
-                )
-            await run_server(
-                settings,
-                url,
-                shutdown=shutdown,
-                on_ready=on_ready,
-                admin_token_file=token_file,
-                demo=args.demo,
-            )
-            nursery.cancel_scope.cancel()
+                fleet.report_ready(control, ready.worker_id)
+                return
+            _print_start(ready, token_file)
 
-    tune_for_many_connections()
-    with database_url(settings) as url:
-        trio.run(serve_until_signal, url)
+        async def serve_until_signal(url: str) -> None:
+            shutdown = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_shutdown_on_signal, shutdown, nursery.cancel_scope)
+                if control is not None:
+                    nursery.start_soon(
+                        fleet.stop_with_parent,
+                        control,
+                        shutdown,
+                        nursery.cancel_scope,
+                        settings.worker_stop_timeout_s,
+                    )
+                await run_server(
+                    settings,
+                    url,
+                    shutdown=shutdown,
+                    on_ready=on_ready,
+                    admin_token_file=token_file,
+                    demo=args.demo,
+                )
+                nursery.cancel_scope.cancel()
+
+        tune_for_many_connections()
+        with database_url(settings) as url:
+            trio.run(serve_until_signal, url)
     return 0
+
+
+def _print_start(ready: Ready, token_file: Path | None) -> None:
+    """The start message on stdout, then each warning (no model config, ...) as its own line."""
+    print(start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True)
+    for warning in ready.warnings:
+        print(f"warning: {warning}", flush=True)
 
 
 def _cmd_serve_workers(settings: Settings, args: argparse.Namespace) -> int:
@@ -255,11 +281,9 @@ def _cmd_serve_workers(settings: Settings, args: argparse.Namespace) -> int:
     fleet.check_settings(settings)
 
     def on_ready(ready: Ready) -> None:
-        print(
-            start_message(ready.urls, ready.admin_token, token_file, ready.demo_model), flush=True
-        )
+        _print_start(ready, token_file)
 
-    with fleet.listening_socket(settings) as listener, database_url(settings) as url:
+    with listening_socket(settings) as listener, database_url(settings) as url:
         trio.run(
             functools.partial(
                 fleet.serve_workers,

@@ -46,19 +46,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pykka
 import trio
-from hypercorn.utils import repr_socket_addr
 
 from chatd.config import Settings
 from chatd.demo import DemoModel, open_demo_model
-from chatd.runtime import Ready, ensure_admin_token, open_database
+from chatd.runtime import Ready, ensure_admin_token, model_warnings, open_database, socket_url
 from chatd.store.migrate import migrate
-from chatd.web.server import hypercorn_config, listening_sockets
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +94,6 @@ def check_settings(settings: Settings) -> None:
         )
 
 
-@contextlib.contextmanager
-def listening_socket(settings: Settings) -> Iterator[socket.socket]:
-    """The fleet's one listening socket on host:port, bound and listening, as a lone server
-    would bind it (same options, same TCP_USER_TIMEOUT)."""
-    config = hypercorn_config(settings, host=settings.host, port=settings.port)
-    try:
-        sockets = listening_sockets(config, settings)
-    except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise FleetError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
-    [sock] = sockets.insecure_sockets
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
 # -- the parent ------------------------------------------------------------------------------
 
 
@@ -143,8 +124,12 @@ async def serve_workers(
                 # Its fake model is served until the workers have stopped; it used the
                 # database only to set up its rows, so the pool may close now.
                 model = await demo_stack.enter_async_context(open_demo_model(db, os.environ))
-        address = "http://" + repr_socket_addr(listener.family, listener.getsockname())
-        ready = Ready(urls=[address], admin_token=token, demo_model=model)
+            warnings = await model_warnings(db)
+        for warning in warnings:
+            log.warning("%s", warning)
+        ready = Ready(
+            urls=[socket_url(listener)], admin_token=token, demo_model=model, warnings=warnings
+        )
         spec = WorkerSpec(
             argv=[sys.executable, "-m", "chatd", "serve"],
             env={

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import socket
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from hypercorn.utils import repr_socket_addr
 
 from chatd.actors.engine import EngineOptions, open_engine
 from chatd.config import Settings
@@ -23,11 +28,13 @@ from chatd.store.leases import reclaim_leases
 from chatd.store.migrate import migrate
 from chatd.web.app import create_app
 from chatd.web.link import open_link
-from chatd.web.server import serve
+from chatd.web.server import hypercorn_config, listening_sockets, serve
 
 log = logging.getLogger(__name__)
 
 DEV_ADMIN_USER = "admin"
+# A taken port is asked whether chatd holds it (GET /healthz) for this long at most.
+_PORT_PROBE_TIMEOUT_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -42,6 +49,72 @@ class Ready:
     admin_token: str | None
     demo_model: DemoModel | None = None  # with ``demo``: the model that answers
     worker_id: str = ""  # the identity this process serves under (a parent reports it)
+    # What a newcomer must know at once (no model config: every chat would fail), one line
+    # each; logged too, and printed after the start message.
+    warnings: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def listening_socket(settings: Settings) -> Iterator[socket.socket]:
+    """The server's socket on host:port, bound and listening, as the server would bind it
+    (same options, same TCP_USER_TIMEOUT): bound before anything else starts (the embedded
+    PostgreSQL, the migrations), so a taken port is one line at once (``StartupError``)."""
+    config = hypercorn_config(settings, host=settings.host, port=settings.port)
+    try:
+        sockets = listening_sockets(config, settings)
+    except OSError as exc:
+        raise StartupError(cannot_listen(settings.host, settings.port, exc)) from None
+    [sock] = sockets.insecure_sockets
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def socket_url(sock: socket.socket) -> str:
+    return "http://" + repr_socket_addr(sock.family, sock.getsockname())
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why ``host:port`` cannot be listened on, and which setting picks another, in one line."""
+    if exc.errno == errno.EADDRINUSE:
+        holder = "another chatd" if _answers_healthz(host, port) else "another program"
+        return (
+            f"port {port} on {host} is in use by {holder}; pick another with --port or "
+            "CHATD_PORT (0: any free port)"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"port {port} on {host} needs more rights than this user has (ports below 1024 "
+            "need root); pick another with --port or CHATD_PORT"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{host} is not an address of this machine; pick another with --host or "
+            "CHATD_HOST (127.0.0.1: this machine only, 0.0.0.0: every interface)"
+        )
+    reason = (exc.strerror or str(exc)).lower()
+    if isinstance(exc, socket.gaierror):
+        return f"cannot listen on {host!r}: {reason}; fix --host or CHATD_HOST"
+    return f"cannot listen on {host}:{port}: {reason}; check --host/--port (CHATD_HOST/CHATD_PORT)"
+
+
+def _answers_healthz(host: str, port: int) -> bool:
+    """Whether what holds the port is a chatd: it answers ``GET /healthz`` with a status."""
+    wildcard = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - read only
+    target = wildcard.get(host, host)
+    if ":" in target:
+        target = f"[{target}]"
+    try:
+        with urllib.request.urlopen(
+            f"http://{target}:{port}/healthz", timeout=_PORT_PROBE_TIMEOUT_S
+        ) as response:
+            body: bytes = response.read(4096)
+    except urllib.error.HTTPError as exc:  # a chatd whose database is away answers 503
+        body = exc.read(4096)
+    except (OSError, ValueError):
+        return False
+    return b'"database"' in body
 
 
 @contextlib.contextmanager
@@ -142,6 +215,8 @@ async def _serve_as(
             trio.open_nursery() as nursery,
         ):
             link.attach(engine)
+            # A worker of `serve --workers` leaves the warnings to its parent (said once).
+            warnings = await model_warnings(db) if settings.parent_fd < 0 else ()
             app = create_app(settings, db, engine)
             urls: list[str] = await nursery.start(
                 lambda task_status: serve(
@@ -154,8 +229,41 @@ async def _serve_as(
                     task_status=task_status,
                 )
             )
-            on_ready(Ready(urls=urls, admin_token=token, demo_model=model, worker_id=worker_id))
+            for warning in warnings:
+                log.warning("%s", warning)
+            on_ready(
+                Ready(
+                    urls=urls,
+                    admin_token=token,
+                    demo_model=model,
+                    worker_id=worker_id,
+                    warnings=warnings,
+                )
+            )
             log.info("worker %s owns %d shards", worker_id, len(engine.supervisor.fences))
+
+
+NO_MODEL_CONFIG = (
+    "no model config: every chat will fail until an admin adds a provider and a model config "
+    "(POST /api/v1/providers, then POST /api/v1/model-configs; see README.md), or serve with "
+    "--demo for a model that answers out of the box"
+)
+
+
+async def model_warnings(db: Database) -> tuple[str, ...]:
+    """What would make chats fail at once: no model config at all, or none is the default (a
+    chat created without ``model_config_id`` uses the default)."""
+    if await providers.get_default_model_config(db) is not None:
+        return ()
+    configs = await providers.list_model_configs(db)
+    if not configs:
+        return (NO_MODEL_CONFIG,)
+    warning = (
+        "no default model config: a chat created without model_config_id will fail; make one "
+        f"of the {len(configs)} model configs the default (PATCH /api/v1/model-configs/ID "
+        'with {"is_default": true})'
+    )
+    return (warning,)
 
 
 async def ensure_admin_token(db: Database, path: Path) -> str:

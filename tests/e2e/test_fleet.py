@@ -364,6 +364,9 @@ def test_a_taken_port_is_one_line_and_exit_2(home: Path) -> None:
         result = run_chatd(["serve", "--workers", "2", "--port", str(port)], env=_env(home))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"chatd: error: cannot listen on 127.0.0.1:{port}: address already in use"
+        (
+            f"chatd: error: port {port} on 127.0.0.1 is in use by another program; pick another "
+            "with --port or CHATD_PORT (0: any free port)"
+        )
     ]
     assert not (home / "pgdata").exists(), "the embedded server was started for nothing"

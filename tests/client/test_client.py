@@ -23,7 +23,9 @@ from chatd.client import (
     StreamEvent,
     TextPart,
     Unauthorized,
+    WatchEvent,
 )
+from chatd.client.events import ChatCreated, ChatStatusChanged
 from chatd.providers.fake.scenario import knobs_marker
 from chatd.store.database import Database
 from tests.e2e.api_world import DEADLINE_S, serve_api
@@ -159,3 +161,17 @@ async def test_the_sync_client_and_asyncio(db: Database) -> None:
         with trio.fail_after(DEADLINE_S):
             assert await trio.to_thread.run_sync(sync_session) == REPLY
             assert await trio.to_thread.run_sync(asyncio.run, asyncio_session()) == REPLY
+
+
+async def test_watch_sees_a_chat_created_and_its_turn_end(db: Database) -> None:
+    async with serve_api(db) as world:
+        alice = await world.client("alice")
+        seen: list[WatchEvent] = []
+        async with AsyncClient(world.url, alice.token) as chatd, chatd.watch() as feed:
+            chat = await chatd.create_chat("hello")  # the feed is open: entering connected it
+            with trio.fail_after(DEADLINE_S):
+                async for event in feed:
+                    seen.append(event)
+                    if isinstance(event, ChatStatusChanged) and event.status == "waiting":
+                        break
+        assert seen[0] == ChatCreated(chat.id, chat.title, "running", archived=False)

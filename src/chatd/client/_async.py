@@ -407,7 +407,8 @@ class AsyncClient:
 
 class Feed(Generic[E]):
     """A WebSocket feed that reconnects by itself with bounded backoff. Use it as an async
-    context manager (closing the socket on exit) and iterate it."""
+    context manager: entering connects (a refusal raises its typed error there), leaving
+    closes the socket; iterating connects too if it was not."""
 
     def __init__(
         self,
@@ -426,6 +427,9 @@ class Feed(Generic[E]):
         self.reconnects = 0
 
     async def __aenter__(self) -> Self:
+        if self._socket is None and not self._connected_once:
+            await self._connect()
+            self._connected_once = True
         return self
 
     async def __aexit__(

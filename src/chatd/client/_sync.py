@@ -204,6 +204,7 @@ class SyncFeed(Generic[E]):
         self.feed = feed
 
     def __enter__(self) -> Self:
+        self._portal.call(self.feed.__aenter__)
         return self
 
     def __exit__(

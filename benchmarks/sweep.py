@@ -213,8 +213,8 @@ def fresh_database(pg: EmbeddedPostgres, name: str) -> Iterator[str]:
 
 
 def admin_token(chatd: list[str], env: dict[str, str], log: Path) -> str:
-    """``chatd token create`` migrates the fresh database and prints the secret."""
-    argv = [*chatd, "token", "create", "--user", "bench", "--admin", "--label", "sweep"]
+    """``chatd token create --init`` migrates the fresh database and prints the secret."""
+    argv = [*chatd, "token", "create", "--init", "--user", "bench", "--admin", "--label", "sweep"]
     try:
         done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
     except subprocess.TimeoutExpired:

@@ -14,9 +14,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
 
 import trio
 
@@ -37,9 +40,12 @@ from chatd.runtime import (
 )
 from chatd.scaletest import cli as scaletest
 from chatd.store import users
-from chatd.store.database import DatabaseUnavailable
+from chatd.store.config_cache import ConfigCache
+from chatd.store.database import Database, DatabaseUnavailable, server_location
 from chatd.store.embedded import EmbeddedPostgresError
-from chatd.store.migrate import MigrationError, migrate
+from chatd.store.errors import NotFound
+from chatd.store.migrate import MigrationError, applied_versions, migrate
+from chatd.store.records import ApiToken
 from chatd.tuning import freeze_startup_objects, tune_for_many_connections
 
 EXIT_USAGE = 2
@@ -157,7 +163,23 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True, help="user name (created if it does not exist)")
     create.add_argument("--admin", action="store_true", help="the user may use admin routes")
     create.add_argument("--label", default="", help="a note to recognise the token by")
+    create.add_argument(
+        "--init",
+        action="store_true",
+        help="make a new database (embedded in --home, or the schema in --database-url) when "
+        "there is none yet; without it, a missing one is an error",
+    )
     create.set_defaults(run=_cmd_token_create)
+    listing = token_commands.add_parser(
+        "list", parents=[common], help="list API tokens (never their secrets)"
+    )
+    listing.add_argument("--user", help="only this user's tokens")
+    listing.set_defaults(run=_cmd_token_list)
+    revoke = token_commands.add_parser(
+        "revoke", parents=[common], help="revoke an API token (running servers refuse it at once)"
+    )
+    revoke.add_argument("id", help="the token's id (chatd token list)")
+    revoke.set_defaults(run=_cmd_token_revoke)
 
     fake = commands.add_parser(
         "fake-llm", help="serve a fake OpenAI + Anthropic API (tests, demo, load tests)"
@@ -353,6 +375,44 @@ def _cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _existing_database(settings: Settings, *, init: bool = False) -> Iterator[str]:
+    """The database a token command works on, said in one line on stderr; a missing one (no
+    embedded database in the home: run from another folder) is refused unless ``init``."""
+    if settings.uses_embedded_database:
+        home = settings.home.absolute()
+        if not (home / "pgdata" / "PG_VERSION").is_file() and not init:
+            raise CliError(
+                f"no chatd database in {home} (the home, --home or CHATD_HOME, default ./.chatd):"
+                " run this where chatd serves (`make run` keeps its home in the clone's .chatd),"
+                " or name that home with --home DIR"
+                + (", or pass --init to make a new one here" if _can_init() else "")
+            )
+        print(f"chatd: using the embedded database of home {home}", file=sys.stderr)
+    else:
+        where = server_location(settings.database_url)
+        name = urlsplit(settings.database_url).path.lstrip("/") or "(the user's default)"
+        print(f"chatd: using database {name} at {where} (CHATD_DATABASE_URL)", file=sys.stderr)
+    with database_url(settings) as url:
+        yield url
+
+
+def _can_init() -> bool:
+    return sys.argv[1:3] == ["token", "create"]
+
+
+async def _check_schema(db: Database, *, init: bool) -> None:
+    if init:
+        await migrate(db)
+    elif not await applied_versions(db):
+        raise CliError(
+            "this database has no chatd tables: name chatd's database with --database-url or "
+            "CHATD_DATABASE_URL, or pass --init (token create) or run `chatd migrate` to set it up"
+        )
+    else:
+        await migrate(db)  # pending migrations of an existing chatd database, as serve does
+
+
 def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
     name: str = args.user
     if not valid_user_name(name):
@@ -360,7 +420,7 @@ def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
 
     async def run(url: str) -> str:
         async with open_database(settings, url) as db:
-            await migrate(db)
+            await _check_schema(db, init=args.init)
             user = await users.get_user_by_name(db, name)
             if user is None:
                 user = await users.create_user(db, name, is_admin=args.admin)
@@ -371,7 +431,70 @@ def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
             _token, secret = await users.create_api_token(db, user.id, label=args.label)
             return secret
 
-    with database_url(settings) as url:
+    with _existing_database(settings, init=args.init) as url:
         secret = trio.run(run, url)
     print(secret)
+    return 0
+
+
+def _cmd_token_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def run(url: str) -> list[tuple[ApiToken, str]]:
+        async with open_database(settings, url) as db:
+            await _check_schema(db, init=False)
+            if args.user is not None and await users.get_user_by_name(db, args.user) is None:
+                raise CliError(f"--user {args.user!r}: no such user")
+            return await users.list_api_tokens_with_users(db, user_name=args.user)
+
+    with _existing_database(settings) as url:
+        tokens = trio.run(run, url)
+    print(_token_table(tokens))
+    return 0
+
+
+def _token_table(tokens: list[tuple[ApiToken, str]]) -> str:
+    def when(at: datetime | None) -> str:
+        return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+    rows = [("ID", "USER", "LABEL", "CREATED", "LAST USED", "REVOKED")]
+    rows += [
+        (
+            str(t.id),
+            user,
+            t.label or "-",
+            when(t.created_at),
+            when(t.last_used_at),
+            when(t.revoked_at),
+        )
+        for t, user in tokens
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        token_id = UUID(args.id)
+    except ValueError:
+        raise CliError(f"{args.id!r} is not a token id: see `chatd token list`") from None
+
+    async def run(url: str) -> ApiToken:
+        async with open_database(settings, url) as db:
+            await _check_schema(db, init=False)
+            try:
+                token = await users.revoke_api_token(db, token_id)
+            except NotFound:
+                raise CliError(f"no token {token_id}: see `chatd token list`") from None
+            # Running servers forget the tokens they cached at once (NOTIFY), as when a token
+            # is revoked through the API.
+            cache = ConfigCache(db, worker_id=f"chatd-token-revoke-{os.getpid()}")
+            cache.tokens_revoked()
+            await cache.announce()
+            return token
+
+    with _existing_database(settings) as url:
+        token = trio.run(run, url)
+    print(f"revoked {token.id} (revoked at {token.revoked_at:%Y-%m-%d %H:%M:%S %Z})")
     return 0

@@ -12,7 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
+import trio
 
 from chatd.runtime import NO_MODEL_CONFIG
 from tests.e2e.chatd_process import chatd_server, run_chatd
@@ -92,3 +94,92 @@ async def test_workers_warn_once_without_a_model_config(database_url: str, home:
     async with chatd_server(args) as server:
         await server.wait_for_line("^warning: no model config")
     assert sum("no model config" in line for line in server.output) == 2  # log + console
+
+
+# -- chatd token create / list / revoke --------------------------------------------------------
+
+
+def test_token_create_elsewhere_refuses_to_make_a_database(home: Path) -> None:
+    result = run_chatd(["token", "create", "--user", "alice", "--home", str(home)])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        (
+            f"chatd: error: no chatd database in {home} (the home, --home or CHATD_HOME, default "
+            "./.chatd): run this where chatd serves (`make run` keeps its home in the clone's "
+            ".chatd), or name that home with --home DIR, or pass --init to make a new one here"
+        )
+    ]
+    assert not home.exists()
+    listed = run_chatd(["token", "list", "--home", str(home)])
+    assert listed.returncode == 2
+    assert "--init" not in listed.stderr
+    assert not home.exists()
+
+
+def test_token_create_init_list_and_revoke_in_a_home(home: Path) -> None:
+    made = run_chatd(
+        ["token", "create", "--user", "alice", "--label", "laptop", "--home", str(home), "--init"]
+    )
+    assert made.returncode == 0, made.stderr
+    assert made.stderr.splitlines() == [f"chatd: using the embedded database of home {home}"]
+    assert made.stdout.startswith("chatd_")
+    again = run_chatd(["token", "create", "--user", "bob", "--home", str(home)])
+    assert again.returncode == 0, again.stderr
+
+    listed = run_chatd(["token", "list", "--home", str(home), "--user", "alice"])
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "USER", "LABEL", "CREATED", "LAST", "USED", "REVOKED"]
+    assert len(rows) == 1
+    token_id, user, label, *_times, revoked = rows[0].split()
+    assert (user, label, revoked) == ("alice", "laptop", "-")
+    assert len(run_chatd(["token", "list", "--home", str(home)]).stdout.splitlines()) == 3
+
+    revoked_now = run_chatd(["token", "revoke", token_id, "--home", str(home)])
+    assert revoked_now.returncode == 0, revoked_now.stderr
+    assert revoked_now.stdout.startswith(f"revoked {token_id} (revoked at ")
+    after = run_chatd(["token", "list", "--home", str(home), "--user", "alice"])
+    assert after.stdout.splitlines()[1].split()[-1] != "-"
+
+    unknown = run_chatd(["token", "list", "--home", str(home), "--user", "carol"])
+    assert unknown.returncode == 2
+    assert unknown.stderr.splitlines()[-1] == "chatd: error: --user 'carol': no such user"
+    missing = run_chatd(
+        ["token", "revoke", "00000000-0000-0000-0000-000000000000", "--home", str(home)]
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines()[-1] == (
+        "chatd: error: no token 00000000-0000-0000-0000-000000000000: see `chatd token list`"
+    )
+
+
+async def test_a_token_revoked_on_the_command_line_is_refused_at_once(database_url: str) -> None:
+    made = run_chatd(["token", "create", "--user", "alice", "--database-url", database_url])
+    secret = made.stdout.strip()
+    auth = {"authorization": f"Bearer {secret}"}
+    async with (
+        chatd_server(["--database-url", database_url, "--port", "0"]) as server,
+        httpx2.AsyncClient(headers=auth, timeout=10) as client,
+    ):
+        me = f"{server.url}/api/v1/users/me"
+        assert (await client.get(me)).status_code == 200  # now in the server's token cache
+        listed = run_chatd(["token", "list", "--database-url", database_url])
+        token_id = listed.stdout.splitlines()[1].split()[0]
+        revoked = await trio.to_thread.run_sync(
+            lambda: run_chatd(["token", "revoke", token_id, "--database-url", database_url])
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        assert revoked.stderr.splitlines()[0].startswith("chatd: using database ")
+        assert (await client.get(me)).status_code == 401
+
+
+def test_token_create_on_a_database_without_chatd_tables_needs_init(
+    empty_database_url: str,
+) -> None:
+    args = ["token", "create", "--user", "alice", "--database-url", empty_database_url]
+    refused = run_chatd(args)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1].startswith(
+        "chatd: error: this database has no chatd tables"
+    )
+    assert run_chatd([*args, "--init"]).returncode == 0

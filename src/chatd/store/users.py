@@ -161,3 +161,16 @@ async def get_usage(db: Database, user_id: UUID) -> UserUsage:
     )
     assert row is not None  # an aggregate always has one row
     return UserUsage(user_id, row["input_tokens"], row["output_tokens"])
+
+
+async def list_api_tokens_with_users(
+    db: Database, *, user_name: str | None = None
+) -> list[tuple[ApiToken, str]]:
+    """Every token (of the user named ``user_name`` when given), revoked ones included, with
+    its user's name, oldest first; never a secret or a hash (``chatd token list``)."""
+    rows = await db.fetch(
+        "SELECT t.*, u.name AS user_name FROM api_tokens t JOIN users u ON u.id = t.user_id"
+        " WHERE $1::text IS NULL OR u.name = $1 ORDER BY t.created_at, t.id",
+        user_name,
+    )
+    return [(api_token_from_row(row), row["user_name"]) for row in rows]

@@ -17,9 +17,12 @@ help:
 	@echo "           or OpenAI / Anthropic if OPENAI_API_KEY / ANTHROPIC_API_KEY is set"
 	@echo "           (embedded PostgreSQL unless CHATD_DATABASE_URL is set)"
 	@echo "make test   lint, type-check and run the whole test suite"
-	@echo "make bench  the load sweep (shards x concurrent chats) into benchmarks/results;"
-	@echo "           narrow it with BENCH_ARGS, e.g. make bench BENCH_ARGS='--shards 64 --chats 100'"
+	@echo "make bench  the load sweep (shards x concurrent chats) into the scratch folder"
+	@echo "           .chatd/bench; narrow it with BENCH_ARGS, e.g. make bench"
+	@echo "           BENCH_ARGS='--shards 64 --chats 100'; BENCH_ARGS='--out-dir benchmarks/results'"
+	@echo "           updates the committed results"
 	@echo "make clean  remove .venv and chatd's local data ($(CHATD_HOME))"
+	@echo "the chatd command itself is $(BIN)/chatd (or run 'source $(BIN)/activate' first)"
 
 $(BIN)/python:
 	@scripts/make-venv.sh "$(PYTHON)" "$(VENV)"

@@ -5,6 +5,9 @@
     .venv/bin/python -m benchmarks.sweep --headline --open-loop
     .venv/bin/python -m benchmarks.sweep --render-only         # table and charts again
 
+Results go to a scratch folder, ``.chatd/bench``, unless ``--out-dir`` names another one
+(``--out-dir benchmarks/results`` updates the committed results the README quotes).
+
 Starts chatd's embedded PostgreSQL (fsync off) in a temporary directory. Each configuration
 gets a fresh database (the shard count is fixed per deployment), a fresh ``chatd serve`` with
 ``CHATD_SHARD_COUNT``, a fresh ``chatd fake-llm``, and ``chatd scaletest chat`` as the client,
@@ -63,6 +66,9 @@ from chatd.scaletest.report import machine
 from chatd.store.embedded import EmbeddedPostgres
 
 RESULTS_DIR = Path(__file__).parent / "results"
+# Where a run goes unless --out-dir names another folder: a scratch one (git ignores .chatd/),
+# so that trying the sweep never rewrites the committed results in RESULTS_DIR.
+SCRATCH_DIR = Path(__file__).parent.parent / ".chatd" / "bench"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL: the server closes every WebSocket first
@@ -545,7 +551,14 @@ def _parser() -> argparse.ArgumentParser:
         "--headline / --open-loop run with the largest",
     )
     parser.add_argument("--turns", type=int, default=3, help="turns per chat in the grid")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=SCRATCH_DIR,
+        help=f"where the summaries, sweep.md and the charts go (default: the scratch folder "
+        f".chatd/bench; --out-dir {RESULTS_DIR.relative_to(Path(__file__).parent.parent)} "
+        "updates the committed results)",
+    )
     parser.add_argument(
         "--grid", action="store_true", help="run the grid (the default without other runs)"
     )
@@ -594,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results go to {out_dir} (--out-dir)", flush=True)
     if args.render_only:
         render(out_dir)
         return 0

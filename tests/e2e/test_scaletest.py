@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from chatd.scaletest.report import PHASES
-from chatd.store import users
+from chatd.store import providers, users
 from chatd.store.database import Database
 from tests.e2e.api_world import ApiWorld, serve_api
 from tests.e2e.chatd_process import chatd_env, run_chatd
@@ -142,3 +142,27 @@ def test_a_missing_token_or_an_unreachable_server_is_a_usage_error() -> None:
     assert nobody.returncode == 2
     assert "is chatd serving at http://127.0.0.1:9?" in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_the_run_removes_its_provider_and_model_config_unless_kept(
+    api: ApiWorld, keep: bool
+) -> None:
+    token = await _admin_token(api)
+    before = await providers.list_model_configs(api.db)
+    done = await _scaletest(
+        *("--url", api.url, "--token", token, "--chats", "2", "--turns", "1"),
+        *("--run-id", "tidy", *(["--keep"] if keep else [])),
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    configs = [c.name for c in await providers.list_model_configs(api.db)]
+    made = [p.name for p in await providers.list_providers(api.db)]
+    stderr = done.stderr.decode()
+    if keep:
+        assert "scaletest-tidy" in configs
+        assert "scaletest-tidy" in made
+        assert "the provider and model config scaletest-tidy stay (--keep)" in stderr
+    else:
+        assert configs == [c.name for c in before]
+        assert "scaletest-tidy" not in made
+        assert "removed the provider and model config scaletest-tidy" in stderr

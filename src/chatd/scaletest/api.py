@@ -74,7 +74,17 @@ class ChatdApi:
     async def add_model(
         self, *, name: str, llm_url: str, kind: Literal["openai", "anthropic"]
     ) -> str:
-        """A provider pointing at the fake LLM and a model config on it (not the default)."""
+        """A provider pointing at the fake LLM and a model config on it (not the default):
+        the model config's id."""
+        _provider_id, config_id = await self.add_provider_and_model(
+            name=name, llm_url=llm_url, kind=kind
+        )
+        return config_id
+
+    async def add_provider_and_model(
+        self, *, name: str, llm_url: str, kind: Literal["openai", "anthropic"]
+    ) -> tuple[str, str]:
+        """``add_model``, answering both ids, provider first (to remove them afterwards)."""
         base_url = llm_url.rstrip("/") + ("/v1" if kind == "openai" else "")
         provider_kind = "openai-compatible" if kind == "openai" else "anthropic"
         provider = await self._json(
@@ -94,7 +104,21 @@ class ChatdApi:
                 "context_limit": 1_000_000,
             },
         )
-        return str(config["id"])
+        return str(provider["id"]), str(config["id"])
+
+    async def remove_model(self, provider_id: str, config_id: str) -> None:
+        """Delete what ``add_model`` made: the model config, then its provider (chats that
+        used the config are left without one, and follow the default)."""
+        await self._delete("delete the model config", f"{API}/model-configs/{config_id}")
+        await self._delete("delete the provider", f"{API}/providers/{provider_id}")
+
+    async def _delete(self, what: str, path: str) -> None:
+        try:
+            response = await self._http.delete(path)
+        except httpx2.HTTPError as exc:
+            raise RequestFailed(what, 0, f"{type(exc).__name__}: {exc}") from None
+        if not response.is_success and response.status_code != 404:
+            raise RequestFailed(what, response.status_code, response.text[:300])
 
     async def create_chat(self, text: str, *, title: str, model_config_id: str) -> dict[str, Any]:
         return await self._json(

@@ -83,6 +83,11 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--http-connections", type=int, default=256, help="HTTP connections to the server"
     )
     chat.add_argument("--no-progress", action="store_true", help="no live progress on stderr")
+    chat.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the provider and model config the run adds (removed at the end otherwise)",
+    )
     chat.set_defaults(run=run_chat_command)
 
 
@@ -111,6 +116,7 @@ def load_from_args(args: argparse.Namespace) -> ChatLoad:
             timeout_s=args.timeout_s,
             turn_timeout_s=args.turn_timeout_s,
             http_connections=args.http_connections,
+            keep=args.keep,
         )
     except ValueError as exc:
         raise ScaletestError(str(exc)) from None

@@ -31,6 +31,7 @@ from chatd.tuning import freeze_startup_objects
 log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL_S = 0.5
+_CLEANUP_TIMEOUT_S = 30.0
 _ENDED = frozenset({"waiting", "error", "requires_action"})
 
 
@@ -296,11 +297,34 @@ async def run_chat_load(
         )
         stack.push_async_callback(api.aclose)
         await api.check_admin()
-        model_config_id = await api.add_model(
-            name=f"scaletest-{load.run_id}"[:100], llm_url=llm_url, kind=load.llm_kind
+        name = f"scaletest-{load.run_id}"[:100]
+        provider_id, model_config_id = await api.add_provider_and_model(
+            name=name, llm_url=llm_url, kind=load.llm_kind
         )
+        if load.keep:
+            log.info("the provider and model config %s stay (--keep)", name)
+        else:
+            stack.push_async_callback(_remove_model, api, name, provider_id, model_config_id)
         return await _measure(load, api, model_config_id, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+
+async def _remove_model(api: ChatdApi, name: str, provider_id: str, config_id: str) -> None:
+    """The run's provider and model config go, whatever ended the run (a Ctrl-C included,
+    within a bound): a server is not left with a config pointing at a fake LLM that is gone."""
+    with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as bound:
+        try:
+            await api.remove_model(provider_id, config_id)
+        except RequestFailed as exc:
+            log.warning("the provider and model config %s were left on the server: %s", name, exc)
+            return
+        log.info("removed the provider and model config %s (--keep keeps them)", name)
+    if bound.cancelled_caught:
+        log.warning(
+            "the provider and model config %s were left on the server: no answer in %g s",
+            name,
+            _CLEANUP_TIMEOUT_S,
+        )
 
 
 async def _measure(

@@ -424,6 +424,8 @@ class Feed(Generic[E]):
         self._socket: _websocket.WebSocket | None = None
         self._pending: deque[Any] = deque()
         self._connected_once = False
+        self._frames = 0  # received since the last connection
+        self._empty_closes = 0  # connections in a row closed before their first frame
         self.reconnects = 0
 
     async def __aenter__(self) -> Self:
@@ -466,7 +468,14 @@ class Feed(Generic[E]):
                 await self.aclose()
                 self.reconnects += 1
                 self._on_drop()
+                # A server that accepts and closes at once is not hammered: back off.
+                self._empty_closes = 0 if self._frames else self._empty_closes + 1
+                self._frames = 0
+                if self._empty_closes:
+                    delay = RETRY_BASE_DELAY_S * 2 ** (self._empty_closes - 1)
+                    await anyio.sleep(min(delay, self._client.reconnect_max_delay_s))
                 continue
+            self._frames += 1
             self._pending.extend(self._decode(text))
             self._on_frame()
 
@@ -516,7 +525,8 @@ class ChatStream(Feed[StreamEvent]):
         super().__init__(client, f"/chats/{chat_id}/stream", decode_stream_frame)
         self.cursor = cursor
         self._last_state: dict[type, Any] = {}
-        self._snapshot = False
+        self._snapshot = False  # the next frame is a reconnection's snapshot
+        self._dedupe = False  # the events being handed over are from that snapshot
 
     def _query(self) -> dict[str, int]:
         return self.cursor.query()
@@ -525,15 +535,11 @@ class ChatStream(Feed[StreamEvent]):
         self._snapshot = True
 
     def _on_frame(self) -> None:
-        if self._snapshot:
-            self._snapshot = False
-            self._dedupe = True
-        else:
-            self._dedupe = False
+        self._dedupe, self._snapshot = self._snapshot, False
 
     def _accept(self, event: Any) -> Any:
         if isinstance(event, STATE_EVENTS):
-            if getattr(self, "_dedupe", False) and self._last_state.get(type(event)) == event:
+            if self._dedupe and self._last_state.get(type(event)) == event:
                 return None
             self._last_state[type(event)] = event
         self.cursor = self.cursor.after(event)

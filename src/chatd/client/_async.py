@@ -54,6 +54,7 @@ E = TypeVar("E")
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_MAX_CONNECTIONS = 100  # HTTP connections kept to the server (WebSockets apart)
 RETRY_BASE_DELAY_S = 0.2
 RETRY_MAX_DELAY_S = 10.0
 RECONNECT_MAX_DELAY_S = 5.0
@@ -81,6 +82,8 @@ class AsyncClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout_s: float | None = DEFAULT_TIMEOUT_S,
         retry_max_delay_s: float = RETRY_MAX_DELAY_S,
         reconnect_max_delay_s: float = RECONNECT_MAX_DELAY_S,
         reconnect_give_up_s: float = RECONNECT_GIVE_UP_S,
@@ -90,7 +93,13 @@ class AsyncClient:
         self._http = httpx2.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout_s,
+            # Connecting, sending and reading each get timeout_s; waiting for a free pooled
+            # connection gets pool_timeout_s (None: unbounded, for a load driver that shares a
+            # few connections among thousands of chats and bounds its run itself).
+            timeout=httpx2.Timeout(timeout_s, pool=pool_timeout_s),
+            limits=httpx2.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
         self.timeout_s = timeout_s
         self.max_retries = max_retries

@@ -19,7 +19,8 @@ class Chat(msgspec.Struct, frozen=True, kw_only=True):
     generation_attempt: int = 0
     last_message_seq: int = 0
     last_error: dict[str, Any] | None = None
-    model_config_id: str | None = None
+    model_config_id: str | None = None  # the chat's own choice; None: it follows the default
+    effective_model_config_id: str | None = None  # the one that answers it now
     system_prompt: str = ""
     dynamic_tools: list[dict[str, Any]] = []
     tools: list[str] | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import anyio
@@ -15,6 +16,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
     CloseConnection,
+    Event,
     Ping,
     RejectConnection,
     RejectData,
@@ -59,7 +61,10 @@ class WebSocket:
             self._closed = Closed(1006, "connection lost")
             return
         self._ws.receive_data(data)
-        for event in self._ws.events():
+        await self._handle(self._ws.events())
+
+    async def _handle(self, events: Iterator[Event]) -> None:
+        for event in events:
             if isinstance(event, TextMessage):
                 self._parts.append(event.data)
                 if event.message_finished:
@@ -117,9 +122,14 @@ async def _handshake(stream: anyio.abc.ByteStream, ws: WSConnection) -> WebSocke
         except anyio.EndOfStream:
             raise ConnectionError("the server closed the connection in the handshake") from None
         ws.receive_data(data)
-        for event in ws.events():
+        events = ws.events()
+        for event in events:
             if isinstance(event, AcceptConnection):
-                return WebSocket(stream, ws)
+                socket = WebSocket(stream, ws)
+                # Frames that came in the same segment as the 101 are taken now: left in
+                # wsproto's buffer, they would wait for the next bytes, maybe forever.
+                await socket._handle(events)
+                return socket
             if isinstance(event, RejectConnection):
                 status = event.status_code
                 found = dict(event.headers).get(b"retry-after")

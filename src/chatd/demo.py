@@ -184,11 +184,15 @@ async def _ensure_model_config(db: Database, choice: DemoChoice, provider: Provi
 def start_message(
     urls: Sequence[str], token: str | None, token_file: Path | None, model: DemoModel | None
 ) -> str:
-    """What ``chatd serve`` prints once it serves: its URLs, the admin token, and with
-    ``--demo`` the model that answers and a first request to copy."""
+    """What ``chatd serve`` prints once it serves: its URLs, the admin token, where the page
+    and the API docs are, and with ``--demo`` the model that answers and a first request to
+    copy."""
     lines = [f"chatd is serving on {url}" for url in urls]
     if token is not None:
         lines.append(f"admin API token: {token}  (kept in {token_file})")
+    if urls:
+        lines.append(f"chat in a browser: {urls[0]}/ (sign in with an API token)")
+        lines.append(f"API docs: {urls[0]}/docs")
     if model is None or not urls:
         return "\n".join(lines)
     bearer = f"Bearer {token}" if token is not None else "Bearer $CHATD_TOKEN"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import httpx2
 import pytest
 import trio
 
@@ -24,6 +25,14 @@ async def test_the_first_session_runs_and_reruns_against_the_demo(
     args += ["--admin-token-file", str(tmp_path / "admin-token")]
     async with chatd_server(args) as server:
         assert server.admin_token is not None
+        # What make run prints points at the page and the docs, which answer without a token.
+        page = (await server.wait_for_line(r"^chat in a browser: (\S+) ")).group(1)
+        docs = (await server.wait_for_line(r"^API docs: (\S+)$")).group(1)
+        async with httpx2.AsyncClient() as http:
+            for url, kind in ((page, "text/html"), (docs, "text/html")):
+                response = await http.get(url)
+                assert response.status_code == 200, url
+                assert response.headers["content-type"].startswith(kind), url
         env = chatd_env({"CHATD": server.url, "TOKEN": server.admin_token})
         for _run in range(2):
             with trio.fail_after(60):

@@ -97,19 +97,27 @@ def _model(choice: DemoChoice, *, default_name: str | None = None) -> DemoModel:
     return DemoModel(choice, provider, config, default)
 
 
-def test_without_demo_only_the_url_and_token_lines_are_printed() -> None:
+def test_without_demo_the_url_token_page_and_docs_lines_are_printed() -> None:
+    page_and_docs = [
+        f"chat in a browser: {URL}/ (sign in with an API token)",
+        f"API docs: {URL}/docs",
+    ]
     assert start_message([URL], TOKEN, Path("t"), None).splitlines() == [
         f"chatd is serving on {URL}",
         f"admin API token: {TOKEN}  (kept in t)",
+        *page_and_docs,
     ]
-    assert start_message([URL], None, None, None) == f"chatd is serving on {URL}"
+    assert start_message([URL], None, None, None).splitlines() == [
+        f"chatd is serving on {URL}",
+        *page_and_docs,
+    ]
 
 
 def test_the_demo_prints_the_model_and_a_curl_to_copy() -> None:
     lines = start_message([URL], TOKEN, Path("t"), _model(choose_model({}))).splitlines()
     assert lines[:2] == [f"chatd is serving on {URL}", f"admin API token: {TOKEN}  (kept in t)"]
-    assert lines[2].startswith("model: chatd's fake LLM, in this process at http://127.0.0.1:4321")
-    assert lines[4] == (
+    assert lines[4].startswith("model: chatd's fake LLM, in this process at http://127.0.0.1:4321")
+    assert lines[6] == (
         f'  curl -s -X POST {URL}/api/v1/chats -H "Authorization: Bearer {TOKEN}"'
         """ -H 'Content-Type: application/json' -d '{"text": "Hello!"}'"""
     )
@@ -118,11 +126,11 @@ def test_the_demo_prints_the_model_and_a_curl_to_copy() -> None:
 
 def test_the_demo_names_a_real_model_and_an_operator_default() -> None:
     real = _model(choose_model({"OPENAI_API_KEY": "sk-a", "ANTHROPIC_API_KEY": "b"}))
-    line = start_message([URL], TOKEN, None, real).splitlines()[2]
+    line = start_message([URL], TOKEN, None, real).splitlines()[4]
     assert line.startswith(f"model: OpenAI {OPENAI_DEFAULT_MODEL} (OPENAI_API_KEY is set")
     assert "OpenAI wins" in line
     theirs = _model(choose_model({}), default_name="prod")
-    line = start_message([URL], TOKEN, None, theirs).splitlines()[2]
+    line = start_message([URL], TOKEN, None, theirs).splitlines()[4]
     assert "'prod'" in line
     assert "'demo-fake'" in line
 

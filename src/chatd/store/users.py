@@ -25,11 +25,15 @@ def hash_token(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-async def create_user(db: Database, name: str, *, is_admin: bool = False) -> User:
+async def create_user(
+    db: Database, name: str, *, is_admin: bool = False, user_id: UUID | None = None
+) -> User:
+    """A new user (``user_id``: its id, random by default); ``Conflict`` when the name is
+    taken."""
     try:
         row = await db.fetchrow(
             "INSERT INTO users (id, name, is_admin) VALUES ($1, $2, $3) RETURNING *",
-            uuid4(),
+            uuid4() if user_id is None else user_id,
             name,
             is_admin,
         )
@@ -47,6 +51,12 @@ async def get_user(db: Database, user_id: UUID) -> User | None:
 async def get_user_by_name(db: Database, name: str) -> User | None:
     row = await db.fetchrow("SELECT * FROM users WHERE name = $1", name)
     return None if row is None else user_from_row(row)
+
+
+async def list_users(db: Database) -> list[User]:
+    """Every user, in the order they were created (``GET /users``)."""
+    rows = await db.fetch("SELECT * FROM users ORDER BY created_at, id")
+    return [user_from_row(row) for row in rows]
 
 
 async def create_api_token(db: Database, user_id: UUID, label: str = "") -> tuple[ApiToken, str]:

@@ -19,6 +19,7 @@ from chatd.web import (
     metrics,
     page,
     streams,
+    users,
 )
 from chatd.web.context import Services, attach
 from chatd.web.routing import ApiRoutes
@@ -29,6 +30,7 @@ API: tuple[ApiRoutes, ...] = (
     inbox.routes,
     me.routes,
     admin.routes,
+    users.routes,
     metrics.routes,
 )
 

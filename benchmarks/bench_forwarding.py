@@ -53,8 +53,9 @@ from benchmarks.sweep import (
     started,
     wait_until_ready,
 )
+from chatd.client import AsyncClient
 from chatd.domain.sharding import shard_of
-from chatd.scaletest.api import ChatdApi
+from chatd.scaletest.driver import add_fake_model
 from chatd.scaletest.report import machine
 from chatd.store import cluster
 from chatd.store.database import Database
@@ -210,11 +211,10 @@ async def measure(
         clients = {w.worker_id: httpx2.AsyncClient(base_url=w.url, headers=auth) for w in workers}
         try:
             first = clients[workers[0].worker_id]
-            api = ChatdApi(workers[0].url, token, connections=4, timeout_s=30, max_attempts=3)
-            try:
-                model = await api.add_model(name="forwarding", llm_url=llm_url, kind="openai")
-            finally:
-                await api.aclose()
+            async with AsyncClient(workers[0].url, token) as admin:
+                _provider, model = await add_fake_model(
+                    admin, name="forwarding", llm_url=llm_url, kind="openai"
+                )
             chat_ids = []
             for _ in range(args.chats):
                 body = {"text": "hello", "model_config_id": model}

@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 import trio
 
-from chatd.scaletest.api import RequestFailed
-from chatd.scaletest.driver import ChatLoadRun, run_chat_load
+from chatd.scaletest.driver import ChatLoadRun, SetupFailed, run_chat_load
 from chatd.scaletest.report import progress_line, summary, table
 from chatd.scaletest.run import DEFAULT_PROMPT, ChatLoad
 from chatd.tuning import tune_for_many_connections
@@ -131,7 +130,7 @@ def run_chat_command(_settings: object, args: argparse.Namespace) -> int:
     tune_for_many_connections()
     try:
         result = trio.run(run_chat_load, load, show)
-    except* RequestFailed as failed:  # the setup failed: nothing was measured
+    except* SetupFailed as failed:  # nothing was measured
         first = failed.exceptions[0]
         raise ScaletestError(f"{first} (is chatd serving at {load.url}?)") from None
     if show is not None:

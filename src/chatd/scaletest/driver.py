@@ -1,10 +1,13 @@
 """Run a chat load: create the chats, follow their streams, run the turns, sample the server.
 
 Every simulated client is one chat: created over HTTP with a short setup turn, followed on its
-stream WebSocket for the whole run, then given ``turns`` turns. A turn is timed from the moment
-its message is sent: acceptance (the HTTP answer), first output (the first ``message_part``
-on the stream) and end (the chat back to ``waiting``, or ``error``). All chats finish setup
-before the first turn starts, so the server's figures for the turn phase hold turns only.
+stream WebSocket for the whole run, then given ``turns`` turns. All of it goes through chatd's
+SDK (``chatd.client.AsyncClient``): one client shares a few HTTP connections among the chats,
+and each chat's ``stream()`` is a lean WebSocket read by one task. A turn is timed from the
+moment its message is sent: acceptance (the HTTP answer), first output (the first
+``message_part`` on the stream) and end (the chat back to ``waiting``, or ``error``). All chats
+finish setup before the first turn starts, so the server's figures for the turn phase hold
+turns only.
 """
 
 from __future__ import annotations
@@ -13,36 +16,92 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Literal, get_args
 
 import msgspec
 import trio
 
+from chatd.client import (
+    AsyncClient,
+    ChatdError,
+    ChatStream,
+    MessagePartEvent,
+    NotFound,
+    RetryEvent,
+    StatusEvent,
+    StreamEvent,
+    UnknownEvent,
+)
+from chatd.client.events import KnownEvent
 from chatd.providers.fake import Scenario, knobs_marker, open_fake_llm
-from chatd.scaletest.api import ChatdApi, RequestFailed
-from chatd.scaletest.prometheus import parse_metrics
+from chatd.scaletest.prometheus import ServerMetrics, parse_metrics
 from chatd.scaletest.run import ChatLoad, Recorder
-from chatd.scaletest.websocket import HandshakeRefused, connect
 from chatd.tuning import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL_S = 0.5
 _CLEANUP_TIMEOUT_S = 30.0
+_RETRY_MAX_DELAY_S = 2.0  # a loaded server's 429/503 is tried again soon, not after 10 s
 _ENDED = frozenset({"waiting", "error", "requires_action"})
+_EVENT_TYPES: dict[type, str] = {cls: cls.__struct_config__.tag for cls in get_args(KnownEvent)}
 
 
-class _Event(msgspec.Struct):
-    """The fields of a stream event the driver reads; the rest is skipped by the decoder."""
-
-    type: str
-    status: str | None = None
+class SetupFailed(Exception):
+    """A step the run needed before any load failed: nothing was measured."""
 
 
-_decode_frame = msgspec.json.Decoder(_Event | list[_Event]).decode
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ChatdError as exc:
+        raise SetupFailed(f"{what}: {exc}") from None
+
+
+class LoadClient(AsyncClient):
+    """The SDK's client, counting the requests it tried again (after a 503, a 504, a busy
+    409/429 with Retry-After, or a lost connection): the report's HTTP retries."""
+
+    retried = 0
+
+    def _delay(self, attempt: int, asked: float | None) -> float:
+        self.retried += 1
+        return super()._delay(attempt, asked)
+
+
+def load_client(load: ChatLoad, token: str, *, connections: int) -> LoadClient:
+    """A client for the run: ``http_max_attempts`` tries per request; thousands of simulated
+    clients share its ``connections``, so waiting for a free one is the driver's own queue,
+    not the server's slowness, and is bounded by the run's timeout (no pool timeout)."""
+    return LoadClient(
+        load.url,
+        token,
+        timeout_s=load.http_timeout_s,
+        max_retries=load.http_max_attempts - 1,
+        max_connections=connections,
+        pool_timeout_s=None,
+        retry_max_delay_s=_RETRY_MAX_DELAY_S,
+        reconnect_give_up_s=load.turn_timeout_s,
+    )
+
+
+async def add_fake_model(
+    client: AsyncClient, *, name: str, llm_url: str, kind: Literal["openai", "anthropic"]
+) -> tuple[str, str]:
+    """A provider pointing at the fake LLM and a model config on it (not the default): their
+    ids, provider first (to remove them afterwards)."""
+    base_url = llm_url.rstrip("/") + ("/v1" if kind == "openai" else "")
+    provider_kind = "openai-compatible" if kind == "openai" else "anthropic"
+    provider = await client.create_provider(
+        name, provider_kind, base_url=base_url, api_key="scaletest"
+    )
+    config = await client.create_model_config(
+        provider.id, name, "fake-model", context_limit=1_000_000
+    )
+    return provider.id, config.id
 
 
 @dataclass(slots=True)
@@ -87,28 +146,21 @@ class _Chat:
         self.turn: _Turn | None = None
         self.done = trio.Event()
         self.setup_reported = False
+        self.reconnects = 0  # the stream's, as last seen
         self._recorder = recorder
 
-    def on_frame(self, text: str) -> None:
-        try:
-            decoded = _decode_frame(text)
-        except msgspec.DecodeError as exc:
-            self._recorder.error("stream", f"undecodable frame: {exc}")
-            return
-        for event in decoded if isinstance(decoded, list) else (decoded,):
-            self._on_event(event)
-
-    def _on_event(self, event: _Event) -> None:
+    def on_event(self, event: StreamEvent) -> None:
         recorder, turn = self._recorder, self.turn
-        recorder.events[event.type] += 1
-        if event.type == "retry":
+        kind = event.type if isinstance(event, UnknownEvent) else _EVENT_TYPES[type(event)]
+        recorder.events[kind] += 1
+        if isinstance(event, RetryEvent):
             recorder.provider_retries += 1
         if turn is None or turn.ended.is_set():
             return
-        if event.type == "message_part":
+        if isinstance(event, MessagePartEvent):
             if turn.first_output is None:
                 turn.first_output = time.perf_counter()
-        elif event.type == "status" and event.status is not None:
+        elif isinstance(event, StatusEvent):
             if event.status == "running":
                 turn.running_seen = True
             elif event.status in _ENDED and (turn.running_seen or turn.setup):
@@ -117,9 +169,9 @@ class _Chat:
 
 
 class ChatLoadRun:
-    def __init__(self, load: ChatLoad, api: ChatdApi, model_config_id: str) -> None:
+    def __init__(self, load: ChatLoad, client: AsyncClient, model_config_id: str) -> None:
         self.load = load
-        self.api = api
+        self.client = client
         self.model_config_id = model_config_id
         self.recorder = Recorder()
         self._setup_left = load.chats
@@ -132,10 +184,6 @@ class ChatLoadRun:
             chunk_interval_ms=load.chunk_interval_ms,
         )
         self._setup_marker = knobs_marker(chunks=1)
-        address = urlsplit(load.url)
-        scheme = "wss" if address.scheme == "https" else "ws"
-        self._ws_base = urlunsplit((scheme, address.netloc, "/api/v1/chats", "", ""))
-        self._headers = [(b"authorization", f"Bearer {load.token}".encode())]
         self.phase = "setup"
         self.turns_started_at: float | None = None
 
@@ -161,13 +209,13 @@ class ChatLoadRun:
         await trio.sleep(offset)
         try:
             await self._create(chat)
-        except RequestFailed as exc:
-            self.recorder.error("create", str(exc))
+        except ChatdError as exc:
+            self.recorder.error("create", f"create a chat: {exc}")
             self._setup_finished(chat, ready=False)
             return
         try:
             await self._follow(chat, offset)
-        except* (HandshakeRefused, OSError, trio.BrokenResourceError) as group:
+        except* ChatdError as group:  # the stream's handshake refused, or no connection
             first = group.exceptions[0]
             self.recorder.error("stream", f"chat {chat.id}: {type(first).__name__}: {first}")
         finally:
@@ -175,10 +223,8 @@ class ChatLoadRun:
 
     async def _follow(self, chat: _Chat, offset: float) -> None:
         """Hold the chat's stream open from its setup turn to its last turn."""
-        url = f"{self._ws_base}/{chat.id}/stream"
-        connection = connect(url, self._headers, timeout_s=self.load.http_timeout_s)
-        async with connection as ws, trio.open_nursery() as inner:
-            inner.start_soon(self._read, chat, ws.read)
+        async with self.client.stream(chat.id) as events, trio.open_nursery() as inner:
+            inner.start_soon(self._read, chat, events)
             ready = await self._await_turn(chat, "setup")
             self._setup_finished(chat, ready=ready)
             if ready and self.load.rate is None:
@@ -200,10 +246,22 @@ class ChatLoadRun:
         if self._setup_left == 0:
             self._all_set.set()
 
-    async def _read(self, chat: _Chat, read: Callable[[Callable[[str], None]], Any]) -> None:
-        closed = await read(chat.on_frame)
-        reason = f"{closed.code} {closed.reason}"
-        self.recorder.error("stream", f"chat {chat.id}: the server closed the stream: {reason}")
+    async def _read(self, chat: _Chat, events: ChatStream) -> None:
+        """Hand each event to the chat. A stream the server closed is resumed from its cursor
+        by the SDK (nothing lost or repeated) but still counted as a stream error; one that
+        cannot be resumed ends the turn in flight."""
+        failure = "no more events"
+        try:
+            async for event in events:
+                if events.reconnects != chat.reconnects:
+                    chat.reconnects = events.reconnects
+                    self.recorder.error(
+                        "stream", f"chat {chat.id}: the server closed the stream (resumed)"
+                    )
+                chat.on_event(event)
+        except (ChatdError, msgspec.DecodeError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        self.recorder.error("stream", f"chat {chat.id}: the stream ended: {failure}")
         if chat.turn is not None:
             chat.turn.status = "stream_closed"
             chat.turn.ended.set()
@@ -211,13 +269,13 @@ class ChatLoadRun:
     async def _create(self, chat: _Chat) -> None:
         chat.turn = _Turn(time.perf_counter(), setup=True)
         started = time.perf_counter()
-        created = await self.api.create_chat(
+        created = await self.client.create_chat(
             f"{self.load.prompt} (setup)\n{self._setup_marker}",
             title=f"{self.load.run_id} #{chat.index}",
             model_config_id=self.model_config_id,
         )
         self.recorder.create_ms.append((time.perf_counter() - started) * 1000)
-        chat.id = str(created["id"])
+        chat.id = created.id
 
     async def _await_turn(self, chat: _Chat, stage: str) -> bool:
         turn = chat.turn
@@ -262,9 +320,9 @@ class ChatLoadRun:
         started = time.perf_counter()
         chat.turn = turn = _Turn(started)
         try:
-            await self.api.send_message(chat.id, f"{load.prompt} #{number + 1}\n{self._marker}")
-        except RequestFailed as exc:
-            recorder.error("accept", str(exc))
+            await self.client.send_message(chat.id, f"{load.prompt} #{number + 1}\n{self._marker}")
+        except ChatdError as exc:
+            recorder.error("accept", f"send a message: {exc}")
             return False
         recorder.accept_ms.append((time.perf_counter() - started) * 1000)
         if not await self._await_turn(chat, "turn"):
@@ -282,40 +340,51 @@ class ChatLoadRun:
 async def run_chat_load(
     load: ChatLoad, on_progress: Callable[[ChatLoadRun], None] | None = None
 ) -> RunResult:
-    """The whole run, bounded by ``load.timeout_s``: setup, turns, server samples."""
+    """The whole run, bounded by ``load.timeout_s``: setup, turns, server samples.
+
+    Raises ``SetupFailed`` when the run could not start (an unreachable server, a token that
+    is not an admin's, a refused setup request)."""
     async with contextlib.AsyncExitStack() as stack:
         llm_url = load.llm_url
         if llm_url is None:
             llm = await stack.enter_async_context(open_fake_llm(Scenario(), record=False))
             llm_url = llm.url
-        api = ChatdApi(
-            load.url,
-            load.token,
-            connections=load.http_connections,
-            timeout_s=load.http_timeout_s,
-            max_attempts=load.http_max_attempts,
+        client = await stack.enter_async_context(
+            load_client(load, load.token, connections=load.http_connections)
         )
-        stack.push_async_callback(api.aclose)
-        await api.check_admin()
+        metrics = ServerMetrics(load.url, load.token, timeout_s=load.http_timeout_s)
+        stack.push_async_callback(metrics.aclose)
+        with _step("read the token's user"):
+            me = await client.me()
+        if not me.is_admin:
+            raise SetupFailed(
+                "check the token: the load driver needs an admin token "
+                "(chatd token create --user NAME --admin)"
+            )
         name = f"scaletest-{load.run_id}"[:100]
-        provider_id, model_config_id = await api.add_provider_and_model(
-            name=name, llm_url=llm_url, kind=load.llm_kind
-        )
+        with _step("add the provider and model config"):
+            provider_id, model_config_id = await add_fake_model(
+                client, name=name, llm_url=llm_url, kind=load.llm_kind
+            )
         if load.keep:
             log.info("the provider and model config %s stay (--keep)", name)
         else:
-            stack.push_async_callback(_remove_model, api, name, provider_id, model_config_id)
-        return await _measure(load, api, model_config_id, on_progress)
+            stack.push_async_callback(_remove_model, client, name, provider_id, model_config_id)
+        return await _measure(load, client, metrics, model_config_id, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
 
-async def _remove_model(api: ChatdApi, name: str, provider_id: str, config_id: str) -> None:
+async def _remove_model(client: AsyncClient, name: str, provider_id: str, config_id: str) -> None:
     """The run's provider and model config go, whatever ended the run (a Ctrl-C included,
-    within a bound): a server is not left with a config pointing at a fake LLM that is gone."""
+    within a bound): a server is not left with a config pointing at a fake LLM that is gone.
+    Chats that used the config are left without one, and follow the default."""
     with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as bound:
         try:
-            await api.remove_model(provider_id, config_id)
-        except RequestFailed as exc:
+            with contextlib.suppress(NotFound):
+                await client.delete_model_config(config_id)
+            with contextlib.suppress(NotFound):
+                await client.delete_provider(provider_id)
+        except ChatdError as exc:
             log.warning("the provider and model config %s were left on the server: %s", name, exc)
             return
         log.info("removed the provider and model config %s (--keep keeps them)", name)
@@ -329,13 +398,14 @@ async def _remove_model(api: ChatdApi, name: str, provider_id: str, config_id: s
 
 async def _measure(
     load: ChatLoad,
-    api: ChatdApi,
+    client: LoadClient,
+    metrics: ServerMetrics,
     model_config_id: str,
     on_progress: Callable[[ChatLoadRun], None] | None,
 ) -> RunResult:
-    run = ChatLoadRun(load, api, model_config_id)
+    run = ChatLoadRun(load, client, model_config_id)
     started_at = time.time()
-    before = await _sample(api)
+    before = await _sample(metrics)
     samples: dict[str, ServerSample | None] = {}
     peak = _Peak()
     start = time.perf_counter()
@@ -344,11 +414,11 @@ async def _measure(
         # The clients live until the end: out of the collector's sight, they cannot make
         # the driver pause (and distort what it measures) during the turns.
         freeze_startup_objects()
-        samples["after_setup"] = await _sample(api)
+        samples["after_setup"] = await _sample(metrics)
 
     timed_out = True
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_sample_rss, api, load.metrics_interval_s, peak)
+        nursery.start_soon(_sample_rss, metrics, load.metrics_interval_s, peak)
         if on_progress is not None:
             nursery.start_soon(_report_progress, run, on_progress)
         with trio.move_on_after(load.timeout_s):
@@ -356,7 +426,7 @@ async def _measure(
             timed_out = False
         nursery.cancel_scope.cancel()
     end = time.perf_counter()
-    after = await _sample(api)
+    after = await _sample(metrics)
     recorder = run.recorder
     if timed_out:
         recorder.error("run_timeout", f"the run did not finish in {load.timeout_s} s")
@@ -376,7 +446,7 @@ async def _measure(
         after_setup=samples.get("after_setup"),
         after=after,
         peak_rss_bytes=peak.value,
-        http_retries=api.retries.http,
+        http_retries=client.retried,
     )
 
 
@@ -390,15 +460,15 @@ class _Peak:
             self.value = rss
 
 
-async def _sample(api: ChatdApi) -> ServerSample | None:
-    text = await api.metrics()
+async def _sample(metrics: ServerMetrics) -> ServerSample | None:
+    text = await metrics.text()
     return None if text is None else ServerSample(time.perf_counter(), parse_metrics(text))
 
 
-async def _sample_rss(api: ChatdApi, interval_s: float, peak: _Peak) -> None:
+async def _sample_rss(metrics: ServerMetrics, interval_s: float, peak: _Peak) -> None:
     while True:
         await trio.sleep(interval_s)
-        sample = await _sample(api)
+        sample = await _sample(metrics)
         if sample is None:
             return
         peak.see(sample)

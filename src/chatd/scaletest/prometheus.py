@@ -4,6 +4,34 @@ from __future__ import annotations
 
 import math
 
+import httpx2
+
+METRICS_PATH = "/api/v1/metrics"
+
+
+class ServerMetrics:
+    """``GET /api/v1/metrics`` as text, on a connection of its own (the SDK reads JSON only;
+    and a sample waits for no simulated client's request)."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float) -> None:
+        self._http = httpx2.AsyncClient(
+            base_url=url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+            limits=httpx2.Limits(max_connections=1),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def text(self) -> str | None:
+        """The server's metrics, or None when it has none or refuses."""
+        try:
+            response = await self._http.get(METRICS_PATH)
+        except httpx2.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Samples by series (``name`` or ``name{labels}`` as written); comments skipped.

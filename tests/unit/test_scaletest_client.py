@@ -1,4 +1,5 @@
-"""The load driver retries a refused command with the key that makes it done once."""
+"""The load driver's SDK client: a refused command is retried with the key that makes it done
+once, and counted; requests waiting for a shared connection do not time out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import h11
 import pytest
 import trio
 
-from chatd.scaletest.api import ChatdApi
+from chatd.client import Unavailable
+from chatd.scaletest.driver import LoadClient, load_client
+from chatd.scaletest.run import ChatLoad
+
+_ACCEPTED = b'{"message_id": "m", "queued": false}'
 
 
 class Server:
@@ -37,7 +42,7 @@ class Server:
             elif isinstance(event, h11.EndOfMessage):
                 await trio.sleep(self.delay_s)
                 refused = len(self.keys) <= self.refusals
-                status, body = (503, b'{"error": {}}') if refused else (201, b'{"id": "c"}')
+                status, body = (503, b'{"error": {}}') if refused else (201, _ACCEPTED)
                 extra = [(b"retry-after", b"0")] if refused else []
                 head = [(b"content-type", b"application/json"), *extra]
                 head.append((b"content-length", str(len(body)).encode()))
@@ -49,49 +54,53 @@ class Server:
                 return
 
 
-async def _api(
+async def _client(
     nursery: trio.Nursery, server: Server, *, connections: int = 2, timeout_s: float = 10
-) -> ChatdApi:
+) -> LoadClient:
     listeners = await nursery.start(
         functools.partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1")
     )
     port = listeners[0].socket.getsockname()[1]
-    return ChatdApi(
-        f"http://127.0.0.1:{port}",
-        "t",
-        connections=connections,
-        timeout_s=timeout_s,
-        max_attempts=3,
+    load = ChatLoad(
+        url=f"http://127.0.0.1:{port}",
+        token="t",
+        chats=1,
+        turns=1,
+        run_id="r",
+        http_timeout_s=timeout_s,
+        http_max_attempts=3,
     )
+    return load_client(load, load.token, connections=connections)
 
 
-async def test_a_retried_command_carries_the_same_idempotency_key() -> None:
+async def test_a_retried_command_carries_the_same_idempotency_key_and_is_counted() -> None:
     server = Server(refusals=2)
     async with trio.open_nursery() as nursery:
-        api = await _api(nursery, server)
+        client = await _client(nursery, server)
         with trio.fail_after(10):
-            await api.send_message("c", "hello")
-            await api.send_message("c", "again")
-        await api.aclose()
+            await client.send_message("c", "hello")
+            await client.send_message("c", "again")
+        await client.aclose()
         nursery.cancel_scope.cancel()
     first, second = server.keys[:3], server.keys[3:]
     assert len(set(first)) == 1
     assert first[0] is not None
     assert len(second) == 1
     assert second[0] not in first
-    assert api.retries.http == 2
+    assert client.retried == 2
 
 
 async def test_a_command_still_refused_after_its_attempts_fails_in_words() -> None:
     server = Server(refusals=5)
     async with trio.open_nursery() as nursery:
-        api = await _api(nursery, server)
-        with trio.fail_after(10), pytest.raises(Exception, match="after 3 attempts"):
-            await api.send_message("c", "hello")
-        await api.aclose()
+        client = await _client(nursery, server)
+        with trio.fail_after(10), pytest.raises(Unavailable, match="HTTP 503"):
+            await client.send_message("c", "hello")
+        await client.aclose()
         nursery.cancel_scope.cancel()
     assert len(server.keys) == 3
     assert len(set(server.keys)) == 1
+    assert client.retried == 2
 
 
 async def test_requests_queued_for_a_connection_wait_without_timing_out() -> None:
@@ -99,11 +108,12 @@ async def test_requests_queued_for_a_connection_wait_without_timing_out() -> Non
     # waits 0.4 s for the connection (the driver's own queue) and still succeeds.
     server = Server(refusals=0, delay_s=0.2)
     async with trio.open_nursery() as nursery:
-        api = await _api(nursery, server, connections=1, timeout_s=0.3)
+        client = await _client(nursery, server, connections=1, timeout_s=0.3)
         with trio.fail_after(10):
             async with trio.open_nursery() as senders:
                 for i in range(3):
-                    senders.start_soon(api.send_message, "c", f"m{i}")
-        await api.aclose()
+                    senders.start_soon(client.send_message, "c", f"m{i}")
+        await client.aclose()
         nursery.cancel_scope.cancel()
     assert len(server.keys) == 3
+    assert client.retried == 0

@@ -41,6 +41,7 @@ from chatd.client.events import (
     UnknownEvent,
     WatchEvent,
 )
+from chatd.client.models import NewToken, User
 
 __all__ = [
     "ActionRequiredEvent",
@@ -61,6 +62,7 @@ __all__ = [
     "InvalidRequest",
     "MessageEvent",
     "MessagePartEvent",
+    "NewToken",
     "NotFound",
     "PayloadTooLarge",
     "PreviewResetEvent",
@@ -77,5 +79,6 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnknownEvent",
+    "User",
     "WatchEvent",
 ]

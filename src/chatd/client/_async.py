@@ -39,6 +39,7 @@ from chatd.client.models import (
     Message,
     MessagePage,
     ModelConfig,
+    NewToken,
     Prompt,
     Provider,
     Token,
@@ -363,6 +364,25 @@ class AsyncClient:
 
     async def delete_model_config(self, config_id: str) -> None:
         await self.request("DELETE", f"/model-configs/{config_id}")
+
+    # -- users and their tokens (admin) ------------------------------------------------------
+
+    async def create_user(self, name: str, *, is_admin: bool = False) -> User:
+        """A new user (``name``: 1 to 128 of ``A-Z a-z 0-9 . _ @ -``, the first a letter or
+        digit); ``Conflict`` when the name is taken. Give it a token with ``create_token``."""
+        body = {"name": name, "is_admin": is_admin}
+        return await self._typed(User, "POST", "/users", json=body)
+
+    async def list_users(self) -> list[User]:
+        """Every user, in the order they were created."""
+        answer = await self.request("GET", "/users")
+        return msgspec.convert(answer["users"], list[User])
+
+    async def create_token(self, user_id: str, *, label: str = "") -> NewToken:
+        """A new API token of the user: ``.token`` is its secret, shown this once. Its owner
+        lists and revokes it with ``list_tokens`` and ``revoke_token``."""
+        path = f"/users/{user_id}/tokens"
+        return await self._typed(NewToken, "POST", path, json={"label": label})
 
     # -- the caller -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from chatd.client.models import (
     Message,
     MessagePage,
     ModelConfig,
+    NewToken,
     Prompt,
     Provider,
     Token,
@@ -160,6 +161,18 @@ class Client:
 
     def delete_model_config(self, config_id: str) -> None:
         self._run(self._async.delete_model_config, config_id)
+
+    def create_user(self, name: str, *, is_admin: bool = False) -> User:
+        user: User = self._run(self._async.create_user, name, is_admin=is_admin)
+        return user
+
+    def list_users(self) -> list[User]:
+        found: list[User] = self._run(self._async.list_users)
+        return found
+
+    def create_token(self, user_id: str, *, label: str = "") -> NewToken:
+        token: NewToken = self._run(self._async.create_token, user_id, label=label)
+        return token
 
     def me(self) -> User:
         user: User = self._run(self._async.me)

@@ -89,6 +89,7 @@ class User(msgspec.Struct, frozen=True):
     id: str
     name: str
     is_admin: bool
+    created_at: datetime | None = None  # in the admin's answers (create_user, list_users)
 
 
 class Token(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +98,22 @@ class Token(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+class NewToken(msgspec.Struct, frozen=True, kw_only=True):
+    """A token just made (``create_token``): ``token`` is its secret, which the server shows
+    this once (it keeps only a hash). Kept out of ``repr`` so that a log line does not leak it."""
+
+    id: str
+    label: str
+    created_at: datetime
+    token: str
+
+    def __repr__(self) -> str:
+        return (
+            f"NewToken(id={self.id!r}, label={self.label!r},"
+            f" created_at={self.created_at!r}, token='...')"
+        )
 
 
 class Usage(msgspec.Struct, frozen=True):

@@ -21,6 +21,7 @@ from chatd.client import (
     User,
 )
 from chatd.store.database import Database
+from chatd.web.users import USER_NAME_RULE
 from tests.e2e.api_world import DEADLINE_S, serve_api
 
 
@@ -45,8 +46,7 @@ async def test_an_admin_makes_a_user_and_a_token_that_works_as_that_user(db: Dat
             with pytest.raises(InvalidRequest, match="name") as bad:
                 await admin.create_user("no spaces allowed")
             assert bad.value.field == "name"
-            assert bad.value.rule is not None
-            assert "A-Z a-z 0-9" in bad.value.rule
+            assert bad.value.rule == USER_NAME_RULE
             with pytest.raises(Conflict, match="taken"):
                 await admin.create_user("scaletest-1")
             with pytest.raises(NotFound, match="404"):

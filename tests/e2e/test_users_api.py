@@ -5,13 +5,16 @@ nothing is written by a refused request."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
 import httpx2
 import pytest
 
+from chatd.domain.user_name import valid_user_name
 from chatd.store import users
+from chatd.web.users import USER_NAME_RULE
 from tests.e2e.api_world import DEADLINE_S, ApiWorld, Client
 
 USERS = "/api/v1/users"
@@ -129,15 +132,45 @@ async def test_a_bad_name_is_a_400_naming_name_and_the_rule(
     before = await names(api)
     error = error_of(await admin.http.post(USERS, json={"name": name}), 400)
     assert (error["code"], error["field"]) == ("invalid_request", "name"), error
-    assert "A-Z a-z 0-9 . _ @ -" in error["rule"]
+    assert error["rule"] == USER_NAME_RULE
     assert "128" in error["rule"]
     assert await names(api) == before
 
 
+GOOD_NAMES = ("a", "9" + "x" * 127, "A.b_c@d-e")
+
+
 async def test_names_at_the_limits_are_taken(api: ApiWorld, admin: Client) -> None:
-    for name in ("a", "9" + "x" * 127, "A.b_c@d-e"):
+    for name in GOOD_NAMES:
         response = await admin.http.post(USERS, json={"name": name})
         assert response.status_code == 201, (name, response.text)
+
+
+async def test_the_document_declares_the_name_rule_the_server_checks(api: ApiWorld) -> None:
+    async with api.anonymous() as anonymous:
+        document = (await anonymous.get("/api/v1/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    name = schemas["CreateUser"]["properties"]["name"]
+    assert (name["minLength"], name["maxLength"]) == (1, 128)
+    # JSON Schema's $ is the end of the text (Python's would let a final newline through).
+    assert name["pattern"].startswith("^")
+    assert name["pattern"].endswith("$")
+    whole = re.compile(name["pattern"][1:-1])
+    for sample in (*GOOD_NAMES, *BAD_NAMES):
+        assert (whole.fullmatch(sample) is not None) == valid_user_name(sample), sample
+    label = schemas["CreateToken"]["properties"]["label"]
+    assert label["maxLength"] == 200
+    assert schemas["CreateUser"]["additionalProperties"] is False
+    assert schemas["CreateToken"]["additionalProperties"] is False
+    operations = document["paths"]
+    assert set(operations["/api/v1/users"]) == {"get", "post"}
+    assert set(operations["/api/v1/users/{user_id}/tokens"]) == {"post"}
+    for operation in (
+        operations["/api/v1/users"]["get"],
+        operations["/api/v1/users"]["post"],
+        operations["/api/v1/users/{user_id}/tokens"]["post"],
+    ):
+        assert "403" in operation["responses"]
 
 
 async def test_a_taken_name_is_a_409(api: ApiWorld, admin: Client) -> None:

@@ -17,13 +17,14 @@ owner, who may revoke it).
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Final
 from uuid import UUID
 
 import msgspec
 
+from chatd.domain.user_name import USER_NAME_RULE as _CLI_RULE
+from chatd.domain.user_name import valid_user_name
 from chatd.store import users
 from chatd.store.errors import Conflict
 from chatd.store.records import User
@@ -33,17 +34,13 @@ from chatd.web.routing import ApiRoutes, Call
 
 routes = ApiRoutes("users", tag="users")
 
-# The CHECK on users.name (0001_initial.sql). Matched whole: Python's ``$`` would also accept a
-# trailing newline, which PostgreSQL's does not.
-USER_NAME_PATTERN: Final = "[A-Za-z0-9][A-Za-z0-9._@-]{0,127}"
+# The CHECK on users.name (0001_initial.sql), which ``valid_user_name`` checks (as ``chatd
+# token create`` does), declared in the document as JSON Schema says it.
+USER_NAME_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_USER_NAME_CHARS: Final = 128
-USER_NAME_RULE: Final = (
-    f"1 to {MAX_USER_NAME_CHARS} characters of A-Z a-z 0-9 . _ @ -, the first a letter or digit"
-)
+USER_NAME_RULE: Final = f"{_CLI_RULE} (ASCII)"
 # The CHECK on api_tokens.label (0001_initial.sql).
 MAX_TOKEN_LABEL_CHARS: Final = 200
-
-_USER_NAME = re.compile(USER_NAME_PATTERN)
 
 # Documented here; checked by the views with their own rules.
 UserName = Annotated[
@@ -53,7 +50,7 @@ UserName = Annotated[
         extra_json_schema={
             "minLength": 1,
             "maxLength": MAX_USER_NAME_CHARS,
-            "pattern": f"^{USER_NAME_PATTERN}$",
+            "pattern": USER_NAME_PATTERN,
         },
     ),
 ]
@@ -100,7 +97,7 @@ def user_view(user: User) -> UserView:
 
 
 def check_user_name(name: str) -> None:
-    if _USER_NAME.fullmatch(name) is None:
+    if not valid_user_name(name):
         raise ApiError.invalid("name", USER_NAME_RULE)
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import trio
 
+from chatd.client import AsyncClient
 from chatd.scaletest.report import PHASES
-from chatd.store import providers, users
+from chatd.store import chats, inbox, providers, users
 from chatd.store.database import Database
 from tests.e2e.api_world import ApiWorld, serve_api
 from tests.e2e.chatd_process import chatd_env, run_chatd
@@ -35,6 +38,29 @@ async def _admin_token(api: ApiWorld) -> str:
     user = await users.create_user(api.db, "load-admin", is_admin=True)
     _token, secret = await users.create_api_token(api.db, user.id)
     return secret
+
+
+async def _run_user(api: ApiWorld, report: dict[str, Any], admin_token: str) -> UUID:
+    """The user the run made, checked: named ``scaletest-<8 hex>``, not an admin, one token;
+    every chat of the run is its own, and none is the admin's (list or inbox)."""
+    name = report["user"]["name"]
+    assert re.fullmatch(r"scaletest-[0-9a-f]{8}", name), name
+    user = await users.get_user_by_name(api.db, name)
+    assert user is not None
+    assert str(user.id) == report["user"]["id"]
+    assert not user.is_admin
+    owned = await chats.list_chats(api.db, user.id, limit=1000)
+    assert len(owned.chats) == report["chats"]["planned"]
+    assert all(c.title.startswith(f"{report['run_id']} #") for c in owned.chats)
+    async with AsyncClient(api.url, admin_token) as admin:
+        assert (await admin.list_chats()).chats == []
+        assert (await admin.inbox())["notifications"] == []
+    return user.id
+
+
+async def _token_revoked(api: ApiWorld, user_id: UUID) -> bool:
+    [token] = await users.list_api_tokens(api.db, user_id)
+    return token.revoked_at is not None
 
 
 async def _scaletest(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -81,6 +107,8 @@ async def test_fifty_chats_three_turns_complete_with_a_full_summary(
     assert report["events"]["message_part"] >= 150 * 20 + 50
     assert report["turns_per_s"] > 0
     assert "token" not in report["config"]
+    user_id = await _run_user(api, report, token)
+    assert await _token_revoked(api, user_id)
 
     server = report["server"]
     assert server is not None, "the server's /metrics should have been read"
@@ -94,6 +122,7 @@ async def test_fifty_chats_three_turns_complete_with_a_full_summary(
     assert "run smoke: 50 chats x 3 turns" in table
     assert "turns: 150 of 150 completed, 0 failed" in table
     assert "errors: none" in table
+    assert f"chats run by user {report['user']['name']} (id {user_id})" in table
 
 
 async def test_a_failing_turn_is_counted_by_stage_and_the_exit_status_says_so(
@@ -113,6 +142,10 @@ async def test_a_failing_turn_is_counted_by_stage_and_the_exit_status_says_so(
     assert report["turns"]["completed"] == 0
     assert report["turns"]["failed"] == 6
     assert "ended the turn in error" in report["error_samples"][0]
+    # Each failed turn put a notification in an inbox: the run's user's, not the admin's.
+    user_id = await _run_user(api, report, token)
+    failed = await inbox.list_notifications(api.db, user_id)
+    assert [n.kind for n in failed.notifications] == ["failed"] * 3
 
 
 @pytest.mark.parametrize(
@@ -145,24 +178,32 @@ def test_a_missing_token_or_an_unreachable_server_is_a_usage_error() -> None:
 
 
 @pytest.mark.parametrize("keep", [False, True])
-async def test_the_run_removes_its_provider_and_model_config_unless_kept(
-    api: ApiWorld, keep: bool
+async def test_the_run_revokes_its_token_and_removes_its_model_config_unless_kept(
+    api: ApiWorld, keep: bool, tmp_path: Path
 ) -> None:
+    output = tmp_path / "summary.json"
     token = await _admin_token(api)
     before = await providers.list_model_configs(api.db)
     done = await _scaletest(
         *("--url", api.url, "--token", token, "--chats", "2", "--turns", "1"),
-        *("--run-id", "tidy", *(["--keep"] if keep else [])),
+        *("--run-id", "tidy", "--output", str(output), *(["--keep"] if keep else [])),
     )
     assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(output.read_text())
+    user_id = await _run_user(api, report, token)
     configs = [c.name for c in await providers.list_model_configs(api.db)]
     made = [p.name for p in await providers.list_providers(api.db)]
     stderr = done.stderr.decode()
+    user = report["user"]["name"]
     if keep:
         assert "scaletest-tidy" in configs
         assert "scaletest-tidy" in made
+        assert not await _token_revoked(api, user_id)
         assert "the provider and model config scaletest-tidy stay (--keep)" in stderr
+        assert f"the token of user {user} stays (--keep)" in stderr
     else:
         assert configs == [c.name for c in before]
         assert "scaletest-tidy" not in made
+        assert await _token_revoked(api, user_id)
         assert "removed the provider and model config scaletest-tidy" in stderr
+        assert f"revoked the token of user {user}" in stderr

@@ -6,11 +6,14 @@ from collections import Counter
 
 import pytest
 
+from chatd.client import User
 from chatd.scaletest.driver import RunResult, ServerSample
 from chatd.scaletest.prometheus import parse_metrics, total
 from chatd.scaletest.report import progress_line, summary, table
 from chatd.scaletest.run import ChatLoad, Recorder
 from chatd.scaletest.stats import Distribution
+
+USER = User("7d6c0f4e-0d7e-4c4e-9a55-1f0e6c2b9a10", "scaletest-0a1b2c3d", is_admin=False)
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -79,6 +82,7 @@ def test_summary_reports_phases_counts_and_server_figures_per_turn() -> None:
         after=_sample(cpu=2.04, rss=130_000, tx=22, turns=6),
         peak_rss_bytes=150_000,
         http_retries=1,
+        user=USER,
     )
     report = summary(result)
 
@@ -87,6 +91,7 @@ def test_summary_reports_phases_counts_and_server_figures_per_turn() -> None:
     assert report["phases"]["overhead_first_output"]["max_ms"] == 40.0
     assert report["retries"] == {"http": 1, "provider": 0}
     assert "token" not in report["config"]
+    assert report["user"] == {"id": USER.id, "name": "scaletest-0a1b2c3d"}
     server = report["server"]
     assert server["cpu_ms_per_turn"] == 10.0
     assert server["db_transactions_per_turn"] == 2.0
@@ -99,6 +104,7 @@ def test_summary_reports_phases_counts_and_server_figures_per_turn() -> None:
     assert "turns: 4 of 4 completed, 0 failed; 2 turns/s" in text
     assert "10 ms per turn" in text
     assert "errors: none" in text
+    assert f"chats run by user scaletest-0a1b2c3d (id {USER.id})" in text
 
 
 def test_without_metrics_the_summary_says_so() -> None:
@@ -114,6 +120,7 @@ def test_without_metrics_the_summary_says_so() -> None:
         after=None,
         peak_rss_bytes=None,
         http_retries=0,
+        user=USER,
     )
     report = summary(result)
     assert report["server"] is None

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, get_args
 
 import msgspec
@@ -33,6 +35,7 @@ from chatd.client import (
     StatusEvent,
     StreamEvent,
     UnknownEvent,
+    User,
 )
 from chatd.client.events import KnownEvent
 from chatd.providers.fake import Scenario, knobs_marker, open_fake_llm
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL_S = 0.5
 _CLEANUP_TIMEOUT_S = 30.0
+_ADMIN_CONNECTIONS = 2  # setup and cleanup, a request at a time
 _RETRY_MAX_DELAY_S = 2.0  # a loaded server's 429/503 is tried again soon, not after 10 s
 _ENDED = frozenset({"waiting", "error", "requires_action"})
 _EVENT_TYPES: dict[type, str] = {cls: cls.__struct_config__.tag for cls in get_args(KnownEvent)}
@@ -135,6 +139,7 @@ class RunResult:
     after: ServerSample | None
     peak_rss_bytes: float | None
     http_retries: int
+    user: User  # who ran the chats: a user of the run's own
 
 
 class _Chat:
@@ -342,20 +347,23 @@ async def run_chat_load(
 ) -> RunResult:
     """The whole run, bounded by ``load.timeout_s``: setup, turns, server samples.
 
-    Raises ``SetupFailed`` when the run could not start (an unreachable server, a token that
-    is not an admin's, a refused setup request)."""
+    The admin token adds the provider and model config and a user of the run's own
+    (``scaletest-<8 hex>``) with a token; every chat is that user's, so none shows in the
+    admin's chat list or inbox. At the end the token is revoked and the provider and model
+    config removed, unless ``load.keep``. Raises ``SetupFailed`` when the run could not start
+    (an unreachable server, a token that is not an admin's, a refused setup request)."""
     async with contextlib.AsyncExitStack() as stack:
         llm_url = load.llm_url
         if llm_url is None:
             llm = await stack.enter_async_context(open_fake_llm(Scenario(), record=False))
             llm_url = llm.url
-        client = await stack.enter_async_context(
-            load_client(load, load.token, connections=load.http_connections)
+        admin = await stack.enter_async_context(
+            load_client(load, load.token, connections=_ADMIN_CONNECTIONS)
         )
         metrics = ServerMetrics(load.url, load.token, timeout_s=load.http_timeout_s)
         stack.push_async_callback(metrics.aclose)
         with _step("read the token's user"):
-            me = await client.me()
+            me = await admin.me()
         if not me.is_admin:
             raise SetupFailed(
                 "check the token: the load driver needs an admin token "
@@ -364,46 +372,73 @@ async def run_chat_load(
         name = f"scaletest-{load.run_id}"[:100]
         with _step("add the provider and model config"):
             provider_id, model_config_id = await add_fake_model(
-                client, name=name, llm_url=llm_url, kind=load.llm_kind
+                admin, name=name, llm_url=llm_url, kind=load.llm_kind
             )
+        what = f"the provider and model config {name}"
         if load.keep:
-            log.info("the provider and model config %s stay (--keep)", name)
+            log.info("%s stay (--keep)", what)
         else:
-            stack.push_async_callback(_remove_model, client, name, provider_id, model_config_id)
-        return await _measure(load, client, metrics, model_config_id, on_progress)
+            remove = partial(_remove_model, admin, provider_id, model_config_id)
+            stack.push_async_callback(_undo, what, "removed", remove)
+        with _step("add the run's user and its token"):
+            user = await admin.create_user(f"scaletest-{secrets.token_hex(4)}")
+            token = await admin.create_token(user.id, label=f"scaletest {load.run_id}"[:100])
+        client = await stack.enter_async_context(
+            load_client(load, token.token, connections=load.http_connections)
+        )
+        what = f"the token of user {user.name}"
+        if load.keep:
+            log.info("%s stays (--keep); the run's chats are that user's (id %s)", what, user.id)
+        else:
+            # Revoked as its user (DELETE /users/me/tokens/{id}): the admin does not own it.
+            revoke = partial(client.revoke_token, token.id)
+            stack.push_async_callback(_undo, what, "revoked", revoke)
+        return await _measure(
+            load,
+            clients=(admin, client),
+            user=user,
+            metrics=metrics,
+            model_config_id=model_config_id,
+            on_progress=on_progress,
+        )
     raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
 
-async def _remove_model(client: AsyncClient, name: str, provider_id: str, config_id: str) -> None:
-    """The run's provider and model config go, whatever ended the run (a Ctrl-C included,
-    within a bound): a server is not left with a config pointing at a fake LLM that is gone.
-    Chats that used the config are left without one, and follow the default."""
+async def _remove_model(admin: AsyncClient, provider_id: str, config_id: str) -> None:
+    """Chats that used the config are left without one, and follow the default."""
+    with contextlib.suppress(NotFound):
+        await admin.delete_model_config(config_id)
+    with contextlib.suppress(NotFound):
+        await admin.delete_provider(provider_id)
+
+
+async def _undo(what: str, done: str, undo: Callable[[], Awaitable[None]]) -> None:
+    """Undo something the run made on the server (remove the provider and model config,
+    revoke the token), whatever ended the run (a Ctrl-C included, within a bound): a server is
+    not left with a config pointing at a fake LLM that is gone, nor with a live token nobody
+    holds."""
     with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as bound:
         try:
-            with contextlib.suppress(NotFound):
-                await client.delete_model_config(config_id)
-            with contextlib.suppress(NotFound):
-                await client.delete_provider(provider_id)
+            await undo()
         except ChatdError as exc:
-            log.warning("the provider and model config %s were left on the server: %s", name, exc)
+            log.warning("%s: left on the server: %s", what, exc)
             return
-        log.info("removed the provider and model config %s (--keep keeps them)", name)
+        log.info("%s %s (--keep keeps it)", done, what)
     if bound.cancelled_caught:
-        log.warning(
-            "the provider and model config %s were left on the server: no answer in %g s",
-            name,
-            _CLEANUP_TIMEOUT_S,
-        )
+        log.warning("%s: left on the server: no answer in %g s", what, _CLEANUP_TIMEOUT_S)
 
 
 async def _measure(
     load: ChatLoad,
-    client: LoadClient,
+    *,
+    clients: tuple[LoadClient, LoadClient],
+    user: User,
     metrics: ServerMetrics,
     model_config_id: str,
     on_progress: Callable[[ChatLoadRun], None] | None,
 ) -> RunResult:
-    run = ChatLoadRun(load, client, model_config_id)
+    """The run itself; ``clients``: the admin's, then the user's that runs the chats."""
+    run = ChatLoadRun(load, clients[1], model_config_id)
     started_at = time.time()
     before = await _sample(metrics)
     samples: dict[str, ServerSample | None] = {}
@@ -446,7 +481,8 @@ async def _measure(
         after_setup=samples.get("after_setup"),
         after=after,
         peak_rss_bytes=peak.value,
-        http_retries=client.retried,
+        http_retries=sum(client.retried for client in clients),
+        user=user,
     )
 
 

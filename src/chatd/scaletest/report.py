@@ -42,6 +42,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "run_id": load.run_id,
         "started_at": datetime.fromtimestamp(result.started_at, UTC).isoformat(),
         "config": config,
+        "user": {"id": result.user.id, "name": result.user.name},
         "machine": machine(),
         "wall_s": round(result.setup_s + result.turns_s, 3),
         "setup_s": round(result.setup_s, 3),
@@ -160,6 +161,7 @@ def table(report: dict[str, Any]) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in report["errors"].items()) or "none"
     lines += [
         "",
+        f"chats run by user {report['user']['name']} (id {report['user']['id']})",
         f"turns: {turns['completed']} of {turns['planned']} completed, {turns['failed']} failed"
         + (f", {turns['arrivals_missed']} arrivals missed" if turns["arrivals_missed"] else "")
         + f"; {report['turns_per_s']:g} turns/s over {report['turns_s']:.1f} s "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, Self, TypeVar
 
@@ -54,27 +54,23 @@ class Client:
         with self._stack:
             self._portal.call(self._async.aclose)
 
-    def _run(self, fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
+    def _run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         return self._portal.call(lambda: fn(*args, **kwargs))
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         return self._run(self._async.request, method, path, **kw)
 
     def create_chat(self, text: str, **fields: Any) -> Chat:
-        chat: Chat = self._run(self._async.create_chat, text, **fields)
-        return chat
+        return self._run(self._async.create_chat, text, **fields)
 
     def list_chats(self, **params: Any) -> ChatPage:
-        page: ChatPage = self._run(self._async.list_chats, **params)
-        return page
+        return self._run(self._async.list_chats, **params)
 
     def get_chat(self, chat_id: str) -> Chat:
-        chat: Chat = self._run(self._async.get_chat, chat_id)
-        return chat
+        return self._run(self._async.get_chat, chat_id)
 
     def update_chat(self, chat_id: str, **changes: Any) -> Chat:
-        chat: Chat = self._run(self._async.update_chat, chat_id, **changes)
-        return chat
+        return self._run(self._async.update_chat, chat_id, **changes)
 
     def delete_chat(self, chat_id: str) -> None:
         self._run(self._async.delete_chat, chat_id)
@@ -83,24 +79,18 @@ class Client:
         self._run(self._async.compact, chat_id)
 
     def list_messages(self, chat_id: str, **params: Any) -> MessagePage:
-        page: MessagePage = self._run(self._async.list_messages, chat_id, **params)
-        return page
+        return self._run(self._async.list_messages, chat_id, **params)
 
     def history(self, chat_id: str) -> list[Message]:
-        messages: list[Message] = self._run(self._async.history, chat_id)
-        return messages
+        return self._run(self._async.history, chat_id)
 
     def send_message(
         self, chat_id: str, text: str, *, busy_behavior: Literal["queue", "interrupt"] = "queue"
     ) -> Accepted:
-        accepted: Accepted = self._run(
-            self._async.send_message, chat_id, text, busy_behavior=busy_behavior
-        )
-        return accepted
+        return self._run(self._async.send_message, chat_id, text, busy_behavior=busy_behavior)
 
     def edit_message(self, chat_id: str, message_id: str, text: str) -> Accepted:
-        accepted: Accepted = self._run(self._async.edit_message, chat_id, message_id, text)
-        return accepted
+        return self._run(self._async.edit_message, chat_id, message_id, text)
 
     def interrupt(self, chat_id: str) -> None:
         self._run(self._async.interrupt, chat_id)
@@ -125,20 +115,16 @@ class Client:
         return SyncFeed(self._portal, self._async.watch_inbox())
 
     def answer_tools(self, chat_id: str, handler: ToolHandler) -> str:
-        status: str = self._run(self._async.answer_tools, chat_id, handler)
-        return status
+        return self._run(self._async.answer_tools, chat_id, handler)
 
     def create_provider(self, name: str, kind: str, **fields: Any) -> Provider:
-        provider: Provider = self._run(self._async.create_provider, name, kind, **fields)
-        return provider
+        return self._run(self._async.create_provider, name, kind, **fields)
 
     def list_providers(self) -> list[Provider]:
-        providers: list[Provider] = self._run(self._async.list_providers)
-        return providers
+        return self._run(self._async.list_providers)
 
     def update_provider(self, provider_id: str, **changes: Any) -> Provider:
-        provider: Provider = self._run(self._async.update_provider, provider_id, **changes)
-        return provider
+        return self._run(self._async.update_provider, provider_id, **changes)
 
     def delete_provider(self, provider_id: str) -> None:
         self._run(self._async.delete_provider, provider_id)
@@ -146,67 +132,52 @@ class Client:
     def create_model_config(
         self, provider_id: str, name: str, model: str, **fields: Any
     ) -> ModelConfig:
-        config: ModelConfig = self._run(
-            self._async.create_model_config, provider_id, name, model, **fields
-        )
-        return config
+        return self._run(self._async.create_model_config, provider_id, name, model, **fields)
 
     def list_model_configs(self) -> list[ModelConfig]:
-        configs: list[ModelConfig] = self._run(self._async.list_model_configs)
-        return configs
+        return self._run(self._async.list_model_configs)
 
     def update_model_config(self, config_id: str, **changes: Any) -> ModelConfig:
-        config: ModelConfig = self._run(self._async.update_model_config, config_id, **changes)
-        return config
+        return self._run(self._async.update_model_config, config_id, **changes)
 
     def delete_model_config(self, config_id: str) -> None:
         self._run(self._async.delete_model_config, config_id)
 
     def create_user(self, name: str, *, is_admin: bool = False) -> User:
-        user: User = self._run(self._async.create_user, name, is_admin=is_admin)
-        return user
+        return self._run(self._async.create_user, name, is_admin=is_admin)
 
     def list_users(self) -> list[User]:
-        found: list[User] = self._run(self._async.list_users)
-        return found
+        return self._run(self._async.list_users)
 
     def create_token(self, user_id: str, *, label: str = "") -> NewToken:
-        token: NewToken = self._run(self._async.create_token, user_id, label=label)
-        return token
+        return self._run(self._async.create_token, user_id, label=label)
 
     def me(self) -> User:
-        user: User = self._run(self._async.me)
-        return user
+        return self._run(self._async.me)
 
     def usage(self) -> Usage:
-        usage: Usage = self._run(self._async.usage)
-        return usage
+        return self._run(self._async.usage)
 
     def get_prompt(self) -> Prompt:
-        prompt: Prompt = self._run(self._async.get_prompt)
-        return prompt
+        return self._run(self._async.get_prompt)
 
     def set_prompt(self, prompt: str) -> Prompt:
-        answer: Prompt = self._run(self._async.set_prompt, prompt)
-        return answer
+        return self._run(self._async.set_prompt, prompt)
 
     def list_tokens(self) -> list[Token]:
-        tokens: list[Token] = self._run(self._async.list_tokens)
-        return tokens
+        return self._run(self._async.list_tokens)
 
     def revoke_token(self, token_id: str) -> None:
         self._run(self._async.revoke_token, token_id)
 
     def inbox(self, **params: Any) -> dict[str, Any]:
-        page: dict[str, Any] = self._run(self._async.inbox, **params)
-        return page
+        return self._run(self._async.inbox, **params)
 
     def mark_read(self, notification_id: str, *, read: bool = True) -> None:
         self._run(self._async.mark_read, notification_id, read=read)
 
     def mark_all_read(self) -> int:
-        changed: int = self._run(self._async.mark_all_read)
-        return changed
+        return self._run(self._async.mark_all_read)
 
 
 class SyncFeed(Generic[E]):

@@ -207,3 +207,16 @@ async def test_the_run_revokes_its_token_and_removes_its_model_config_unless_kep
         assert await _token_revoked(api, user_id)
         assert "removed the provider and model config scaletest-tidy" in stderr
         assert f"revoked the token of user {user}" in stderr
+
+
+async def test_a_token_that_is_not_an_admins_is_refused_before_anything_is_made(
+    api: ApiWorld,
+) -> None:
+    user = await users.create_user(api.db, "not-an-admin")
+    _token, secret = await users.create_api_token(api.db, user.id)
+    before = await providers.list_providers(api.db)
+    done = await _scaletest("--url", api.url, "--token", secret)
+    assert done.returncode == 2
+    assert "the load driver needs an admin token" in done.stderr.decode()
+    assert [u.name for u in await users.list_users(api.db)] == ["not-an-admin"]
+    assert await providers.list_providers(api.db) == before

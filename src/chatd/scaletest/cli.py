@@ -38,7 +38,11 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         "write a JSON summary. Exit status: 0 no errors, 1 errors in the run, 2 bad usage.",
     )
     chat.add_argument("--url", default="http://127.0.0.1:8080", help="chatd's base URL")
-    chat.add_argument("--token", help=f"an admin API token (env {TOKEN_ENV})")
+    chat.add_argument(
+        "--token",
+        help=f"an admin API token (env {TOKEN_ENV}): it sets the run up; the chats are run by "
+        "a user the run makes, scaletest-<8 hex>",
+    )
     chat.add_argument("--chats", type=int, default=100, help="concurrent chats")
     chat.add_argument("--turns", type=int, default=3, help="turns per chat")
     chat.add_argument(
@@ -85,7 +89,8 @@ def add_parser(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     chat.add_argument(
         "--keep",
         action="store_true",
-        help="keep the provider and model config the run adds (removed at the end otherwise)",
+        help="keep the provider and model config the run adds and its user's token "
+        "(removed and revoked at the end otherwise)",
     )
     chat.set_defaults(run=run_chat_command)
 

@@ -33,7 +33,7 @@ class ChatLoad:
     http_timeout_s: float = 60.0
     http_max_attempts: int = 5
     metrics_interval_s: float = 1.0
-    keep: bool = False  # keep the provider and model config the run made (--keep)
+    keep: bool = False  # keep the provider, model config and user token the run made (--keep)
 
     def __post_init__(self) -> None:
         for name in ("chats", "turns", "http_connections", "http_max_attempts"):

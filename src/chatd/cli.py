@@ -26,7 +26,7 @@ import trio
 from chatd import __version__, fleet
 from chatd.config import Settings, SettingsError
 from chatd.demo import DemoError, start_message
-from chatd.domain.user_name import USER_NAME_RULE, valid_user_name
+from chatd.domain.user_name import MAX_TOKEN_LABEL_CHARS, USER_NAME_RULE, valid_user_name
 from chatd.identity import IdentityError
 from chatd.logs import configure_logging
 from chatd.providers.fake import Scenario, serve_fake_llm
@@ -417,6 +417,10 @@ def _cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
     name: str = args.user
     if not valid_user_name(name):
         raise CliError(f"--user {name!r} is not a valid user name: use {USER_NAME_RULE}")
+    if len(args.label) > MAX_TOKEN_LABEL_CHARS:
+        raise CliError(
+            f"--label is {len(args.label)} characters long: at most {MAX_TOKEN_LABEL_CHARS}"
+        )
 
     async def run(url: str) -> str:
         async with open_database(settings, url) as db:

@@ -116,6 +116,17 @@ def test_token_create_elsewhere_refuses_to_make_a_database(home: Path) -> None:
     assert not home.exists()
 
 
+def test_a_token_label_over_the_limit_is_one_line_before_any_database(home: Path) -> None:
+    result = run_chatd(
+        ["token", "create", "--user", "a", "--label", "x" * 201, "--home", str(home)]
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "chatd: error: --label is 201 characters long: at most 200"
+    ]
+    assert not home.exists()
+
+
 def test_token_create_init_list_and_revoke_in_a_home(home: Path) -> None:
     made = run_chatd(
         ["token", "create", "--user", "alice", "--label", "laptop", "--home", str(home), "--init"]

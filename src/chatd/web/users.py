@@ -23,8 +23,8 @@ from uuid import UUID
 
 import msgspec
 
+from chatd.domain.user_name import MAX_TOKEN_LABEL_CHARS, valid_user_name
 from chatd.domain.user_name import USER_NAME_RULE as _CLI_RULE
-from chatd.domain.user_name import valid_user_name
 from chatd.store import users
 from chatd.store.errors import Conflict
 from chatd.store.records import User
@@ -39,8 +39,6 @@ routes = ApiRoutes("users", tag="users")
 USER_NAME_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_USER_NAME_CHARS: Final = 128
 USER_NAME_RULE: Final = f"{_CLI_RULE} (ASCII)"
-# The CHECK on api_tokens.label (0001_initial.sql).
-MAX_TOKEN_LABEL_CHARS: Final = 200
 
 # Documented here; checked by the views with their own rules.
 UserName = Annotated[

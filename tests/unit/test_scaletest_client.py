@@ -9,8 +9,8 @@ import h11
 import pytest
 import trio
 
-from chatd.client import Unavailable
-from chatd.scaletest.driver import LoadClient, load_client
+from chatd.client import AsyncClient, Unavailable
+from chatd.scaletest.driver import load_client
 from chatd.scaletest.run import ChatLoad
 
 _ACCEPTED = b'{"message_id": "m", "queued": false}'
@@ -56,7 +56,7 @@ class Server:
 
 async def _client(
     nursery: trio.Nursery, server: Server, *, connections: int = 2, timeout_s: float = 10
-) -> LoadClient:
+) -> AsyncClient:
     listeners = await nursery.start(
         functools.partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1")
     )
@@ -87,7 +87,7 @@ async def test_a_retried_command_carries_the_same_idempotency_key_and_is_counted
     assert first[0] is not None
     assert len(second) == 1
     assert second[0] not in first
-    assert client.retried == 2
+    assert client.retries == 2
 
 
 async def test_a_command_still_refused_after_its_attempts_fails_in_words() -> None:
@@ -100,7 +100,7 @@ async def test_a_command_still_refused_after_its_attempts_fails_in_words() -> No
         nursery.cancel_scope.cancel()
     assert len(server.keys) == 3
     assert len(set(server.keys)) == 1
-    assert client.retried == 2
+    assert client.retries == 2
 
 
 async def test_requests_queued_for_a_connection_wait_without_timing_out() -> None:
@@ -116,4 +116,4 @@ async def test_requests_queued_for_a_connection_wait_without_timing_out() -> Non
         await client.aclose()
         nursery.cancel_scope.cancel()
     assert len(server.keys) == 3
-    assert client.retried == 0
+    assert client.retries == 0

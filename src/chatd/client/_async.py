@@ -107,6 +107,8 @@ class AsyncClient:
         self.retry_max_delay_s = retry_max_delay_s
         self.reconnect_max_delay_s = reconnect_max_delay_s
         self.reconnect_give_up_s = reconnect_give_up_s
+        # Requests sent again (after a 503, a 504, a busy 409/429, a lost connection).
+        self.retries = 0
 
     async def __aenter__(self) -> Self:
         return self
@@ -165,6 +167,7 @@ class AsyncClient:
             await anyio.sleep(self._delay(attempt, error.retry_after))
 
     def _delay(self, attempt: int, asked: float | None) -> float:
+        self.retries += 1
         backoff = min(RETRY_BASE_DELAY_S * 2 ** (attempt - 1), self.retry_max_delay_s)
         backoff *= 0.5 + random.random() / 2  # noqa: S311 - jitter, not a secret
         delay: float = min(max(backoff, asked or 0.0), self.retry_max_delay_s)

@@ -65,22 +65,11 @@ def _step(what: str) -> Iterator[None]:
         raise SetupFailed(f"{what}: {exc}") from None
 
 
-class LoadClient(AsyncClient):
-    """The SDK's client, counting the requests it tried again (after a 503, a 504, a busy
-    409/429 with Retry-After, or a lost connection): the report's HTTP retries."""
-
-    retried = 0
-
-    def _delay(self, attempt: int, asked: float | None) -> float:
-        self.retried += 1
-        return super()._delay(attempt, asked)
-
-
-def load_client(load: ChatLoad, token: str, *, connections: int) -> LoadClient:
+def load_client(load: ChatLoad, token: str, *, connections: int) -> AsyncClient:
     """A client for the run: ``http_max_attempts`` tries per request; thousands of simulated
     clients share its ``connections``, so waiting for a free one is the driver's own queue,
     not the server's slowness, and is bounded by the run's timeout (no pool timeout)."""
-    return LoadClient(
+    return AsyncClient(
         load.url,
         token,
         timeout_s=load.http_timeout_s,
@@ -431,7 +420,7 @@ async def _undo(what: str, done: str, undo: Callable[[], Awaitable[None]]) -> No
 async def _measure(
     load: ChatLoad,
     *,
-    clients: tuple[LoadClient, LoadClient],
+    clients: tuple[AsyncClient, AsyncClient],
     user: User,
     metrics: ServerMetrics,
     model_config_id: str,
@@ -481,7 +470,7 @@ async def _measure(
         after_setup=samples.get("after_setup"),
         after=after,
         peak_rss_bytes=peak.value,
-        http_retries=sum(client.retried for client in clients),
+        http_retries=sum(client.retries for client in clients),
         user=user,
     )
 

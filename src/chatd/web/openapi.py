@@ -180,7 +180,8 @@ def document(specs: tuple[RouteSpec, ...], settings: Settings | None = None) -> 
             "version": "1",
             "description": (
                 "Chats for LLM agents over HTTP and WebSockets. Every route but this document"
-                " needs `Authorization: Bearer <token>` (`chatd token create --user NAME`)."
+                " needs `Authorization: Bearer <token>` (`chatd token create --user NAME`, or"
+                " an admin's `POST /api/v1/users/{user_id}/tokens`)."
                 " Errors are `{error: {code, message, field, rule}}`. The WebSocket routes"
                 " list the events they send in `x-websocket-events`; the event types are the"
                 " StreamEvent, WatchEvent and InboxEvent schemas."

@@ -384,7 +384,8 @@ async def run_chat_load(
             stack.push_async_callback(_undo, what, "revoked", revoke)
         return await _measure(
             load,
-            clients=(admin, client),
+            admin=admin,
+            client=client,
             user=user,
             metrics=metrics,
             model_config_id=model_config_id,
@@ -420,14 +421,16 @@ async def _undo(what: str, done: str, undo: Callable[[], Awaitable[None]]) -> No
 async def _measure(
     load: ChatLoad,
     *,
-    clients: tuple[AsyncClient, AsyncClient],
+    admin: AsyncClient,
+    client: AsyncClient,
     user: User,
     metrics: ServerMetrics,
     model_config_id: str,
     on_progress: Callable[[ChatLoadRun], None] | None,
 ) -> RunResult:
-    """The run itself; ``clients``: the admin's, then the user's that runs the chats."""
-    run = ChatLoadRun(load, clients[1], model_config_id)
+    """The run itself: ``client`` (``user``'s) runs the chats; ``admin`` made them possible,
+    and both count toward the HTTP retries."""
+    run = ChatLoadRun(load, client, model_config_id)
     started_at = time.time()
     before = await _sample(metrics)
     samples: dict[str, ServerSample | None] = {}
@@ -470,7 +473,7 @@ async def _measure(
         after_setup=samples.get("after_setup"),
         after=after,
         peak_rss_bytes=peak.value,
-        http_retries=sum(client.retries for client in clients),
+        http_retries=admin.retries + client.retries,
         user=user,
     )
 
